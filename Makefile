@@ -1,0 +1,55 @@
+# Every target works from a fresh clone: the first one run creates .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FINER := $(BIN)/finer
+
+# Defaults run on the embedded offline demo; override on the command line, e.g.
+#   make build-dataset SOURCE=cub200 ROOT=/data/CUB_200_2011 OUT=data/cub200 ARGS=--no-knowledge
+SOURCE ?= demo
+ROOT ?=
+OUT ?= data/$(SOURCE)
+ARGS ?=
+
+.PHONY: install test lint format build-dataset finetune eval demo clean
+
+install: $(STAMP)
+
+# Torch first, so that a machine without a GPU never pulls the CUDA wheels: a wheel in pip's local
+# find-links wins, else the CPU index where no NVIDIA driver is present, else the default (CUDA) build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null \
+	  || $(BIN)/python -m pip install --quiet --no-index "torch>=2.6" 2>/dev/null \
+	  || { command -v nvidia-smi >/dev/null \
+	       && $(BIN)/python -m pip install --quiet "torch>=2.6" \
+	       || $(BIN)/python -m pip install --quiet "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu; }
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+build-dataset: $(STAMP)
+	$(FINER) build $(SOURCE) --out $(OUT) $(if $(ROOT),--root $(ROOT)) --overwrite $(ARGS)
+
+finetune: $(STAMP)
+	$(FINER) finetune --dataset data/demo --model $(or $(MODEL),runs/tiny-llava) --output-dir runs/demo-lora $(ARGS)
+
+eval: $(STAMP)
+	$(FINER) eval --dataset data/demo --model $(or $(MODEL),runs/tiny-llava) --out runs/demo-eval $(ARGS)
+
+demo: build-dataset
+	$(FINER) info $(OUT)
+
+clean:
+	rm -rf $(VENV) data/demo runs .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""`python -m finer` runs the command line."""
+
+from finer.cli import main
+
+main()

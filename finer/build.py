@@ -1,0 +1,317 @@
+"""The build engine: one source in, one dataset folder out (DESIGN §3).
+
+`build()` is the whole of `finer build`: resolve the source, pick concepts, fill coarse labels, stream
+every split's rows through the image check into Arrow files, then write `concepts.jsonl`, `build.json`
+and (on request) the original FINER files. The output appears under `--out` only when everything is
+written: a crash leaves a `.partial` folder beside it, never a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets.arrow_writer import ArrowWriter
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+import finer
+from finer.builders import ImageRecord, Source, get_source
+from finer.coarse import CoarseLabeller, RuleCoarseLabeller
+from finer.errors import FinerError
+from finer.schema import Concept, image_features
+
+CONCEPTS_FILE = "concepts.jsonl"
+BUILD_FILE = "build.json"
+
+
+@dataclass
+class BuildConfig:
+    """Everything `finer build` was asked to do; recorded in build.json."""
+
+    source: str
+    out: Path
+    root: Path | None = None
+    splits: list[str] | None = None
+    limit_classes: int | None = None
+    limit_per_class: int | None = None
+    knowledge: bool | None = None  # None: on when the source has no bundled knowledge
+    embed_images: bool = False
+    crop_to_bbox: bool = False
+    check_images: bool = True
+    overwrite: bool = False
+    export_finer: Path | None = None
+
+
+@dataclass
+class SplitReport:
+    rows: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) -> dict[str, Any]:
+    """Build one source into `config.out`; returns the build.json content."""
+    started = time.perf_counter()
+    source = get_source(config.source)(config.root)
+    out = _prepare_out(config.out, config.overwrite)
+    splits = _pick_splits(source, config.splits)
+    concepts = _pick_concepts(source.concepts(), config.limit_classes)
+    knowledge = (not source.bundled_knowledge) if config.knowledge is None else config.knowledge
+    if knowledge:
+        raise FinerError(
+            f"{source.name}: the knowledge step (Wikipedia + attribute extraction) is not available yet; "
+            "pass --no-knowledge to build the labels only"
+        )
+    unlabelled = [c for c in concepts if not c.coarse]
+    (coarse_labeller or RuleCoarseLabeller()).label(unlabelled, source.coarse_rule)
+
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    timings: dict[str, float] = {"concepts_s": round(time.perf_counter() - started, 3)}
+    try:
+        reports = {}
+        features = image_features(sorted({c.name for c in concepts}))
+        for split in splits:
+            t0 = time.perf_counter()
+            reports[split] = _write_split(source, split, concepts, features, partial / split, config)
+            timings[f"{split}_s"] = round(time.perf_counter() - t0, 3)
+        (partial / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
+        with open(partial / CONCEPTS_FILE, "w", encoding="utf-8") as fh:
+            for concept in concepts:
+                fh.write(json.dumps(concept.to_json(), ensure_ascii=False) + "\n")
+        summary = _summary(config, source, concepts, reports, knowledge, timings, started)
+        (partial / BUILD_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if config.export_finer:
+        from finer.export import export_finer
+
+        extractors = Counter(c.attributes.extractor for c in concepts if c.attributes.extractor)
+        model = extractors.most_common(1)[0][0] if extractors else "none"
+        export_finer(datasets.load_from_disk(str(out)), concepts, config.export_finer, source.name, model)
+    return summary
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise FinerError(f"--out {out} is a file; pass a folder path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FinerError(f"--out {out} is not empty; pass --overwrite to replace it or choose another folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FinerError(f"--out {out}: cannot create its parent folder ({err.strerror})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise FinerError(f"--out {out}: {out.parent} is not writable; choose a folder you can write to")
+    return out
+
+
+def _pick_splits(source: Source, wanted: list[str] | None) -> list[str]:
+    available = source.splits()
+    if not wanted:
+        return available
+    unknown = [s for s in wanted if s not in available]
+    if unknown:
+        raise FinerError(
+            f"{source.name}: no split {', '.join(unknown)} in this copy; available: {', '.join(available)}"
+        )
+    return list(wanted)
+
+
+def _pick_concepts(concepts: list[Concept], limit: int | None) -> list[Concept]:
+    """All concepts, or `limit` of them spread evenly over the sorted ids, first and last included."""
+    concepts = sorted(concepts, key=lambda c: c.concept_id)
+    if limit is None or limit >= len(concepts):
+        return concepts
+    if limit < 1:
+        raise FinerError("--limit-classes must be at least 1")
+    if limit == 1:
+        return concepts[:1]
+    last = len(concepts) - 1
+    return [concepts[i * last // (limit - 1)] for i in range(limit)]
+
+
+def _write_split(
+    source: Source,
+    split: str,
+    concepts: list[Concept],
+    features: datasets.Features,
+    folder: Path,
+    config: BuildConfig,
+) -> SplitReport:
+    """Stream one split's rows into `folder` in the layout `datasets.load_from_disk` reads.
+
+    We write that layout ourselves because `save_to_disk` always embeds local files: image rows stay
+    file references (fast, small) unless bytes are asked for or the pixels change.
+    """
+    report = SplitReport()
+    folder.mkdir(parents=True)
+    arrow = folder / "data-00000-of-00001.arrow"
+    by_id = {c.concept_id: c for c in concepts}
+    label_of = {name: i for i, name in enumerate(features["label"].names)}
+    per_class: Counter[str] = Counter()
+    with (
+        ArrowWriter(features=features, path=str(arrow)) as writer,
+        tqdm(desc=f"{source.name}/{split}", unit=" img", dynamic_ncols=True) as bar,
+    ):
+        for record in source.records(split):
+            concept = by_id.get(record.concept_id)
+            if concept is None:
+                continue
+            if config.limit_per_class is not None and per_class[record.concept_id] >= config.limit_per_class:
+                continue
+            try:
+                image, bbox = _image_cell(source, record, config)
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+                report.skipped.append({"image_id": record.image_id, "reason": _reason(err)})
+                bar.set_postfix(skipped=len(report.skipped), refresh=False)
+                continue
+            per_class[record.concept_id] += 1
+            writer.write(
+                features.encode_example(
+                    {
+                        "image": image,
+                        "image_id": record.image_id,
+                        "source": source.name,
+                        "concept_id": concept.concept_id,
+                        "superordinate": concept.superordinate,
+                        "coarse": concept.coarse,
+                        "fine": concept.fine,
+                        "label": label_of[concept.name],
+                        "attributes_required": concept.attributes.required,
+                        "attributes_likely": concept.attributes.likely,
+                        "bbox": bbox,
+                    }
+                )
+            )
+            report.rows += 1
+            bar.update()
+        writer.finalize()
+    dataset = datasets.Dataset.from_file(str(arrow), split=split)
+    dataset.info.write_to_directory(str(folder))
+    state = {
+        "_data_files": [{"filename": arrow.name}],
+        "_fingerprint": dataset._fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": split,
+    }
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    if report.skipped:
+        tqdm.write(
+            f"{source.name}/{split}: skipped {len(report.skipped)} unreadable image(s), see build.json"
+        )
+    return report
+
+
+def _image_cell(source: Source, record: ImageRecord, config: BuildConfig) -> tuple[dict, list[float] | None]:
+    """The stored image (a file reference, or bytes when pixels change or are asked for) and its bbox."""
+    bbox = record.bbox
+    crop = config.crop_to_bbox and bbox is not None
+    if record.data is None and record.path is None:
+        raise ValueError("record has neither a path nor image bytes")
+    if record.data is None and not (crop or source.adjusts_pixels or config.embed_images):
+        if config.check_images:
+            with Image.open(record.path) as im:
+                im.verify()
+        return {"path": str(record.path), "bytes": None}, bbox
+    if record.data is not None and not (crop or source.adjusts_pixels):
+        if config.check_images:
+            with Image.open(io.BytesIO(record.data)) as im:
+                im.verify()
+        return {"path": None, "bytes": record.data}, bbox
+    raw = record.data if record.data is not None else Path(record.path).read_bytes()
+    with Image.open(io.BytesIO(raw)) as im:
+        if not (crop or source.adjusts_pixels):
+            im.verify()
+            return {"path": None, "bytes": raw}, bbox
+        fmt = im.format or "PNG"
+        image = source.adjust(im.convert("RGB"))
+    if bbox is not None:
+        x, y, w, h = bbox
+        w, h = min(w, image.width - x), min(h, image.height - y)
+        bbox = [x, y, w, h]
+        if crop:
+            image = image.crop((round(x), round(y), round(x + w), round(y + h)))
+            bbox = [0.0, 0.0, float(image.width), float(image.height)]
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        image.save(buf, format="JPEG", quality=95)
+    else:
+        image.save(buf, format="PNG")
+    return {"path": None, "bytes": buf.getvalue()}, bbox
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "missing file"
+    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
+
+
+def _summary(
+    config: BuildConfig,
+    source: Source,
+    concepts: list[Concept],
+    reports: dict[str, SplitReport],
+    knowledge: bool,
+    timings: dict[str, float],
+    started: float,
+) -> dict[str, Any]:
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    rows = sum(r.rows for r in reports.values())
+    total_s = time.perf_counter() - started
+    warnings = [
+        f"{split}: skipped {len(r.skipped)} unreadable image(s)" for split, r in reports.items() if r.skipped
+    ]
+    if not knowledge and not source.bundled_knowledge:
+        warnings.append("built without knowledge: attribute columns are empty (--no-knowledge)")
+    return {
+        "source": source.name,
+        "options": options,
+        "versions": {
+            "finer": finer.__version__,
+            "python": platform.python_version(),
+            "datasets": datasets.__version__,
+            "pillow": Image.__version__,
+        },
+        "counts": {split: r.rows for split, r in reports.items()},
+        "concepts": len(concepts),
+        "coarse_sources": dict(Counter(c.coarse_source for c in concepts)),
+        "knowledge": {
+            "enabled": knowledge,
+            "status": dict(Counter(c.knowledge.status if c.knowledge else "none" for c in concepts)),
+            "extractors": dict(Counter(c.attributes.extractor or "none" for c in concepts)),
+            "calls": 0,
+            "cache_hits": 0,
+        },
+        "skipped": {split: r.skipped for split, r in reports.items()},
+        "durations": {**timings, "total_s": round(total_s, 3)},
+        "rows_per_s": round(rows / total_s, 1) if total_s else None,
+        "warnings": warnings,
+    }
+
+
+def iter_concepts(path: Path) -> Iterator[Concept]:
+    """Concept rows of a built dataset (its concepts.jsonl)."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield Concept.from_json(json.loads(line))
