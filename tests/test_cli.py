@@ -1,0 +1,81 @@
+"""The command line: help, version, one-line errors with exit status 2, and the packaging layout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+import finer
+from finer.cli import main
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for command in ("build", "finetune", "eval", "predict", "ground", "info"):
+        assert command in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"finer {finer.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["build", "no-such-source", "--out", "{tmp}/o"], "unknown source 'no-such-source'; choose one of:"),
+        (["build", "cub200", "--out", "{tmp}/o"], "cub200: --root is required; expected layout:"),
+        (["build", "cub200", "--root", "{tmp}/missing", "--out", "{tmp}/o"], "is not a folder"),
+        (["build", "demo", "--out", "/proc/finer-cannot-write/o"], "--out /proc/finer-cannot-write/o"),
+        (["build", "demo", "--out", "{tmp}/o", "--knowledge"], "the knowledge step"),
+        (["build", "demo", "--out", "{tmp}/o", "--push-to-hub", "me/x"], "not available yet"),
+        (["eval", "--dataset", "d", "--out", "o", "--model", "m"], "finer eval is not available yet"),
+        (["finetune", "--dataset", "d", "--output-dir", "o", "--model", "m"], "not available yet"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_build_demo_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    code, stdout, _ = run(["build", "demo", "--out", str(out), "--limit-per-class", "2"], capsys)
+    assert code == 0 and "wrote" in stdout
+    ds = datasets.load_from_disk(str(out))
+    assert {"train", "test"} <= set(ds) and ds["test"].num_rows == 16
+    summary = json.loads((out / "build.json").read_text())
+    assert summary["knowledge"]["status"] == {"bundled": 8}
+    code, stdout, _ = run(["info", str(out)], capsys)
+    assert code == 0 and "Warbler" in stdout
+    code, _, err = run(["info", str(tmp_path)], capsys)
+    assert code == 2 and "not a finished `finer build` output" in err
+
+
+def test_no_top_level_builders_or_train_module(tmp_path: Path) -> None:
+    """builders/ and train/ install only as finer.builders and finer.train (DESIGN §2)."""
+    code = (
+        "import importlib.util as u, finer.builders, finer.train;"
+        "print(u.find_spec('builders') is None, u.find_spec('train') is None)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.stdout.split() == ["True", "True"], result.stderr
