@@ -1,0 +1,36 @@
+"""Offline stand-ins for what finer talks to: tiny VLMs, and fake servers in the submodules.
+
+The tiny-VLM names are re-exported lazily, so that importing a fake server from here does not pay for torch
+and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finer.testing.tiny_vlm import (
+        CHAT_TEMPLATES,
+        TINY_FAMILIES,
+        build_tiny_vlm,
+        tiny_image,
+        tiny_vlm_path,
+        unavailable_reason,
+    )
+
+__all__ = [
+    "CHAT_TEMPLATES",
+    "TINY_FAMILIES",
+    "build_tiny_vlm",
+    "tiny_image",
+    "tiny_vlm_path",
+    "unavailable_reason",
+]
+_TINY_VLM_NAMES = frozenset(__all__)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TINY_VLM_NAMES:
+        return getattr(importlib.import_module("finer.testing.tiny_vlm"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,421 @@
+"""Tiny random-weight VLMs of the real families, built offline in seconds for tests and the demo.
+
+Each builder writes a folder that loads like a Hub checkpoint (`AutoProcessor`, `AutoModelForImageTextToText`)
+with the family's real architecture, special tokens and chat template, so the production code paths (processor
+image-token expansion, TRL's chat-template recognition, PEFT module names) are the ones tests exercise. Only
+sizes and weights are fake; the tokenizer is a byte-level BPE trained in-process on a small built-in corpus.
+
+Images go inside the content blocks of the conversation, as transformers' processors read them from there:
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": tiny_image()},
+                                             {"type": "text", "text": "What bird is this?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=8)
+
+A bare `{"type": "image"}` placeholder also works when the images are passed as
+`processor_kwargs={"images": [pil]}` (TRL's collators render the template first and call the processor with
+`images=` themselves, which is equivalent).
+"""
+
+from __future__ import annotations
+
+import atexit
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    GenerationConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
+from transformers.utils import is_torchvision_available
+
+TINY_FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "idefics3")
+
+# The families' published templates, byte for byte: TRL recognises a model by exact equality of its chat
+# template (trl/chat_template_utils.py, get_training_chat_template), so any drift would take the tiny models
+# off the path the real ones follow.
+#: llava-hf/llava-1.5-*-hf. Already carries {% generation %} markers, so TRL uses it as is.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+#: Qwen/Qwen2-VL-*-Instruct, byte-identical to Qwen2.5-VL's (TRL's qwen2_5_vl.jinja).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: HuggingFaceTB/SmolVLM-*-Instruct, Idefics3ForConditionalGeneration checkpoints (TRL's smolvlm.jinja).
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+CHAT_TEMPLATES: dict[str, str] = {
+    "llava": LLAVA_CHAT_TEMPLATE,
+    "qwen2_vl": QWEN2_VL_CHAT_TEMPLATE,
+    "idefics3": SMOLVLM_CHAT_TEMPLATE,
+}
+
+_VOCAB_SIZE = 1024
+_TEXT = {  # the language model: Llama (LLaVA, Idefics3) or Qwen2 (Qwen2-VL), all this size
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+_IMAGE_SIZE = 32  # pixels fed to the CLIP / SigLIP towers
+_PATCH = 8  # -> (32 / 8)^2 = 16 patches
+
+_SUBJECTS = (
+    "Black footed Albatross", "Laysan Albatross", "Cerulean Warbler", "Black throated Blue Warbler",
+    "Great Horned Owl", "Barn Owl", "Pine Grosbeak", "Bewick's Wren", "Western Gull", "Common Tern",
+    "Northern Cardinal", "Blue Jay", "American Crow", "Ruby throated Hummingbird", "Painted Bunting",
+    "Boeing 737-800", "Airbus A320", "Cessna 172", "F/A-18", "An-12", "Douglas DC-3",
+    "Chihuahua", "Shih-Tzu", "curly-coated retriever", "Golden Retriever", "Siberian Husky", "Beagle",
+    "Acura RL Sedan 2012", "Ford F-150 Regular Cab 2007", "BMW M3 Coupe 2012", "Honda Odyssey Minivan 2012",
+)  # fmt: skip
+_GROUPS = (
+    "bird", "albatross", "warbler", "owl", "finch", "wren", "gull", "tern", "cardinal", "jay", "hummingbird",
+    "airplane", "aircraft", "Boeing", "Airbus", "Cessna", "dog", "retriever", "terrier", "hound",
+    "car", "sedan", "SUV", "coupe", "convertible", "pickup", "hatchback", "van",
+)  # fmt: skip
+_ATTRIBUTES = (
+    "black head", "white belly", "blue back", "yellow throat", "red crown", "orange beak", "long tail",
+    "short wings", "striped breast", "spotted wings", "curved bill", "webbed feet", "two engines",
+    "swept wings", "high tail", "four doors", "round headlights", "curly coat", "pointed ears", "brown eyes",
+)  # fmt: skip
+_SENTENCES = (
+    "What is the name of the {g} in this image? Answer: {s}.",
+    "Which visible attributes does the {g} have? Attributes: {a}, {b}.",
+    "Now, which {g} is it? Answer after 'Answer:'. Answer: {s}",
+    "This is a photo of a {s}, a kind of {g} with {a} and {b}.",
+    "The {s} is a {g}. It has {a}, and often {b}.",
+    "Describe the image. The {g} shows {a} and {b}; it is the {s}.",
+    "Is this a {s} or another {g}? I see {a}.",
+)
+_EXTRA = (
+    "You are a helpful assistant.",
+    "Choose one option: (A) (B) (C) (D) (E). The answer is B.",
+    "0 1 2 3 4 5 6 7 8 9 10 100 2024 none unknown yes no",
+)
+# (first user, assistant, next user) text, as the three templates lay turns out between their special tokens
+_TURNS = (
+    ("USER: ", " ASSISTANT: ", " USER: "),
+    ("User: ", "\nAssistant: ", "\nUser: "),
+    ("system\nYou are a helpful assistant.\nuser\n", "\nassistant\n", "\nuser\n"),
+)
+
+
+def _corpus() -> list[str]:
+    """A few thousand words of the domain's English in the templates' turn layouts, so common words and the
+    role names become single tokens, split as the rendered conversations split them."""
+    rng = random.Random(0)
+
+    def question(subject: str) -> str:
+        a, b = rng.sample(_ATTRIBUTES, 2)
+        return rng.choice(_SENTENCES).format(s=subject, g=rng.choice(_GROUPS), a=a, b=b)
+
+    lines = list(_EXTRA)
+    for subject in _SUBJECTS * 8:
+        user, assistant, next_user = rng.choice(_TURNS)
+        lines.append(f"{user}{question(subject)}{assistant}{subject}.{next_user}{question(subject)}")
+    return lines
+
+
+def _train_tokenizer(
+    special_tokens: list[str], *, bos: str | None, eos: str, pad: str, unk: str, add_bos: bool
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text encodes, no unknowns) with the family's special tokens as single tokens.
+
+    Qwen2 and SmolLM ship byte-level BPEs too; Llama's is a SentencePiece BPE, which splits the templates'
+    words much the same way (a leading space joins the next word). `add_bos` prepends `bos` when encoding with
+    special tokens, as Llama's tokenizer (LLaVA) does.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB_SIZE,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    if add_bos:
+        assert bos is not None
+        bos_template = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        )
+        tokenizer.post_processor = processors.Sequence([byte_level, bos_template])
+    else:
+        tokenizer.post_processor = byte_level
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        model_max_length=_TEXT["max_position_embeddings"],
+    )
+
+
+def _text_config(tokenizer: PreTrainedTokenizerFast) -> dict[str, object]:
+    """The language model's config: `_TEXT` sized, with the tokenizer's vocabulary and special ids."""
+    return {
+        **_TEXT,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _llava() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """LLaVA-1.5 as llava-hf ships it: CLIP tower, 2-layer GELU projector, Llama, CLS dropped ("default")."""
+    tokenizer = _train_tokenizer(
+        ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        unk="<unk>",
+        add_bos=True,
+    )
+    image_token = "<image>"
+    num_patches = (_IMAGE_SIZE // _PATCH) ** 2
+    config = LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            **_VISION,
+            "image_size": _IMAGE_SIZE,
+            "patch_size": _PATCH,
+            "projection_dim": _VISION["hidden_size"],
+        },
+        text_config={"model_type": "llama", **_text_config(tokenizer)},
+        image_token_index=tokenizer.convert_tokens_to_ids(image_token),
+        image_seq_length=num_patches,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": _IMAGE_SIZE}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped again by the "default" strategy
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token=image_token,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+_QWEN2_VL_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+
+def _qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qwen2-VL: 14-px patches merged 2x2, M-RoPE; pixel bounds keep a small image at 4 to 16 image tokens."""
+    from transformers import Qwen2VLVideoProcessor  # a stub that raises on use when torchvision is missing
+
+    tokenizer = _train_tokenizer(
+        _QWEN2_VL_SPECIALS,
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        unk="<|endoftext|>",
+        add_bos=False,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config={
+            "model_type": "qwen2_vl_text",
+            **_text_config(tokenizer),
+            # M-RoPE splits each head's rotary half (head_dim 16 / 2) into temporal, height, width sections.
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        },
+        vision_config={
+            "depth": _VISION["num_hidden_layers"],
+            "embed_dim": _VISION["hidden_size"],
+            "num_heads": _VISION["num_attention_heads"],
+            "mlp_ratio": 2,
+            "hidden_size": _TEXT["hidden_size"],  # the merger projects straight into the LM's width
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(**pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
+def _idefics3() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """SmolVLM-Instruct, an Idefics3 model: SigLIP tower, pixel-shuffle connector, Llama; images not split."""
+    grid_tokens = [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
+    tokenizer = _train_tokenizer(
+        [
+            "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
+            "<end_of_utterance>", "<global-img>", *grid_tokens,
+        ],
+        bos="<|im_start|>",
+        eos="<end_of_utterance>",
+        pad="<|im_end|>",
+        unk="<|endoftext|>",
+        add_bos=False,
+    )  # fmt: skip
+    scale_factor = 2
+    image_seq_len = (_IMAGE_SIZE // _PATCH) ** 2 // scale_factor**2
+    config = Idefics3Config(
+        vision_config={**_VISION, "image_size": _IMAGE_SIZE, "patch_size": _PATCH},
+        text_config={"model_type": "llama", **_text_config(tokenizer)},
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale_factor,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": _IMAGE_SIZE},
+        max_image_size={"longest_edge": _IMAGE_SIZE},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=image_seq_len,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+def unavailable_reason(family: str) -> str | None:
+    """Why `family` cannot be built or loaded in this environment, or None when it can (for test skips)."""
+    if family == "qwen2_vl" and not is_torchvision_available():
+        return (
+            "Qwen2-VL needs torchvision: transformers' Qwen2VLProcessor always loads a video processor, "
+            "and video processors require torchvision"
+        )
+    return None
+
+
+_BUILDERS: dict[str, Callable[[], tuple[PreTrainedModel, ProcessorMixin]]] = {
+    "llava": _llava,
+    "qwen2_vl": _qwen2_vl,
+    "idefics3": _idefics3,
+}
+
+
+def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0) -> Path:
+    """Build a random-weight VLM of `family` (one of `TINY_FAMILIES`); save it and its processor in `out_dir`.
+
+    The weights depend only on `seed` (the global torch RNG is left as it was). The folder holds safetensors,
+    config, generation config and processor files, and loads offline with `AutoProcessor.from_pretrained` and
+    `AutoModelForImageTextToText.from_pretrained`. Returns `out_dir`.
+    """
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown tiny VLM family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    if reason := unavailable_reason(family):
+        raise ImportError(reason)
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = _BUILDERS[family]()
+    tokenizer = processor.tokenizer
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+@cache
+def _cache_dir() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="finer-tiny-vlm-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+@cache
+def tiny_vlm_path(family: str) -> Path:
+    """The folder of `family`'s tiny VLM (seed 0), built on first use and shared for the rest of the process.
+
+    Treat it as read-only: every caller gets the same folder. It is deleted when the process exits.
+    """
+    return build_tiny_vlm(family, _cache_dir() / family)
+
+
+def tiny_image(seed: int = 0, size: int = 32) -> Image.Image:
+    """A `size`x`size` RGB image of seeded noise: deterministic, distinct per seed, no files needed."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
