@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import os
 import random
 import threading
 import time
@@ -36,9 +37,12 @@ from finer.errors import FinerError
 from finer.schema import Concept, Knowledge
 
 WIKIPEDIA_API = "https://{lang}.wikipedia.org/w/api.php"
-PROJECT_URL = "https://github.com/finer-vlm/finer"
-# Wikimedia's User-Agent policy: name the tool and where to learn about it; the library appends its own.
-USER_AGENT = f"finer/{finer.__version__} ({PROJECT_URL}; research toolkit)"
+# Wikimedia's User-Agent policy: name the tool and a way to reach its operator; the library appends its
+# own. FINER_CONTACT (an e-mail or URL) is the operator's; without it the agent still names the tool.
+USER_AGENT = (
+    f"finer/{finer.__version__} (fine-grained recognition research toolkit"
+    f"{'; ' + os.environ['FINER_CONTACT'] if os.environ.get('FINER_CONTACT') else ''})"
+)
 CACHE_NAMESPACE = "wiki"
 # Preferred sections by superordinate, first present wins; "*" is every other superordinate (organisms).
 DEFAULT_SECTIONS: dict[str, tuple[str, ...]] = {

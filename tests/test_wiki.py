@@ -227,7 +227,7 @@ def test_user_agent_names_the_project(tmp_path: Path) -> None:
         agents = {r.user_agent for r in wiki.log}
     assert len(agents) == 1
     (agent,) = agents
-    assert agent.startswith(f"finer/{finer.__version__} (https://")
+    assert agent.startswith(f"finer/{finer.__version__} (")
     assert "research toolkit" in agent
 
 
