@@ -11,6 +11,13 @@ from .base import ImageRecord, LayoutError, Source, inside
 #: Source name -> "module:Class"; imported lazily so one source's dependencies never slow another.
 SOURCES: dict[str, str] = {
     "demo": "demo:DemoSource",
+    "stanford-dogs": "stanford_dogs:StanfordDogsSource",
+    "stanford-cars": "stanford_cars:StanfordCarsSource",
+    "fgvc-aircraft": "fgvc_aircraft:FGVCAircraftSource",
+    "cub200": "cub200:Cub200Source",
+    "nabirds": "nabirds:NABirdsSource",
+    "inat2021": "inat2021:INat2021Source",
+    "imagefolder": "imagefolder:ImageFolderSource",
 }
 
 

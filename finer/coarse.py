@@ -40,6 +40,16 @@ CAR_BODY_EXCEPTIONS: dict[str, str] = {
     "chevrolet corvette zr1": "coupe",
     "chevrolet cobalt ss": "coupe",
     "fiat 500 abarth": "hatchback",
+    "acura tl type-s": "sedan",
+    "buick regal gs": "sedan",
+    "chevrolet hhr ss": "wagon",
+    "chevrolet trailblazer ss": "SUV",
+    "chrysler 300 srt-8": "sedan",
+    "dodge challenger srt8": "coupe",
+    "dodge charger srt-8": "sedan",
+    "ford ranger supercab": "pickup",
+    "jaguar xk xkr": "coupe",
+    "lamborghini gallardo lp 570-4 superleggera": "coupe",
 }
 CAR_FALLBACK = "car"
 

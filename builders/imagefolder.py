@@ -1,0 +1,123 @@
+"""Any dataset laid out as `<root>/<split>/<class>/<image>`, for data that has no builder of its own.
+
+Upper levels come from an optional `<root>/taxonomy.csv` with columns `fine,coarse,superordinate`:
+`fine` names a class folder (as written, or with "_" read as a space), `coarse` may list several accepted
+labels separated by "|". Without the file, or where a row leaves a column empty, the superordinate is
+"object" and the engine's coarse labeller applies the head-noun rule ("Great Horned Owl" -> "Owl").
+When the file exists every class folder needs a row, so that a typo is an error, not a silent fallback.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from finer.errors import FinerError
+from finer.schema import Concept
+
+from .base import ImageRecord, LayoutError, Source
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+#: Split folders in this order first, any others after them alphabetically.
+USUAL_SPLITS: tuple[str, ...] = ("train", "validation", "val", "test")
+DEFAULT_SUPERORDINATE = "object"
+
+
+def _folders(path: Path) -> list[str]:
+    """Visible sub-folders, sorted (hidden ones such as `.cache` or `__MACOSX` left out)."""
+    return sorted(
+        entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith((".", "__"))
+    )
+
+
+def _images(path: Path) -> list[str]:
+    """Image files directly in a folder, sorted; AppleDouble `._x.jpg` files left out."""
+    return sorted(
+        entry.name
+        for entry in os.scandir(path)
+        if entry.is_file()
+        and not entry.name.startswith(".")
+        and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+    )
+
+
+def _readable(folder: str) -> str:
+    """A folder name as a label: "great_horned_owl" -> "great horned owl"."""
+    return " ".join(folder.replace("_", " ").split())
+
+
+class ImageFolderSource(Source):
+    """Class folders per split; concept ids are the class folder names."""
+
+    name = "imagefolder"
+    layout = (
+        "<root>/<split>/<class>/*.jpg|jpeg|png|webp, with an optional <root>/taxonomy.csv "
+        "(fine,coarse,superordinate)"
+    )
+    coarse_rule = "head-noun"
+
+    def __init__(self, root: Path | None) -> None:
+        super().__init__(root)
+        #: split -> class folder -> image file names; one directory walk, reused by every call.
+        self.tree: dict[str, dict[str, list[str]]] = {}
+        for split in _folders(self.root):
+            if _images(self.root / split):
+                raise LayoutError(
+                    f"{self.name}: images directly in {self.root / split}, a split folder; "
+                    f"expected layout: {self.layout}"
+                )
+            classes = {name: _images(self.root / split / name) for name in _folders(self.root / split)}
+            if any(classes.values()):
+                self.tree[split] = {name: files for name, files in classes.items() if files}
+        if not self.tree:
+            raise LayoutError(
+                f"{self.name}: no images under {self.root}/<split>/<class>/; expected layout: {self.layout}"
+            )
+
+    def splits(self) -> list[str]:
+        usual = [split for split in USUAL_SPLITS if split in self.tree]
+        return usual + sorted(set(self.tree) - set(usual))
+
+    def concepts(self) -> list[Concept]:
+        rows = self._taxonomy()
+        concepts = []
+        for folder in sorted({name for classes in self.tree.values() for name in classes}):
+            fine = _readable(folder)
+            row = rows.get(folder, rows.get(fine)) if rows else {}
+            if row is None:
+                raise LayoutError(f"{self.name}: class {folder!r} has no row in {self.root / 'taxonomy.csv'}")
+            coarse = [label.strip() for label in (row.get("coarse") or "").split("|") if label.strip()]
+            concepts.append(
+                Concept(
+                    concept_id=folder,
+                    fine=[fine],
+                    superordinate=(row.get("superordinate") or "").strip() or DEFAULT_SUPERORDINATE,
+                    coarse=coarse,
+                    coarse_source="taxonomy" if coarse else "",
+                )
+            )
+        return concepts
+
+    def _taxonomy(self) -> dict[str, dict[str, str]]:
+        """Rows of `taxonomy.csv` by their `fine` value; empty when the file is absent."""
+        path = self.root / "taxonomy.csv"
+        if not path.is_file():
+            return {}
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if "fine" not in (reader.fieldnames or []):
+                raise LayoutError(f"{path}: the header must name the columns fine,coarse,superordinate")
+            return {row["fine"].strip(): row for row in reader if (row["fine"] or "").strip()}
+
+    def records(self, split: str) -> Iterator[ImageRecord]:
+        if split not in self.tree:
+            raise FinerError(f"{self.name} has no split {split!r}; choose from {', '.join(self.splits())}")
+        for folder, files in self.tree[split].items():
+            for file in files:
+                yield ImageRecord(
+                    image_id=f"{split}/{folder}/{file}",
+                    concept_id=folder,
+                    path=self.root / split / folder / file,
+                )
