@@ -6,6 +6,7 @@ engine (`finer.build`) does everything else (limits, coarse labels, image checks
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,9 +87,13 @@ class LayoutError(FinerError):
 
 
 def inside(root: Path, relative: str | Path) -> Path:
-    """`root / relative`, refusing paths from list files that escape the dataset root."""
-    root = root.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise LayoutError(f"refusing path {str(relative)!r}: it points outside the dataset root {root}")
-    return path
+    """`root / relative`, refusing paths from list files that escape the dataset root.
+
+    The check is lexical (absolute paths and ".." that climb out are refused): it costs no file-system
+    call per image, and a copy whose sub-folders are symlinks to another disk still works.
+    """
+    base = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(base, relative))
+    if path != base and not path.startswith(base.rstrip(os.sep) + os.sep):
+        raise LayoutError(f"refusing path {str(relative)!r}: it points outside the dataset root {base}")
+    return Path(path)
