@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,7 @@ def _summary(
         warnings.append("built without knowledge: attribute columns are empty (--no-knowledge)")
     return {
         "source": source.name,
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "options": options,
         "versions": {
             "finer": finer.__version__,
