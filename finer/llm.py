@@ -1,0 +1,335 @@
+"""A small shared layer over the `openai` client for every step that calls an LLM or VLM endpoint.
+
+Attribute extraction, coarse labelling, evaluation and grounding all need the same things: a client built
+from `--base-url` / `OPENAI_BASE_URL` / `OPENAI_API_KEY` (any OpenAI-compatible server), a bound on
+concurrent calls, replies cached by content so re-runs and resumed runs make no repeated calls, JSON-schema
+structured output where the server has it, and token/cost accounting for build.json.
+
+Retries are the `openai` client's own: it retries timeouts, connection errors, 408, 409, 429 and 5xx with
+exponential backoff and jitter, and waits what `Retry-After` / `retry-after-ms` say (a server asking for
+more than 120 s gets no retry). We only set `max_retries` and `timeout`, and decide what a failure that
+survives them means for the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import re
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+
+from finer.cache import Cache, cache_key
+from finer.errors import FinerError
+from finer.prompts import to_openai
+
+__all__ = [
+    "CACHE_NAMESPACE",
+    "DEFAULT_MODEL",
+    "OPTIONAL_PARAMETERS",
+    "PRICES",
+    "CallFailed",
+    "ChatClient",
+    "EndpointError",
+    "Usage",
+    "endpoint_configured",
+    "estimate_cost",
+    "openai_messages",
+    "parse_json_object",
+    "run_sync",
+]
+
+CACHE_NAMESPACE = "llm"
+DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_CONCURRENCY = 16
+#: Stands in for a key at endpoints that need none (a local vLLM or Ollama); the client insists on one.
+NO_KEY = "no-key"
+
+#: USD per million tokens (input, output): OpenAI list prices of 2025, for the estimate in build.json.
+#: A model not listed (any other endpoint's) is priced "unknown", never guessed.
+PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-5": (1.25, 10.00),
+    "gpt-5-mini": (0.25, 2.00),
+    "gpt-5-nano": (0.05, 0.40),
+    "o4-mini": (1.10, 4.40),
+}
+#: Request parameters an endpoint may not support, and the words its 400 uses to say so: JSON-schema
+#: structured output (older vLLM, Ollama, most proxies) and temperature (reasoning models).
+OPTIONAL_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "response_format": ("response_format", "json_schema"),
+    "temperature": ("temperature",),
+}
+_SNAPSHOT = re.compile(r"(.+?)(?:-\d{4}-\d{2}-\d{2})?")
+_SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_-]{2})[A-Za-z0-9_-]+|(Bearer\s+)\S+")
+
+T = TypeVar("T")
+
+
+class EndpointError(FinerError):
+    """The endpoint refuses every call (bad key, unknown model, unreachable URL): the run stops."""
+
+
+class CallFailed(Exception):
+    """One call failed after the client's retries; the caller records it and goes on with the rest."""
+
+
+def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """USD for one call at list price, or None when the model (or its dated snapshot) is not in PRICES."""
+    match = _SNAPSHOT.fullmatch(model)
+    price = PRICES.get(model) or (PRICES.get(match.group(1)) if match else None)
+    if price is None:
+        return None
+    return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+
+
+@dataclass
+class Usage:
+    """What a run spent: calls that reached the endpoint, replies served from cache, tokens, USD.
+
+    `estimated_cost_usd` becomes None ("unknown") once any call went to a model without a known price.
+    """
+
+    calls: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated_cost_usd: float | None = 0.0
+
+    def record(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.calls += 1
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        cost = estimate_cost(model, prompt_tokens, completion_tokens)
+        if cost is None or self.estimated_cost_usd is None:
+            self.estimated_cost_usd = None
+        else:
+            self.estimated_cost_usd += cost
+
+    def usage_json(self) -> dict[str, Any]:
+        cost = self.estimated_cost_usd
+        return {
+            "calls": self.calls,
+            "cache_hits": self.cache_hits,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "estimated_cost_usd": "unknown" if cost is None else round(cost, 6),
+        }
+
+
+def endpoint_configured(base_url: str | None) -> bool:
+    """Whether the user pointed us at an LLM endpoint (argument, OPENAI_BASE_URL or OPENAI_API_KEY)."""
+    return bool(base_url or os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_KEY"))
+
+
+def _public_url(url: str) -> str:
+    """The URL without user info or query, which may carry credentials: what keys and messages show."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def _redact(text: str, secret: str) -> str:
+    """`text` with the API key, and anything shaped like a key or bearer token, masked."""
+    if secret and secret != NO_KEY:
+        text = text.replace(secret, "***")
+    return _SECRETISH.sub(lambda m: f"{m.group(1)}***" if m.group(1) else f"{m.group(2)}***", text)
+
+
+def openai_messages(messages: Sequence[dict], images: Sequence[str] = ()) -> list[dict]:
+    """Rendered template messages in the chat-completions wire shape.
+
+    Image slots become `image_url` blocks (data URLs, `finer.prompts.to_openai`); a message of text
+    blocks only becomes one string, which every OpenAI-compatible server accepts for every role.
+    """
+    converted = to_openai(messages, images)
+    for message in converted:
+        blocks = message["content"]
+        if all(block.get("type") == "text" for block in blocks):
+            message["content"] = "\n\n".join(block["text"] for block in blocks)
+    return converted
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """The first JSON object in a reply: bare, inside a code fence, or embedded in prose."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine from synchronous code, also where an event loop already runs (a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+class ChatClient:
+    """One model at one endpoint for one run: `async with ChatClient(...) as chat: await chat.complete(...)`.
+
+    Every reply is cached (namespace "llm") the moment it arrives, keyed by endpoint URL, model, template
+    hash and request, never the API key; a cached reply costs no call. At most `concurrency` calls are in
+    flight. When the endpoint rejects JSON-schema `response_format` (or `temperature`) with a 400, the
+    client remembers it for the rest of the run and sends requests without it; callers parse either
+    kind of reply.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        *,
+        cache: Cache,
+        usage: Usage | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        temperature: float | None = 0.0,
+    ) -> None:
+        if concurrency < 1:
+            raise FinerError("--concurrency must be at least 1")
+        url = base_url or os.environ.get("OPENAI_BASE_URL")
+        self._key = os.environ.get("OPENAI_API_KEY") or ""
+        if not url and not self._key:
+            raise EndpointError(
+                "no LLM endpoint configured: set OPENAI_API_KEY (and OPENAI_BASE_URL) or pass --base-url, "
+                "or choose an offline extractor (--extractor rules)"
+            )
+        self.model = model
+        self.cache = cache
+        self.usage = usage if usage is not None else Usage()
+        self.temperature = temperature
+        #: Optional request parameters this endpoint refused (see OPTIONAL_PARAMETERS), for the whole run.
+        self.refused: set[str] = set()
+        self._schema_accepted = False
+        self._client = openai.AsyncOpenAI(
+            api_key=self._key or NO_KEY, base_url=url, timeout=timeout, max_retries=max_retries
+        )
+        self.base_url = _public_url(str(self._client.base_url))
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.close()
+
+    @property
+    def structured_output(self) -> str | None:
+        """The reply format the endpoint takes, "json_schema" or "text"; None until it showed."""
+        if "response_format" in self.refused:
+            return "text"
+        return "json_schema" if self._schema_accepted else None
+
+    async def complete(
+        self,
+        messages: list[dict],
+        *,
+        template_sha256: str,
+        schema: dict[str, Any] | None = None,
+    ) -> str:
+        """The reply text to `messages`, from cache or the endpoint.
+
+        `schema` (a JSON schema for one object) asks for structured output where the endpoint takes it.
+        Raises `CallFailed` when this call failed after retries, `EndpointError` when no call can succeed.
+        """
+        request: dict[str, Any] = {"model": self.model, "messages": messages}
+        if self.temperature is not None:
+            request["temperature"] = self.temperature
+        if schema is not None:
+            request["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "reply", "schema": schema, "strict": True},
+            }
+        # the request as intended, whatever the endpoint later refuses: a resumed run finds the same key
+        key = cache_key(self.base_url, template_sha256, request)
+        cached = self.cache.get(CACHE_NAMESPACE, key)
+        if isinstance(cached, dict) and isinstance(cached.get("text"), str):
+            self.usage.cache_hits += 1
+            return cached["text"]
+        async with self._slots:
+            response = await self._create(request)
+        text = (response.choices[0].message.content if response.choices else None) or ""
+        tokens = response.usage
+        prompt_tokens = tokens.prompt_tokens if tokens else 0
+        completion_tokens = tokens.completion_tokens if tokens else 0
+        self.usage.record(self.model, prompt_tokens, completion_tokens)
+        self.cache.put(
+            CACHE_NAMESPACE,
+            key,
+            {"text": text, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        )
+        return text
+
+    async def _create(self, request: dict[str, Any]) -> Any:
+        """One chat completion (the client retries inside). A 400 that names an optional parameter
+        drops it for the rest of the run, and the request goes again without it."""
+        while True:
+            sent = {name: value for name, value in request.items() if name not in self.refused}
+            try:
+                response = await self._call(sent)
+            except openai.BadRequestError as err:
+                refused = {
+                    name
+                    for name, words in OPTIONAL_PARAMETERS.items()
+                    if name in sent and any(word in str(err) for word in words)
+                }
+                if not refused:
+                    raise self._failure(err) from None
+                self.refused |= refused
+                continue
+            self._schema_accepted |= "response_format" in sent
+            return response
+
+    async def _call(self, request: dict[str, Any]) -> Any:
+        """The client's call, its surviving errors sorted: a 400 for the caller, else ours (no chaining,
+        so no server text that might echo a secret rides along in a traceback)."""
+        try:
+            return await self._client.chat.completions.create(**request)
+        except openai.BadRequestError:
+            raise
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
+            raise EndpointError(
+                f"{self.base_url} refused model {self.model!r} (HTTP {err.status_code}: "
+                f"{self._line(err)}); check OPENAI_API_KEY, --base-url and --model"
+            ) from None
+        except openai.APITimeoutError:
+            raise CallFailed("timed out after retries") from None
+        except openai.APIConnectionError:
+            raise EndpointError(
+                f"cannot reach {self.base_url} after retries; check --base-url / OPENAI_BASE_URL"
+            ) from None
+        except openai.APIError as err:
+            raise self._failure(err) from None
+
+    def _failure(self, err: openai.APIError) -> CallFailed:
+        status = getattr(err, "status_code", None)
+        return CallFailed(f"HTTP {status}: {self._line(err)}" if status else self._line(err))
+
+    def _line(self, err: BaseException) -> str:
+        """One line of an error for users and build.json, with any secret masked."""
+        body = getattr(err, "body", None)
+        message = body.get("message") if isinstance(body, dict) else None
+        if not isinstance(message, str):
+            message = err.message if isinstance(err, openai.APIError) else str(err)
+        return _redact(" ".join(message.split()), self._key)[:200]

@@ -1,0 +1,232 @@
+"""A local OpenAI-compatible chat server for tests (DESIGN §6: only the far end of the wire is fake).
+
+The production code reaches it through its ordinary configuration (`base_url=server.url`), so the real
+`openai` client, its retries, timeouts and error types are what the tests exercise. A `responder` sees
+every request body and returns the reply text (or a dict, sent as JSON text, or a `Fault`); faults can
+also be queued with `inject()` and are served to the next requests in arrival order.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One misbehaviour of the endpoint: an HTTP error, a slow reply, or a reply that is not JSON."""
+
+    status: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    message: str = ""
+    delay: float = 0.0
+    content: str | None = None
+
+    @classmethod
+    def rate_limited(cls, retry_after: float) -> Fault:
+        return cls(status=429, headers=(("Retry-After", f"{retry_after:g}"),), message="rate limited")
+
+    @classmethod
+    def server_error(cls) -> Fault:
+        return cls(status=500, message="internal server error")
+
+    @classmethod
+    def slow(cls, seconds: float) -> Fault:
+        """Answer normally, but only after `seconds`."""
+        return cls(delay=seconds)
+
+    @classmethod
+    def malformed(cls, content: str = "Sure! The bird is very pretty {required: oops") -> Fault:
+        """A 200 reply whose message content is not the JSON that was asked for."""
+        return cls(content=content)
+
+
+def _text_of(request: dict[str, Any]) -> str:
+    """All text of a request's messages, for rough token counts."""
+    parts = []
+    for message in request.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(block.get("text", "") for block in content if isinstance(block, dict))
+    return " ".join(parts)
+
+
+def has_images(request: dict[str, Any]) -> bool:
+    """Whether any message carries an `image_url` block."""
+    return any(
+        isinstance(block, dict) and block.get("type") == "image_url"
+        for message in request.get("messages", [])
+        if isinstance(message.get("content"), list)
+        for block in message["content"]
+    )
+
+
+class FakeOpenAI:
+    """Threaded HTTP server on 127.0.0.1 (free port) serving `POST /v1/chat/completions`.
+
+    `json_schema=False` makes it reject `response_format` json_schema with a 400, like endpoints without
+    structured output; `images=False` rejects `image_url` content with a 400, like text-only models.
+    It records every request (`requests`: path, lower-cased headers, body), counts them, and tracks the most
+    requests it held at once (`max_in_flight`) so tests can check a concurrency bound.
+    """
+
+    def __init__(
+        self,
+        responder: Callable[[dict[str, Any]], Any] | None = None,
+        *,
+        json_schema: bool = True,
+        images: bool = True,
+        delay: float = 0.0,
+    ) -> None:
+        self.responder = responder or (lambda request: {"required": [], "likely": []})
+        self.json_schema = json_schema
+        self.images = images
+        self.delay = delay
+        self.requests: list[dict[str, Any]] = []
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._faults: deque[Fault] = deque()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    @property
+    def count(self) -> int:
+        """Chat requests received so far (every retry counts)."""
+        return len(self.requests)
+
+    def inject(self, *faults: Fault) -> None:
+        """Serve these faults to the next requests, one each, before the responder is asked again."""
+        with self._lock:
+            self._faults.extend(faults)
+
+    def __enter__(self) -> FakeOpenAI:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def _respond(self, request: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any], float]:
+        """Status, headers, JSON body and delay for one chat request.
+
+        Capability refusals (structured output, images) come first and consume no queued fault.
+        """
+        response_format = request.get("response_format") or {}
+        if not self.json_schema and response_format.get("type") == "json_schema":
+            error = {
+                "message": "response_format of type json_schema is not supported by this model",
+                "type": "invalid_request_error",
+                "param": "response_format",
+            }
+            return 400, {}, {"error": error}, self.delay
+        if not self.images and has_images(request):
+            error = {"message": "this model does not accept image input", "type": "invalid_request_error"}
+            return 400, {}, {"error": error}, self.delay
+        with self._lock:
+            fault = self._faults.popleft() if self._faults else None
+        if fault is None:
+            reply = self.responder(request)
+            fault = reply if isinstance(reply, Fault) else Fault(content=_content(reply))
+        elif fault.status is None and fault.content is None:
+            fault = replace(fault, content=_content(self.responder(request)))
+        delay = self.delay + fault.delay
+        if fault.status is not None:
+            error = {"error": {"message": fault.message, "type": "fake_error", "code": str(fault.status)}}
+            return fault.status, dict(fault.headers), error, delay
+        content = fault.content or ""
+        prompt_tokens = len(_text_of(request).split())
+        completion_tokens = len(content.split())
+        body = {
+            "id": f"chatcmpl-fake-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model", "fake"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+        return 200, dict(fault.headers), body, delay
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else each small reply waits out a delayed ACK (~40 ms)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                """Silent: test output stays readable."""
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    self._send(404, {}, {"error": {"message": f"no route {self.path}"}})
+                    return
+                try:
+                    request = json.loads(raw)
+                except json.JSONDecodeError:
+                    self._send(400, {}, {"error": {"message": "request body is not JSON"}})
+                    return
+                with server._lock:
+                    server.requests.append(
+                        {
+                            "path": self.path,
+                            "headers": {k.lower(): v for k, v in self.headers.items()},
+                            "json": request,
+                        }
+                    )
+                    server._in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server._in_flight)
+                try:
+                    status, headers, body, delay = server._respond(request)
+                    time.sleep(delay)
+                    self._send(status, headers, body)
+                finally:
+                    with server._lock:
+                        server._in_flight -= 1
+
+            def _send(self, status: int, headers: dict[str, str], body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode("utf-8")
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test); nothing left to tell it
+
+        return Handler
+
+
+def _content(reply: Any) -> str:
+    """A responder's reply as message content: strings as they are, anything else as JSON."""
+    return reply if isinstance(reply, str) else json.dumps(reply)
