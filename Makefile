@@ -42,11 +42,20 @@ format: $(STAMP)
 build-dataset: $(STAMP)
 	$(FINER) build $(SOURCE) --out $(OUT) $(if $(ROOT),--root $(ROOT)) --overwrite $(ARGS)
 
+# The demo-tiny recipe: a tiny random-weight LLaVA learns data/demo on a CPU, adapter in runs/demo-lora.
 finetune: $(STAMP)
-	$(FINER) finetune --dataset data/demo --model $(or $(MODEL),runs/tiny-llava) --output-dir runs/demo-lora $(ARGS)
+	test -f data/demo/build.json || $(FINER) build demo --out data/demo --overwrite
+	$(FINER) finetune --config demo-tiny $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
+# With no MODEL: the demo adapter from `make finetune` when it exists, else the base tiny model (fastest on
+# one thread: its matrices are too small to split, and idle threads spin on a busy CPU).
+DEMO_MODEL = runs/tiny-llava $$(test -f runs/demo-lora/adapter_config.json && echo --adapter runs/demo-lora)
 eval: $(STAMP)
-	$(FINER) eval --dataset data/demo --model $(or $(MODEL),runs/tiny-llava) --out runs/demo-eval $(ARGS)
+	test -d data/demo || $(FINER) build demo --out data/demo
+	test -n "$(MODEL)" || test -d runs/tiny-llava \
+	  || $(BIN)/python -c "from finer.testing import build_tiny_vlm; build_tiny_vlm('llava', 'runs/tiny-llava')"
+	$(if $(MODEL),,OMP_NUM_THREADS=1) $(FINER) eval --dataset data/demo --model $(or $(MODEL),$(DEMO_MODEL)) \
+	  --max-new-tokens 32 --out runs/demo-eval $(ARGS)
 
 demo: build-dataset
 	$(FINER) info $(OUT)

@@ -6,6 +6,8 @@ Three extractors fill `Concept.attributes`:
   template; JSON-schema structured output where the endpoint takes it, else a tolerant parser of JSON
   or "Required:/Likely:" lists. A malformed reply gets one repair request; a concept that still fails
   keeps empty lists and is listed in the stats, so one bad concept never fails a build.
+* `vlm` — the same call, also carrying exemplar images of the concept (`finer.knowledge` picks them);
+  an endpoint refusing images raises `finer.vlm.ImagesRefused` so the caller can fall back to `llm`.
 * `rules` — offline: colour, pattern and shape words next to body-part words in the text.
 * `cub-annotations` — CUB-200's own per-class attribute percentages turned into phrases.
 
@@ -24,7 +26,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -46,6 +48,10 @@ from finer.llm import (
 )
 from finer.prompts import render, template_sha256
 from finer.schema import Attributes, Concept
+from finer.vlm import ImagesRefused, refuses_images
+
+if TYPE_CHECKING:
+    from finer.vlm import HFChat
 
 __all__ = [
     "ATTRIBUTES_SCHEMA",
@@ -62,7 +68,7 @@ __all__ = [
     "rule_attributes",
 ]
 
-EXTRACTORS = ("llm", "rules", "cub-annotations")
+EXTRACTORS = ("llm", "vlm", "rules", "cub-annotations")
 MAX_WORDS = 6
 MAX_CHARS = 60
 MAX_PER_LIST = 12
@@ -471,11 +477,16 @@ def extract_attributes(
     annotations: Mapping[str, Mapping[str, float]] | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
     max_retries: int = DEFAULT_MAX_RETRIES,
+    exemplars: Callable[[str], list[str]] | None = None,
+    connect: Callable[[ExtractionStats], ChatClient | HFChat] | None = None,
 ) -> ExtractionStats:
     """Fill `attributes` of every concept with the named extractor; returns what it cost and what failed.
 
-    `annotations` (concept id -> CUB attribute name -> %) feeds `cub-annotations`. Raises `FinerError`
-    only for problems no concept can get past (unknown extractor, no endpoint, endpoint refusing us).
+    `annotations` (concept id -> CUB attribute name -> %) feeds `cub-annotations`. For `vlm`, `exemplars`
+    gives a concept id's images as data URLs (called in a worker thread, for at most `concurrency`
+    concepts at a time, so only their images are in memory) and `connect` makes the chat client from the
+    stats to fill (a local model; default: the endpoint). Raises `FinerError` only for problems no concept
+    can get past (unknown extractor, no endpoint, endpoint refusing us, `ImagesRefused`).
     """
     if extractor == "rules":
         stats = ExtractionStats(extractor="rules", concepts=len(concepts))
@@ -495,22 +506,28 @@ def extract_attributes(
                 raise FinerError(f"no CUB attribute annotations for class {concept.concept_id!r}")
             concept.attributes = cub_attributes(annotations[concept.concept_id])
         return stats
-    if extractor != "llm":
+    if extractor not in ("llm", "vlm"):
         raise FinerError(f"unknown extractor {extractor!r}; choose one of: {', '.join(EXTRACTORS)}")
     model = model or DEFAULT_MODEL
-    stats = ExtractionStats(extractor=f"llm:{model}", concepts=len(concepts))
+    stats = ExtractionStats(extractor=f"{extractor}:{model}", concepts=len(concepts))
     sha = template_sha256("extract_attributes", prompts_dir)
+    images_of = exemplars if extractor == "vlm" else None
 
     async def run() -> None:
-        chat_client = ChatClient(
-            model,
-            base_url,
-            cache=cache or Cache(),
-            usage=stats,
-            concurrency=concurrency,
-            timeout=timeout,
-            max_retries=max_retries,
+        chat_client = (
+            connect(stats)
+            if connect is not None
+            else ChatClient(
+                model,
+                base_url,
+                cache=cache or Cache(),
+                usage=stats,
+                concurrency=concurrency,
+                timeout=timeout,
+                max_retries=max_retries,
+            )
         )
+        slots = asyncio.Semaphore(concurrency)
         async with chat_client as chat:
 
             async def one(concept: Concept) -> None:
@@ -518,20 +535,28 @@ def extract_attributes(
                 if not _text(concept):
                     stats.no_text += 1
                     return
-                messages = openai_messages(
-                    render(
-                        "extract_attributes",
-                        prompts_dir=prompts_dir,
-                        concept=concept.name,
-                        superordinate=concept.superordinate,
-                        text=_text(concept),
+                async with slots:
+                    images = await asyncio.to_thread(images_of, concept.concept_id) if images_of else []
+                    messages = openai_messages(
+                        render(
+                            "extract_attributes",
+                            prompts_dir=prompts_dir,
+                            concept=concept.name,
+                            superordinate=concept.superordinate,
+                            text=_text(concept),
+                            exemplars=len(images),
+                        ),
+                        images,
                     )
-                )
-                try:
-                    parsed = await _ask_with_repair(chat, messages, sha)
-                except CallFailed as err:
-                    stats.failures.append({"concept_id": concept.concept_id, "reason": str(err)})
-                    return
+                    try:
+                        parsed = await _ask_with_repair(chat, messages, sha)
+                    except CallFailed as err:
+                        if images and refuses_images(err):
+                            raise ImagesRefused(
+                                f"{chat.base_url} refused images for model {model!r} ({err})"
+                            ) from None
+                        stats.failures.append({"concept_id": concept.concept_id, "reason": str(err)})
+                        return
                 if parsed is None:
                     reason = "malformed reply, also after one repair request"
                     stats.failures.append({"concept_id": concept.concept_id, "reason": reason})
@@ -548,7 +573,7 @@ def extract_attributes(
 
 
 async def _ask_with_repair(
-    chat: ChatClient, messages: list[dict], sha: str
+    chat: ChatClient | HFChat, messages: list[dict], sha: str
 ) -> tuple[list[object], list[object]] | None:
     """The parsed reply; after a malformed one, one repair turn that shows the model its reply."""
     reply = await chat.complete(messages, template_sha256=sha, schema=ATTRIBUTES_SCHEMA)

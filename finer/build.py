@@ -28,9 +28,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 import finer
+from finer.attributes import LlmCoarseLabeller
 from finer.builders import ImageRecord, Source, get_source
-from finer.coarse import CoarseLabeller, RuleCoarseLabeller
+from finer.coarse import CoarseLabeller
 from finer.errors import FinerError
+from finer.knowledge import KnowledgeOptions, add_knowledge
+from finer.knowledge import coarse_labeller as knowledge_coarse_labeller
+from finer.llm import public_url
 from finer.schema import Concept, image_features
 
 CONCEPTS_FILE = "concepts.jsonl"
@@ -56,6 +60,7 @@ class BuildConfig:
     check_images: bool = True
     overwrite: bool = False
     export_finer: Path | None = None
+    knowledge_options: KnowledgeOptions = field(default_factory=KnowledgeOptions)
 
 
 @dataclass
@@ -72,13 +77,11 @@ def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) ->
     splits = _pick_splits(source, config.splits)
     concepts = _pick_concepts(source.concepts(), config.limit_classes)
     knowledge = (not source.bundled_knowledge) if config.knowledge is None else config.knowledge
-    if knowledge:
-        raise FinerError(
-            f"{source.name}: the knowledge step (Wikipedia + attribute extraction) is not available yet; "
-            "pass --no-knowledge to build the labels only"
-        )
-    unlabelled = [c for c in concepts if not c.coarse]
-    (coarse_labeller or RuleCoarseLabeller()).label(unlabelled, source.coarse_rule)
+    labeller = coarse_labeller or knowledge_coarse_labeller(config.knowledge_options, knowledge)
+    labeller.label([c for c in concepts if not c.coarse], source.coarse_rule)
+    report = add_knowledge(source, concepts, config.knowledge_options) if knowledge else {}
+    if isinstance(labeller, LlmCoarseLabeller):
+        report["coarse_llm"] = labeller.stats.to_json()
 
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -95,8 +98,10 @@ def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) ->
         with open(partial / CONCEPTS_FILE, "w", encoding="utf-8") as fh:
             for concept in concepts:
                 fh.write(json.dumps(concept.to_json(), ensure_ascii=False) + "\n")
-        summary = _summary(config, source, concepts, reports, knowledge, timings, started)
-        (partial / BUILD_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        summary = _summary(config, source, concepts, reports, knowledge, report, timings, started)
+        (partial / BUILD_FILE).write_text(
+            json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n"
+        )
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)
@@ -289,10 +294,14 @@ def _summary(
     concepts: list[Concept],
     reports: dict[str, SplitReport],
     knowledge: bool,
+    knowledge_report: dict[str, Any],
     timings: dict[str, float],
     started: float,
 ) -> dict[str, Any]:
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    options = asdict(config)
+    for url in ("base_url", "wiki_api"):  # a URL may carry credentials in its user info or query
+        if options["knowledge_options"][url]:
+            options["knowledge_options"][url] = public_url(options["knowledge_options"][url])
     rows = sum(r.rows for r in reports.values())
     total_s = time.perf_counter() - started
     warnings = [
@@ -300,6 +309,7 @@ def _summary(
     ]
     if not knowledge and not source.bundled_knowledge:
         warnings.append("built without knowledge: attribute columns are empty (--no-knowledge)")
+    warnings += knowledge_report.get("warnings", [])
     return {
         "source": source.name,
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -319,6 +329,7 @@ def _summary(
             "extractors": dict(Counter(c.attributes.extractor or "none" for c in concepts)),
             "calls": 0,
             "cache_hits": 0,
+            **{k: v for k, v in knowledge_report.items() if k != "warnings"},
         },
         "skipped": {split: r.skipped for split, r in reports.items()},
         "durations": {**timings, "total_s": round(total_s, 3)},

@@ -116,6 +116,12 @@ def build(
     ] = None,
     extractor: Annotated[Extractor | None, typer.Option(help="Attribute extractor.")] = None,
     exemplars: Annotated[int, typer.Option(min=0, help="Exemplar images per concept (--extractor vlm).")] = 3,
+    max_image_side: Annotated[
+        int, typer.Option(min=32, help="Longer side of exemplar images sent (--extractor vlm).")
+    ] = 768,
+    backend: Annotated[
+        Backend, typer.Option(help="--extractor vlm: an OpenAI-compatible endpoint or a local model (hf).")
+    ] = Backend.openai,
     model: Annotated[str | None, typer.Option(help="LLM/VLM name at the endpoint.")] = None,
     base_url: Annotated[
         str | None, typer.Option(help="OpenAI-compatible endpoint (else OPENAI_BASE_URL).")
@@ -123,6 +129,8 @@ def build(
     concurrency: Annotated[int, typer.Option(min=1, help="Concurrent LLM calls.")] = 16,
     wiki_api: Annotated[str | None, typer.Option(help="MediaWiki API URL of a Wikipedia mirror.")] = None,
     wiki_lang: Annotated[str, typer.Option(help="Wikipedia language.")] = "en",
+    wiki_words: Annotated[int, typer.Option(min=16, help="Words of Wikipedia text kept per concept.")] = 256,
+    prompts_dir: Annotated[Path | None, typer.Option(help="Your copies of the prompt templates.")] = None,
     cache: Annotated[
         Path | None, typer.Option(help="Cache folder for Wikipedia pages and LLM replies.")
     ] = None,
@@ -141,13 +149,12 @@ def build(
     """Turn a fine-grained dataset on disk into image-attribute-label rows (DESIGN §3)."""
     from finer.build import BuildConfig
     from finer.build import build as run_build
+    from finer.knowledge import KnowledgeOptions
 
-    if extractor is not None or model or base_url or wiki_api or cache:
-        if knowledge is False:
-            raise FinerError("--extractor/--model/--base-url/--wiki-api/--cache need --knowledge")
-        _not_yet("build --knowledge", "the Wikipedia and attribute-extraction step")
-    if push_to_hub:
-        _not_yet("build --push-to-hub", "publishing to the Hub")
+    if knowledge is False and (extractor is not None or model or wiki_api):
+        raise FinerError("--extractor, --model and --wiki-api shape the knowledge step: drop --no-knowledge")
+    if knowledge is None and (extractor is not None or model or wiki_api):
+        knowledge = True  # asking how knowledge is built asks for it, even on a source that bundles it
     summary = run_build(
         BuildConfig(
             source=source,
@@ -162,6 +169,20 @@ def build(
             check_images=check_images,
             overwrite=overwrite,
             export_finer=export_finer,
+            knowledge_options=KnowledgeOptions(
+                extractor=extractor.value if extractor else None,
+                model=model,
+                base_url=base_url,
+                concurrency=concurrency,
+                wiki_api=wiki_api,
+                wiki_lang=wiki_lang,
+                wiki_words=wiki_words,
+                cache=cache,
+                prompts_dir=prompts_dir,
+                exemplars=exemplars,
+                max_image_side=max_image_side,
+                backend=backend.value,
+            ),
         )
     )
     counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())
@@ -170,6 +191,10 @@ def build(
     )
     for warning in summary["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
+    if push_to_hub:
+        from finer.hub import push_dataset
+
+        typer.echo(f"published {push_dataset(out, push_to_hub, private=private)}")
 
 
 @app.command()
@@ -201,28 +226,126 @@ def info(
     Console().print(table)
 
 
+class AttributeSource(StrEnum):
+    auto = "auto"
+    visible = "visible"
+    required = "required"
+
+
 @app.command()
 def finetune(
-    model: Annotated[str, typer.Option(help="Base model id or path.")],
-    dataset: Annotated[str, typer.Option(help="Built dataset folder or Hub repo.")],
-    output_dir: Annotated[Path, typer.Option(help="Where checkpoints and the adapter go.")],
-    config: Annotated[Path | None, typer.Option(help="Recipe YAML (train/recipes/*.yaml).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model id or path.")] = None,
+    dataset: Annotated[
+        list[str] | None, typer.Option(help="Built dataset folder or Hub repo; repeat to mix several.")
+    ] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and the adapter go.")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="Recipe: a YAML file or a shipped name (demo-tiny, llava-1.5-7b, ...).")
+    ] = None,
     format: Annotated[
-        Format, typer.Option(help="direct: question -> name; finer: three assistant turns.")
-    ] = (Format.finer),
-    train_llm: Annotated[LlmPolicy, typer.Option(help="Language model policy.")] = LlmPolicy.lora,
-    train_vision: Annotated[VisionPolicy, typer.Option(help="Vision tower policy.")] = VisionPolicy.frozen,
-    train_projector: Annotated[
-        ProjectorPolicy, typer.Option(help="Projector policy.")
-    ] = ProjectorPolicy.frozen,
-    lora_r: Annotated[int, typer.Option(min=1)] = 128,
-    lora_alpha: Annotated[int, typer.Option(min=1)] = 256,
+        Format | None, typer.Option(help="direct: question -> name; finer: three assistant turns.")
+    ] = None,
+    attributes: Annotated[
+        AttributeSource | None,
+        typer.Option(help="--format finer: attributes_visible (grounded), attributes_required, or auto."),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split to train on.")] = None,
+    hold_out: Annotated[
+        str | None, typer.Option(help="Leave this source out (leave-one-dataset-out).")
+    ] = None,
+    train_llm: Annotated[LlmPolicy | None, typer.Option(help="Language model policy.")] = None,
+    train_vision: Annotated[VisionPolicy | None, typer.Option(help="Vision tower policy.")] = None,
+    train_projector: Annotated[ProjectorPolicy | None, typer.Option(help="Projector policy.")] = None,
+    lora_r: Annotated[int | None, typer.Option(min=1)] = None,
+    lora_alpha: Annotated[int | None, typer.Option(min=1)] = None,
+    lora_dropout: Annotated[float | None, typer.Option(min=0, max=1)] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=0)] = None,
+    epochs: Annotated[float | None, typer.Option(min=0)] = None,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
-    epochs: Annotated[float, typer.Option(min=0)] = 1.0,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Per-device batch size.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(min=1, help="Gradient accumulation steps.")] = None,
+    max_length: Annotated[
+        int | None, typer.Option(min=1, help="Longer conversations are dropped (and counted), never cut.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    chat_template: Annotated[
+        str | None, typer.Option(help="A .jinja chat template with {% generation %} markers to train with.")
+    ] = None,
+    prompts_dir: Annotated[str | None, typer.Option(help="Folder overriding the training prompts.")] = None,
+    eval_split: Annotated[
+        str | None, typer.Option(help="After training, score fine-level generations on this split.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the output folder's last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --output-dir.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Any other config field: KEY=VALUE (YAML value).")
+    ] = None,
     push_to_hub: Annotated[str | None, typer.Option(help="Publish the adapter to this Hub repo.")] = None,
 ) -> None:
-    """Fine-tune a VLM with LoRA on a built dataset (TRL SFTTrainer + PEFT)."""
-    _not_yet("finetune", "the TRL + PEFT fine-tuning engine")
+    """Fine-tune a VLM with LoRA on built datasets (TRL SFTTrainer + PEFT); recipe values, then options."""
+    import logging
+
+    import yaml
+
+    from finer.train.sft import FinetuneConfig, load_recipe, run_finetune
+
+    if push_to_hub:
+        _not_yet("finetune --push-to-hub", "publishing adapters to the Hub")
+    log = logging.getLogger("finer")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    options = {
+        "model": model,
+        "datasets": dataset,
+        "output_dir": str(output_dir) if output_dir else None,
+        "format": format,
+        "attributes": attributes,
+        "split": split,
+        "hold_out": hold_out,
+        "train_llm": train_llm,
+        "train_vision": train_vision,
+        "train_projector": train_projector,
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "learning_rate": learning_rate,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "max_length": max_length,
+        "seed": seed,
+        "chat_template": chat_template,
+        "prompts_dir": prompts_dir,
+        "eval_split": eval_split,
+        "resume": resume or None,
+        "overwrite": overwrite or None,
+    }
+    given = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in options.items() if v is not None}
+    if model is not None:
+        given["tiny_model"] = None  # a recipe's tiny model is built only at the recipe's own model path
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FinerError(f"--set {item!r}: expected KEY=VALUE")
+        given[key.strip()] = yaml.safe_load(value)
+    recipe = load_recipe(config) if config else {}
+    settings = FinetuneConfig.from_sources(recipe, given, origin=(f"recipe {config}", "command line"))
+    summary = run_finetune(settings)
+    trained = sum(count["trained"] for count in summary["samples"].values())
+    typer.echo(
+        f"wrote {settings.output_dir}: adapter after {summary['global_step']} steps, {trained} conversations "
+        f"(loss {summary['first_loss']} -> {summary['last_loss']}, {summary['duration_s']} s)"
+    )
+    if "eval" in summary:
+        result = summary["eval"]
+        typer.echo(
+            f"fine-level accuracy on {result['split']}: {result['fine_accuracy']:.3f} "
+            f"({result['images']} images, chance {result['chance']:.3f})"
+        )
 
 
 @app.command("eval")
@@ -239,11 +362,74 @@ def evaluate(
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter id or path.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint.")] = None,
-    concurrency: Annotated[int, typer.Option(min=1)] = 16,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent endpoint calls (openai).")] = 16,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N images.")] = None,
+    gold_parent: Annotated[
+        bool, typer.Option(help='Name the gold label one level up in the question ("Which Owl …?").')
+    ] = False,
+    choices: Annotated[int, typer.Option(min=2, max=26, help="Options per question (--mode choice).")] = 5,
+    temperature: Annotated[float, typer.Option(min=0, help="0 is greedy.")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit (hf).")] = 128,
+    prompts_dir: Annotated[
+        Path | None, typer.Option(help="Folder of your own prompt templates (by file name).")
+    ] = None,
+    finer_original: Annotated[
+        bool, typer.Option(help="Score with the original FINER rules (to reproduce published numbers).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the choice distractors and of sampling.")] = 0,
 ) -> None:
-    """Evaluate a model at superordinate, coarse and fine granularity."""
-    _not_yet("eval", "the evaluation harness")
+    """Evaluate a model at superordinate, coarse and fine granularity (resumable; writes a report)."""
+    from finer.evaluation import EvalConfig
+    from finer.evaluation import evaluate as run_eval
+
+    result = run_eval(
+        EvalConfig(
+            dataset=dataset,
+            out=out,
+            model=model,
+            split=split,
+            mode=mode.value,
+            level=level.value,
+            backend=backend.value,
+            adapter=adapter,
+            batch_size=batch_size,
+            base_url=base_url,
+            concurrency=concurrency,
+            limit=limit,
+            gold_parent=gold_parent,
+            choices=choices,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            prompts_dir=prompts_dir,
+            finer_original=finer_original,
+            seed=seed,
+        )
+    )
+    for run in result["runs"]:
+        levels = " · ".join(f"{lv} {v['em']:.3f} (n={v['count']})" for lv, v in run["levels"].items())
+        typer.echo(f"{run['label']}: modified EM {levels}")
+    typer.echo(f"asked {result['asked']}, answered {result['answered']}; wrote {out}/report.md and cliff.png")
+    if usage := result["usage"]:
+        tokens = usage["prompt_tokens"] + usage["completion_tokens"]
+        typer.echo(
+            f"endpoint: {usage['calls']} calls, {tokens} tokens, est. {usage['estimated_cost_usd']} USD"
+        )
+    for warning in result["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command()
+def compare(
+    dirs: Annotated[list[Path], typer.Argument(help="Folders written by `finer eval`.")],
+    out: Annotated[Path | None, typer.Option(help="Also write the table (markdown) to this file.")] = None,
+) -> None:
+    """Put the runs of several evaluation folders side by side (direct vs attrseek, base vs adapter)."""
+    from finer.eval_report import compare as compare_runs
+
+    table = compare_runs(dirs)
+    typer.echo(table, nl=False)
+    if out is not None:
+        out.write_text(table, encoding="utf-8")
 
 
 @app.command()
@@ -259,18 +445,149 @@ def predict(
 @app.command()
 def ground(
     dataset: Annotated[str, typer.Argument(help="Built dataset folder or Hub repo.")],
-    out: Annotated[Path, typer.Option(help="Folder for the grounded dataset.")],
-    model: Annotated[str, typer.Option(help="VLM id, path or endpoint model name.")],
-    backend: Annotated[Backend, typer.Option(help="Local transformers or an OpenAI-compatible endpoint.")] = (
+    out: Annotated[Path, typer.Option(help="Folder for the grounded dataset (the input is never modified).")],
+    model: Annotated[str, typer.Option(help="VLM name at the endpoint (openai), or id/path (hf).")],
+    backend: Annotated[Backend, typer.Option(help="An OpenAI-compatible endpoint or a local model.")] = (
         Backend.openai
     ),
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint.")] = None,
-    check_cub: Annotated[
-        Path | None, typer.Option(help="CUB root, to measure against its annotations.")
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint (else OPENAI_BASE_URL).")
     ] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Concurrent calls (openai) or batch size (hf).")
+    ] = 16,
+    max_image_side: Annotated[int, typer.Option(min=32, help="Longer side of the images sent.")] = 768,
+    limit: Annotated[int | None, typer.Option(min=1, help="Ground the first N rows of each split.")] = None,
+    splits: Annotated[list[str] | None, typer.Option(help="Splits to ground (default: all).")] = None,
+    check_cub: Annotated[
+        Path | None, typer.Option(help="CUB-200-2011 root: precision/recall against its image labels.")
+    ] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache folder for VLM replies.")] = None,
+    prompts_dir: Annotated[Path | None, typer.Option(help="Your copies of the prompt templates.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
-    """Mark which of each concept's attributes a VLM sees in each image."""
-    _not_yet("ground", "per-image attribute grounding")
+    """Mark which of each concept's attributes a VLM sees in each image (column attributes_visible)."""
+    from finer.grounding import GroundConfig
+    from finer.grounding import ground as run_ground
+
+    summary = run_ground(
+        GroundConfig(
+            dataset=dataset,
+            out=out,
+            model=model,
+            backend=backend.value,
+            base_url=base_url,
+            concurrency=concurrency,
+            max_image_side=max_image_side,
+            limit=limit,
+            splits=_split_list(splits),
+            check_cub=check_cub,
+            cache=cache,
+            prompts_dir=prompts_dir,
+            overwrite=overwrite,
+        )
+    )
+    images = summary["images"]
+    counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())
+    rate = summary["visible_rate"]
+    typer.echo(
+        f"wrote {out}: rows {counts}; {images['grounded']} images grounded, "
+        f"{'no' if rate is None else f'{100 * rate:.1f}%'} of attributes visible; {summary['calls']} calls "
+        f"({summary['cache_hits']} cached), {summary['prompt_tokens'] + summary['completion_tokens']} "
+        f"tokens, est. {summary['estimated_cost_usd']} USD"
+    )
+    if (cub := summary["check_cub"]) is not None:
+        scores = cub["overall"]
+        typer.echo(
+            f"against CUB labels: precision {scores['precision']}, recall {scores['recall']} "
+            f"({scores['pairs']} image-attribute pairs); per group in {out}/report.md"
+        )
+    for warning in summary["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command("probe-features")
+def probe_features(
+    model: Annotated[str, typer.Option(help="Model id or path (any family in the registry).")],
+    dataset: Annotated[str, typer.Option(help="Built dataset folder or Hub repo.")],
+    out: Annotated[Path, typer.Option(help="Folder for probe_features.json (an eval folder is fine).")],
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter id or path.")] = None,
+    train_split: Annotated[str, typer.Option(help="Split the probes learn from.")] = "train",
+    test_split: Annotated[str, typer.Option(help="Split the probes are scored on.")] = "test",
+    limit_per_class: Annotated[
+        int | None, typer.Option(min=1, help="Use N images per class and split.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
+) -> None:
+    """Linear probes on vision-tower vs post-projector features: does the projector lose fine detail?"""
+    from finer.probe_features import FEATURES, ProbeConfig
+    from finer.probe_features import probe_features as run_probes
+
+    run = run_probes(
+        ProbeConfig(
+            model=model,
+            dataset=dataset,
+            out=out,
+            adapter=adapter,
+            train_split=train_split,
+            test_split=test_split,
+            limit_per_class=limit_per_class,
+            batch_size=batch_size,
+        )
+    )
+    scores = " · ".join(
+        f"{name} (dim {run['probes'][name]['dim']}) {run['probes'][name]['test_accuracy']:.3f}"
+        for name in FEATURES
+    )
+    typer.echo(f"fine-level probe accuracy on {test_split}: {scores} · chance {run['chance']:.3f}")
+    typer.echo(f"wrote {out}/probe_features.json")
+
+
+class ExportMode(StrEnum):
+    direct = "direct"
+    choice = "choice"
+
+
+class ExportLevel(StrEnum):
+    superordinate = "superordinate"
+    coarse = "coarse"
+    fine = "fine"
+
+
+@app.command("export-lmms-eval")
+def export_lmms_eval(
+    dataset: Annotated[str, typer.Option(help="Built dataset folder or Hub repo.")],
+    out: Annotated[Path, typer.Option(help="Folder for the task (YAML, utils.py, settings).")],
+    mode: Annotated[ExportMode, typer.Option(help="Free answer (direct) or k-way multiple choice.")] = (
+        ExportMode.direct
+    ),
+    level: Annotated[ExportLevel, typer.Option(help="Label level the task asks for.")] = ExportLevel.fine,
+    split: Annotated[str, typer.Option(help="Split lmms-eval evaluates.")] = "test",
+    task: Annotated[str | None, typer.Option(help="Task name (default finer_<dataset>_<level>).")] = None,
+    choices: Annotated[int, typer.Option(min=2, max=26, help="Options per question (--mode choice).")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the choice distractors.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = 128,
+) -> None:
+    """Write an lmms-eval task that asks our prompts and scores with our scorer."""
+    from finer.lmms_eval_export import ExportConfig
+    from finer.lmms_eval_export import export_lmms_eval as run_export
+
+    paths = run_export(
+        ExportConfig(
+            dataset=dataset,
+            out=out,
+            mode=mode.value,
+            level=level.value,
+            split=split,
+            task=task,
+            choices=choices,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+        )
+    )
+    name = paths["yaml"].stem
+    typer.echo(f"wrote {paths['yaml']}, {paths['utils'].name} and {paths['settings'].name}")
+    typer.echo(f"run: python -m lmms_eval --model MODEL --tasks {name} --include_path {out}")
 
 
 def main(argv: list[str] | None = None) -> None:

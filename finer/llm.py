@@ -134,7 +134,7 @@ def endpoint_configured(base_url: str | None) -> bool:
     return bool(base_url or os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_KEY"))
 
 
-def _public_url(url: str) -> str:
+def public_url(url: str) -> str:
     """The URL without user info or query, which may carry credentials: what keys and messages show."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
@@ -225,7 +225,7 @@ class ChatClient:
         self._client = openai.AsyncOpenAI(
             api_key=self._key or NO_KEY, base_url=url, timeout=timeout, max_retries=max_retries
         )
-        self.base_url = _public_url(str(self._client.base_url))
+        self.base_url = public_url(str(self._client.base_url))
         self._slots = asyncio.Semaphore(concurrency)
 
     async def __aenter__(self) -> ChatClient:

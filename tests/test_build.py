@@ -156,8 +156,3 @@ def test_crash_leaves_nothing_that_looks_finished(
         build(BuildConfig(source="toy", root=toy_root, out=tmp_path / "out", knowledge=False))
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial*"))
-
-
-def test_knowledge_not_yet_available_is_one_clear_error(toy: None, toy_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(FinerError, match="pass --no-knowledge"):
-        build(BuildConfig(source="toy", root=toy_root, out=tmp_path / "out"))

@@ -40,9 +40,10 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         (["build", "cub200", "--out", "{tmp}/o"], "cub200: --root is required; expected layout:"),
         (["build", "cub200", "--root", "{tmp}/missing", "--out", "{tmp}/o"], "is not a folder"),
         (["build", "demo", "--out", "/proc/finer-cannot-write/o"], "--out /proc/finer-cannot-write/o"),
-        (["build", "demo", "--out", "{tmp}/o", "--knowledge"], "the knowledge step"),
-        (["build", "demo", "--out", "{tmp}/o", "--push-to-hub", "me/x"], "not available yet"),
-        (["eval", "--dataset", "d", "--out", "o", "--model", "m"], "finer eval is not available yet"),
+        (["build", "demo", "--out", "{tmp}/o", "--extractor", "cub-annotations"], "demo has none"),
+        (["build", "demo", "--out", "{tmp}/o", "--extractor", "vlm"], "--extractor vlm needs an endpoint"),
+        (["build", "demo", "--out", "{tmp}/o", "--no-knowledge", "--model", "x"], "drop --no-knowledge"),
+        (["eval", "--dataset", "{tmp}/d", "--out", "{tmp}/o", "--model", "m"], "no such folder"),
         (["finetune", "--dataset", "d", "--output-dir", "o", "--model", "m"], "not available yet"),
     ],
 )

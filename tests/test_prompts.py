@@ -32,6 +32,7 @@ EXAMPLES: dict[str, dict] = {
     "choice": {"choices": ["Snowy Owl", "Great Horned Owl", "Barn Owl"]},
     "extract_attributes": {"concept": "Great Horned Owl", "superordinate": "Bird", "text": "A large owl."},
     "coarse_label": {"fine": "Pine Grosbeak", "superordinate": "Bird"},
+    "ground_attributes": {"attributes": ["ear tufts", "yellow eyes"], "superordinate": "Bird"},
     "train_direct": {"coarse": "Owl", "fine": "Great Horned Owl"},
     "train_finer": {
         "superordinate": "Bird",

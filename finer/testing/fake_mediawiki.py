@@ -291,7 +291,7 @@ class _Handler(BaseHTTPRequestHandler):
         params = dict(parse_qsl(split.query, keep_blank_values=True))
         started = time.monotonic()
         fake._arrive()
-        status = 200
+        status, left = 200, False
         try:
             if fake.delay:
                 time.sleep(fake.delay)
@@ -306,6 +306,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 body = fake.answer(params)
             payload = json.dumps(body).encode()
+            # Leave before replying: the client may send its next request as soon as it reads this one.
+            fake._leave(Request(params, self.headers.get("User-Agent", ""), started, status))
+            left = True
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
@@ -315,7 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a timeout): the request still counts
         finally:
-            fake._leave(Request(params, self.headers.get("User-Agent", ""), started, status))
+            if not left:
+                fake._leave(Request(params, self.headers.get("User-Agent", ""), started, status))
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: tests read `FakeMediaWiki.log` instead."""

@@ -206,10 +206,11 @@ class FakeOpenAI:
                 try:
                     status, headers, body, delay = server._respond(request)
                     time.sleep(delay)
-                    self._send(status, headers, body)
                 finally:
+                    # Leave before replying: the client may send its next request as soon as it reads this.
                     with server._lock:
                         server._in_flight -= 1
+                self._send(status, headers, body)
 
             def _send(self, status: int, headers: dict[str, str], body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode("utf-8")

@@ -1,0 +1,439 @@
+"""Where evaluation answers come from: a local transformers model, or an OpenAI-compatible endpoint.
+
+Both backends take the same `Task`s (`finer.eval_tasks`) and hand every finished one to a `Sink` the moment
+its answer exists, so the caller can append it to disk at once and a crash loses at most what was in flight.
+In attribute-seeking mode the second turn is built from the model's own first answer; tasks that share a
+first turn (the same image and question at several levels) ask it once, so every level sees the same
+attributes.
+
+- `HFBackend`: `AutoModelForImageTextToText` with its processor, batched generation with left padding
+  (greedy by default, so batch size never changes an answer), bf16 on a GPU and fp32 on a CPU.
+- `OpenAIBackend`: the shared `finer.llm.ChatClient` (its retries honour `Retry-After`), images as base64
+  JPEG data URLs, a fixed pool of workers so at most `concurrency` images are encoded and in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from PIL import Image
+
+from finer.cache import Cache
+from finer.errors import FinerError
+from finer.eval_tasks import Task
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, ProcessorMixin
+
+    from finer.llm import ChatClient, Usage
+
+__all__ = [
+    "Backend",
+    "Generation",
+    "HFBackend",
+    "OpenAIBackend",
+    "Sink",
+    "check_adapter_base",
+    "image_data_url",
+    "load_model",
+    "pick_device",
+]
+
+T = TypeVar("T")
+
+#: JPEG quality of images sent to endpoints: visually lossless, a fraction of PNG's size.
+JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer; ``truncated`` when it stopped at the token limit instead of ending by itself."""
+
+    text: str
+    truncated: bool = False
+
+
+class Sink(Protocol):
+    """Receives each task as soon as it is finished (or has failed for good)."""
+
+    def done(self, task: Task, turns: list[Generation]) -> None: ...
+
+    def failed(self, task: Task, reason: str) -> None: ...
+
+
+class Backend(Protocol):
+    """Answers tasks; ``run`` returns when every task went to the sink."""
+
+    def run(self, tasks: Iterable[Task], sink: Sink) -> None: ...
+
+
+def _image_key(task: Task) -> str:
+    """Tasks about the same image (its levels) share the decoded or encoded image."""
+    return f"{task.record['source']}\0{task.record['image_id']}"
+
+
+def _first_turn_key(task: Task) -> str:
+    """Tasks about the same image with the same first question share its answer."""
+    return f"{_image_key(task)}\0{json.dumps(task.first, sort_keys=True)}"
+
+
+# --- local models -----------------------------------------------------------------------------------
+
+
+def pick_device() -> tuple[str, str]:
+    """(device, dtype name): a GPU in bf16 (fp16 where bf16 is missing), else the CPU in fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "cpu", "float32"
+
+
+def _identity(name: str) -> str:
+    """A model reference that two spellings of the same local folder share."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def _config_without_names(name: str) -> dict[str, Any] | None:
+    """A model's architecture config (local folder or cached Hub id), or None when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name).to_dict()
+    except (OSError, ValueError):
+        return None
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    return config
+
+
+def check_adapter_base(model: str, adapter: str) -> None:
+    """Refuse an adapter trained on another base model than ``model`` (one line, before any loading).
+
+    Equal when the names are, when both name the same folder, or when both configs can be read and agree
+    (a local copy of a Hub model).
+    """
+    from peft import PeftConfig
+
+    try:
+        base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    except (OSError, ValueError) as err:
+        raise FinerError(f"--adapter {adapter}: not a PEFT adapter ({_one_line(err)})") from None
+    if not base or _identity(base) == _identity(model):
+        return
+    base_config = _config_without_names(base)
+    if base_config is not None and base_config == _config_without_names(model):
+        return
+    raise FinerError(
+        f"--adapter {adapter} was trained on {base}, not on --model {model}; pass --model {base}"
+    )
+
+
+def load_model(model: str, adapter: str | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The model (with its PEFT adapter, if any) on the best device, in eval mode, and its processor.
+
+    One function, so that `finer.load_adapter` can take its place once it exists.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if adapter:
+        check_adapter_base(model, adapter)
+    device, dtype = pick_device()
+    try:
+        processor = AutoProcessor.from_pretrained(model)
+        loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device)
+    except (OSError, ValueError) as err:
+        raise FinerError(f"--model {model}: cannot load a vision-language model ({_one_line(err)})") from None
+    if adapter:
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(loaded, adapter)
+    loaded.eval()
+    return loaded, processor
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+class HFBackend:
+    """A transformers model answering in batches of ``batch_size`` (left-padded, one image each)."""
+
+    def __init__(
+        self,
+        model: str,
+        adapter: str | None = None,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        import torch
+        from transformers import GenerationConfig
+
+        self.model, self.processor = load_model(model, adapter)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        tokenizer = self.processor.tokenizer
+        # Right padding would put pad tokens between a prompt and its answer.
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        defaults = self.model.generation_config
+        eos = defaults.eos_token_id if defaults.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        # A fresh config: a checkpoint's sampling defaults (top_p, top_k, ...) must not leak into greedy runs.
+        self.generation_config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=defaults.bos_token_id,
+        )
+        torch.manual_seed(seed)  # for --temperature > 0
+
+    def run(self, tasks: Iterable[Task], sink: Sink) -> None:
+        """Answer ``tasks`` a batch at a time: the batch's first turns, then its second turns.
+
+        First answers are kept for one batch more, so that the levels of an image split over two
+        batches still share one first turn.
+        """
+        previous: dict[str, Generation] = {}
+        for batch in _batches(tasks, self.batch_size):
+            pictures: dict[str, Image.Image | None] = {}
+            for task in batch:
+                if _image_key(task) not in pictures:
+                    pictures[_image_key(task)] = task.image() if task.image else None
+            images = {id(task): pictures[_image_key(task)] for task in batch}
+            keys = {id(task): _first_turn_key(task) for task in batch}
+            ask = {keys[id(task)]: task for task in batch if keys[id(task)] not in previous}
+            firsts = {key: previous[key] for key in keys.values() if key in previous}
+            if ask:
+                answers = self.generate(
+                    [t.first for t in ask.values()], [images[id(t)] for t in ask.values()]
+                )
+                firsts.update(zip(ask, answers, strict=True))
+            turns = {id(task): [firsts[keys[id(task)]]] for task in batch}
+            follow = [task for task in batch if task.second is not None]
+            if follow:
+                seconds = self.generate(
+                    [task.second(turns[id(task)][0].text) for task in follow],  # type: ignore[misc]
+                    [images[id(task)] for task in follow],
+                )
+                for task, answer in zip(follow, seconds, strict=True):
+                    turns[id(task)].append(answer)
+            for task in batch:
+                sink.done(task, turns[id(task)])
+            previous = firsts
+
+    def generate(self, conversations: list[list[dict]], images: list[Image.Image | None]) -> list[Generation]:
+        """Answer one batch of conversations; each has at most one image, all or none of them."""
+        import torch
+
+        texts = [
+            self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            for messages in conversations
+        ]
+        pictures = [[image.convert("RGB")] for image in images if image is not None]
+        if pictures and len(pictures) != len(texts):
+            raise ValueError("a batch mixes conversations with and without an image")
+        inputs = self.processor(text=texts, images=pictures or None, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, generation_config=self.generation_config)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [
+            Generation(text.strip(), self._truncated(tokens))
+            for text, tokens in zip(answers, new_tokens, strict=True)
+        ]
+
+    def _truncated(self, tokens: torch.Tensor) -> bool:
+        """Used every allowed token without producing an end-of-sequence token."""
+        return len(tokens) >= self.max_new_tokens and not self.eos_ids.intersection(tokens.tolist())
+
+
+def _batches(items: Iterable[Task], size: int) -> Iterator[list[Task]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+# --- OpenAI-compatible endpoints --------------------------------------------------------------------
+
+
+def image_data_url(image: Image.Image) -> str:
+    """The image as a base64 JPEG data URL, the form every OpenAI-compatible server accepts."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _data_url(task: Task) -> str:
+    """Decode and encode in a worker thread: PIL releases the GIL, the event loop keeps serving replies."""
+    return image_data_url(task.image())  # type: ignore[misc]
+
+
+# A 400 that names images: the model or server takes no image input (OpenAI, vLLM and Ollama say so).
+_REFUSES_IMAGES = re.compile(r"HTTP 400.*\b(image|images|image_url|multimodal|multi-modal|vision)\b", re.I)
+
+
+#: Finished shared results (encoded images, first turns) kept per unit of concurrency.
+_RECENT = 4
+
+
+class _Shared:
+    """Results that concurrent tasks share, computed once: while one task computes, the others await it.
+
+    Only the last ``size`` keys are kept, since the tasks about one image are adjacent. A failure is
+    forgotten, so the next task that needs the result tries again.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._futures: dict[str, asyncio.Future[Any]] = {}
+
+    async def get(self, key: str, make: Callable[[], Awaitable[T]]) -> T:
+        if key in self._futures:
+            return await asyncio.shield(self._futures[key])
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._futures[key] = future
+        if len(self._futures) > self.size:
+            del self._futures[next(iter(self._futures))]
+        try:
+            future.set_result(await make())
+        except Exception as err:
+            if self._futures.get(key) is future:
+                del self._futures[key]
+            future.set_exception(err)
+            future.exception()  # retrieved, so a future nobody else awaited does not warn
+            raise
+        except BaseException:
+            future.cancel()
+            raise
+        return future.result()
+
+
+class _NoCache(Cache):
+    """Evaluation keeps its own record (predictions.jsonl); caching each reply again would only cost disk
+    and would replay old samples when `--temperature` asks for new ones."""
+
+    def get(self, namespace: str, key: str) -> Any | None:
+        return None
+
+    def put(self, namespace: str, key: str, value: Any) -> None:
+        return None
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible endpoint answering up to ``concurrency`` tasks at once."""
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        *,
+        concurrency: int = 16,
+        temperature: float = 0.0,
+        template_sha256: str = "",
+        max_retries: int | None = None,
+    ) -> None:
+        """``max_retries`` overrides the shared client's default (5 retries, with backoff)."""
+        from finer.llm import DEFAULT_MAX_RETRIES, Usage, endpoint_configured
+
+        if not endpoint_configured(base_url):
+            raise FinerError("--backend openai needs an endpoint: pass --base-url or set OPENAI_API_KEY")
+        if concurrency < 1:
+            raise FinerError("--concurrency must be at least 1")
+        self.model = model
+        self.base_url = base_url
+        self.concurrency = concurrency
+        self.temperature = temperature
+        self.template_sha256 = template_sha256
+        self.max_retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
+        self.usage: Usage = Usage()
+
+    def run(self, tasks: Iterable[Task], sink: Sink) -> None:
+        from finer.llm import run_sync
+
+        run_sync(self._run(iter(tasks), sink))
+
+    async def _run(self, tasks: Iterator[Task], sink: Sink) -> None:
+        from finer.llm import ChatClient
+
+        async with ChatClient(
+            self.model,
+            self.base_url,
+            cache=_NoCache(),
+            usage=self.usage,
+            concurrency=self.concurrency,
+            temperature=self.temperature,
+            max_retries=self.max_retries,
+        ) as chat:
+            shared = _Shared(_RECENT * self.concurrency)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for _ in range(self.concurrency):
+                        group.create_task(self._worker(chat, tasks, shared, sink))
+            except ExceptionGroup as errors:
+                # One worker's fatal error (endpoint down, images refused) stopped them all: one line.
+                fatal = next((e for e in errors.exceptions if isinstance(e, FinerError)), None)
+                if fatal is None:
+                    raise
+                raise fatal from None
+
+    async def _worker(self, chat: ChatClient, tasks: Iterator[Task], shared: _Shared, sink: Sink) -> None:
+        """Take the next task until none is left (the iterator is shared; the event loop is one thread).
+
+        The levels of one image share its encoded image and, in attrseek mode, its first turn.
+        """
+        from finer.llm import CallFailed
+
+        for task in tasks:
+            try:
+                url = (
+                    await shared.get(_image_key(task), partial(asyncio.to_thread, _data_url, task))
+                    if task.image
+                    else None
+                )
+                if task.second is None:
+                    turns = [await self._ask(chat, task.first, url)]
+                else:
+                    first = await shared.get(_first_turn_key(task), partial(self._ask, chat, task.first, url))
+                    turns = [first, await self._ask(chat, task.second(first.text), url)]
+            except CallFailed as err:
+                sink.failed(task, str(err))
+                continue
+            sink.done(task, turns)
+
+    async def _ask(self, chat: ChatClient, messages: list[dict], url: str | None) -> Generation:
+        from finer.llm import CallFailed, openai_messages
+
+        try:
+            text = await chat.complete(
+                openai_messages(messages, [url] if url else []), template_sha256=self.template_sha256
+            )
+        except CallFailed as err:
+            if url and _REFUSES_IMAGES.search(str(err)):
+                raise FinerError(
+                    f"{chat.base_url} refused an image for model {self.model!r} ({err}); "
+                    "evaluate a vision model, or use --mode probe (text only)"
+                ) from None
+            raise
+        return Generation(text.strip())

@@ -1,0 +1,228 @@
+"""What to ask about each image in each evaluation mode (DESIGN §1, "Prompts"), and how it is keyed.
+
+`EvalPlan` turns one image row and one label level into a `Task`: the rendered first turn, for
+attribute seeking the second turn built from the model's first answer, the image to show, and the
+record to save beside the answer. Every choice a prompt depends on is recorded in the task's key, so a
+resumed run never reuses an answer to a different question. Multiple-choice options are seeded per image
+and level, not per run, so that `--limit`, resumes and batch order never change which options an image gets.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from finer.cache import cache_key
+from finer.errors import FinerError
+from finer.prompts import render
+from finer.scoring import LEVELS, strict_em
+
+__all__ = ["CLOSED_LIST_SOURCES", "MODES", "EvalPlan", "LabelPool", "Task", "choice_options", "closed_list"]
+
+MODES: tuple[str, ...] = ("direct", "attrseek", "probe", "choice")
+#: Sources whose coarse level is asked as a closed list (DESIGN §1): manufacturers, car body types.
+CLOSED_LIST_SOURCES = frozenset({"fgvc-aircraft", "stanford-cars"})
+
+
+@dataclass
+class Task:
+    """One question about one image at one level, ready for a backend.
+
+    ``second`` is set in attrseek mode: the second turn's messages, given the model's first answer.
+    ``image`` loads the pixels only when the backend gets to this task.
+    """
+
+    key: str
+    record: dict[str, Any]
+    first: list[dict]
+    second: Callable[[str], list[dict]] | None
+    image: Callable[[], Image.Image] | None
+
+
+def _canonical(labels: str | list[str]) -> str:
+    """The canonical label of a column that holds one string (superordinate) or a list (coarse, fine)."""
+    if isinstance(labels, str):
+        return labels
+    return labels[0] if labels else ""
+
+
+@dataclass(frozen=True)
+class LabelPool:
+    """The distinct canonical labels of one level, indexed by what they share with a row, so that a
+    question draws its hard negatives without scanning every label (iNat has 10,000)."""
+
+    labels: list[str]
+    by_superordinate: dict[str, list[str]]
+    by_coarse: dict[tuple[str, str], list[str]]
+
+    @classmethod
+    def of(cls, concepts: list[dict[str, Any]], level: str) -> LabelPool:
+        seen: dict[str, tuple[str, str, str]] = {}
+        for concept in concepts:
+            label = _canonical(concept[level])
+            if label and label.lower() not in seen:
+                seen[label.lower()] = (label, concept["superordinate"], _canonical(concept["coarse"]).lower())
+        by_superordinate: dict[str, list[str]] = defaultdict(list)
+        by_coarse: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for _, (label, superordinate, coarse) in sorted(seen.items()):
+            by_superordinate[superordinate].append(label)
+            by_coarse[superordinate, coarse].append(label)
+        return cls([entry[0] for _, entry in sorted(seen.items())], dict(by_superordinate), dict(by_coarse))
+
+
+def choice_options(
+    row: dict[str, Any], level: str, pool: LabelPool | list[dict[str, Any]], k: int, seed: int
+) -> tuple[list[str], str]:
+    """The options of a k-way question about ``row`` at ``level`` and the gold letter.
+
+    ``pool`` is the level's `LabelPool`, or the dataset's concepts to build it from. Distractors are hard
+    negatives first: at the fine level, labels sharing the row's canonical coarse label, then those sharing
+    its superordinate, then any other; at the coarse level, groups sharing the superordinate, then any
+    other. A label the row accepts at that level is never a distractor. Fewer options come back when the
+    dataset has fewer labels. Seeded by (seed, source, image id, level).
+    """
+    if not isinstance(pool, LabelPool):
+        pool = LabelPool.of(pool, level)
+    rng = random.Random(cache_key(seed, row.get("source", ""), row["image_id"], level))
+    golds = [row[level]] if isinstance(row[level], str) else list(row[level])
+    gold = _canonical(row[level])
+    superordinate, coarse = row["superordinate"], _canonical(row["coarse"]).lower()
+    tiers = [pool.labels]
+    if level != "superordinate":
+        tiers.insert(0, pool.by_superordinate.get(superordinate, []))
+    if level == "fine" and coarse:
+        tiers.insert(0, pool.by_coarse.get((superordinate, coarse), []))
+    chosen: list[str] = []
+    for tier in tiers:
+        need = k - 1 - len(chosen)
+        if need <= 0:
+            break
+        taken = {label.lower() for label in chosen}
+
+        def fresh(labels: list[str], taken: set[str] = taken) -> list[str]:
+            return [label for label in labels if label.lower() not in taken and not strict_em(label, golds)]
+
+        # A tier holds the tiers before it, which are used up: at most len(chosen) repeats, plus the golds.
+        drawn = rng.sample(tier, min(len(tier), need + len(chosen) + len(golds)))
+        picked = fresh(drawn)
+        if len(picked) < need and len(drawn) < len(tier):  # labels that only normalise like a gold
+            picked = fresh(rng.sample(tier, len(tier)))
+        chosen += picked[:need]
+    options = [gold, *chosen]
+    rng.shuffle(options)
+    return options, chr(ord("A") + options.index(gold))
+
+
+def closed_list(source: str, level: str, concepts: list[dict[str, Any]]) -> list[str] | None:
+    """The labels to choose from where the protocol asks a closed question (coarse level of aircraft
+    and cars: the dataset's own manufacturers and body types), else None."""
+    if level != "coarse" or source not in CLOSED_LIST_SOURCES:
+        return None
+    return LabelPool.of(concepts, "coarse").labels
+
+
+class EvalPlan:
+    """The questions of one run: a mode, its options, and the dataset's concepts (for distractors)."""
+
+    def __init__(
+        self,
+        *,
+        run: dict[str, Any],
+        concepts: list[dict[str, Any]],
+        images: Callable[[int], Image.Image] | None,
+        prompts_dir: Path | str | None = None,
+    ) -> None:
+        """``run`` identifies the run in every record (model, adapter, mode, options, template hash)."""
+        self.run = run
+        self.mode: str = run["mode"]
+        self.concepts = concepts
+        self.images = images
+        self.prompts_dir = prompts_dir
+        self.pools = {level: LabelPool.of(concepts, level) for level in LEVELS}
+        self._closed: dict[tuple[str, str], list[str] | None] = {}
+
+    def levels(self, wanted: str) -> list[str]:
+        """The levels to ask: one, or all three; a multiple-choice level needs two labels to choose from."""
+        if wanted not in (*LEVELS, "all"):
+            raise FinerError(f"unknown level {wanted!r}; choose superordinate, coarse, fine or all")
+        levels = list(LEVELS) if wanted == "all" else [wanted]
+        if self.mode != "choice":
+            return levels
+        askable = [level for level in levels if len(self.pools[level].labels) >= 2]
+        if not askable:
+            raise FinerError(
+                f"--mode choice --level {wanted}: the dataset has a single {levels[0]} label, "
+                "so there is nothing to choose from"
+            )
+        return askable
+
+    def key(self, row: dict[str, Any], level: str) -> str:
+        """The resume key: everything the answer depends on (run, level, image)."""
+        return cache_key(self.run, level, row.get("source", ""), row["image_id"])
+
+    def askable(self, row: dict[str, Any], level: str) -> bool:
+        """Whether the row can be asked at ``level``: a multiple-choice question needs a gold option."""
+        return self.mode != "choice" or bool(_canonical(row[level]))
+
+    def task(self, index: int, row: dict[str, Any], level: str) -> Task:
+        """Render the question about row ``index`` (its labels in ``row``) at ``level``."""
+        record: dict[str, Any] = {
+            "key": self.key(row, level),
+            "run": self.run,
+            "level": level,
+            "image_id": row["image_id"],
+            "source": row.get("source", ""),
+            "concept_id": row.get("concept_id", ""),
+            "superordinate": row["superordinate"],
+            "coarse": list(row["coarse"]),
+            "fine": list(row["fine"]),
+        }
+        parent = None
+        if self.run["gold_parent"] and level != "superordinate":
+            parent = row["superordinate"] if level == "coarse" else _canonical(row["coarse"]) or None
+        image = None if self.images is None else (lambda: self.images(index))  # type: ignore[misc]
+        dir_ = self.prompts_dir
+        if self.mode == "probe":
+            first = render(
+                "probe",
+                prompts_dir=dir_,
+                level=level,
+                attributes=list(row.get("attributes_required") or []),
+                superordinate=row["superordinate"],
+                coarse=_canonical(row["coarse"]),
+            )
+            return Task(record["key"], record, first, None, None)
+        if self.mode == "choice":
+            options, answer = choice_options(
+                row, level, self.pools[level], self.run["choices"], self.run["seed"]
+            )
+            record.update(options=options, answer=answer)
+            first = render("choice", prompts_dir=dir_, choices=options, parent=parent)
+            return Task(record["key"], record, first, None, image)
+        closed = (record["source"], level)
+        if closed not in self._closed:
+            self._closed[closed] = closed_list(*closed, self.concepts)
+        choices = self._closed[closed]
+        if self.mode == "direct":
+            first = render("direct", prompts_dir=dir_, level=level, parent=parent, choices=choices)
+            return Task(record["key"], record, first, None, image)
+        if self.mode != "attrseek":
+            raise FinerError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+
+        def turn(answer: str | None) -> list[dict]:
+            return render(
+                "attrseek",
+                prompts_dir=dir_,
+                level=level,
+                attributes_answer=answer,
+                parent=parent,
+                choices=choices,
+            )
+
+        return Task(record["key"], record, turn(None), turn, image)

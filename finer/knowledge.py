@@ -1,0 +1,235 @@
+"""The knowledge step of `finer build`: Wikipedia text, then attributes, and the coarse labeller to use.
+
+Order per DESIGN §1: each concept's description comes from Wikipedia (or is bundled with the source),
+then an extractor reads the visible attributes from it. Which extractor runs, and which coarse labeller
+fills the concepts the taxonomy leaves unlabelled, is decided here and nowhere else.
+
+`--extractor vlm` also shows the model up to `--exemplars` train images per concept, which only the source
+can supply before any row is written: `Exemplars` finds them in one pass over the train records.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from finer.attributes import ExtractionStats, LlmCoarseLabeller, default_extractor, extract_attributes
+from finer.builders import ImageRecord, Source
+from finer.cache import Cache
+from finer.coarse import CoarseLabeller, RuleCoarseLabeller
+from finer.errors import FinerError
+from finer.llm import endpoint_configured
+from finer.schema import Concept
+from finer.vlm import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, HFChat, ImagesRefused, encode_image, open_image
+from finer.wiki import fetch_knowledge
+
+EXTRACTORS = ("llm", "vlm", "rules", "cub-annotations")
+BACKENDS = ("openai", "hf")
+
+
+@dataclass
+class KnowledgeOptions:
+    """Where knowledge and attributes come from (the `finer build` options of DESIGN §4)."""
+
+    extractor: str | None = None  # None: "llm" when an endpoint is configured, else "rules"
+    model: str | None = None
+    base_url: str | None = None
+    concurrency: int = 16
+    wiki_api: str | None = None
+    wiki_lang: str = "en"
+    wiki_words: int = 256
+    wiki_concurrency: int = 4
+    cache: Path | None = None
+    prompts_dir: Path | None = None
+    #: --extractor vlm: train images shown per concept, their longer side, and who answers: an endpoint
+    #: ("openai") or a local model ("hf", `model` an id or path, `concurrency` its batch size).
+    exemplars: int = 3
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
+    backend: str = "openai"
+
+    def chosen_extractor(self) -> str:
+        extractor = self.extractor or default_extractor(self.base_url)
+        if extractor not in EXTRACTORS:
+            raise FinerError(f"unknown extractor {extractor!r}; choose one of: {', '.join(EXTRACTORS)}")
+        if self.backend not in BACKENDS:
+            raise FinerError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
+        if self.backend == "hf" and extractor != "vlm":
+            raise FinerError("--backend hf runs a local VLM for --extractor vlm only")
+        if self.backend == "hf" and not self.model:
+            raise FinerError("--backend hf needs --model ID|PATH (a local or cached vision-language model)")
+        if self.exemplars < 0:
+            raise FinerError("--exemplars must be 0 or more")
+        return extractor
+
+
+class Exemplars:
+    """Up to `k` train images per concept, spread evenly over the class, as data URLs: `exemplars(cid)`.
+
+    One pass over the records with bounded memory whatever the class size: each concept keeps every
+    `stride`-th record and, once 2k are kept, drops every other one and doubles its stride. The k picked
+    are the centres of k equal stretches of what is kept; an unreadable pick gives way to another kept
+    record. Deterministic: the same source gives the same images, so the same cache keys.
+    """
+
+    def __init__(self, source: Source, concepts: list[Concept], k: int, max_side: int) -> None:
+        splits = source.splits()
+        self.source = source
+        self.split = "train" if "train" in splits else splits[0]
+        self.k = k
+        self.max_side = max_side
+        #: concept id -> image ids of the exemplars sent; image ids that would not open.
+        self.chosen: dict[str, list[str]] = {}
+        self.unreadable: list[str] = []
+        self._candidates = self._collect({c.concept_id for c in concepts}) if k else {}
+
+    def _collect(self, wanted: set[str]) -> dict[str, list[ImageRecord]]:
+        capacity = 2 * self.k
+        kept: dict[str, list[ImageRecord]] = {}
+        stride: dict[str, int] = {}
+        seen: Counter[str] = Counter()
+        for record in self.source.records(self.split):
+            concept_id = record.concept_id
+            if concept_id not in wanted:
+                continue
+            position = seen[concept_id]
+            seen[concept_id] += 1
+            if position % stride.setdefault(concept_id, 1):
+                continue
+            bucket = kept.setdefault(concept_id, [])
+            bucket.append(record)
+            if len(bucket) == capacity:
+                bucket[:] = bucket[::2]
+                stride[concept_id] *= 2
+        return kept
+
+    def __call__(self, concept_id: str) -> list[str]:
+        """The concept's exemplars as data URLs, decoded and resized now (at most a few concepts at once),
+        in class order."""
+        bucket = self._candidates.get(concept_id, [])
+        centres = [(2 * i + 1) * len(bucket) // (2 * self.k) for i in range(self.k)]
+        order = centres if len(bucket) > self.k else list(range(len(bucket)))
+        order += [i for i in range(len(bucket)) if i not in order]
+        picked: dict[int, str] = {}
+        for i in order:
+            if len(picked) == self.k:
+                break
+            try:
+                image = self.source.adjust(open_image(bucket[i].path, bucket[i].data))
+            except UNREADABLE:
+                self.unreadable.append(bucket[i].image_id)
+                continue
+            picked[i] = encode_image(image, self.max_side)
+        self.chosen[concept_id] = [bucket[i].image_id for i in sorted(picked)]
+        return [picked[i] for i in sorted(picked)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "per_concept": self.k,
+            "max_image_side": self.max_side,
+            "images": self.chosen,
+            "unreadable": self.unreadable,
+        }
+
+
+def coarse_labeller(options: KnowledgeOptions, knowledge: bool) -> CoarseLabeller:
+    """The LLM labeller when the build talks to an LLM anyway, else the offline rules."""
+    if knowledge and options.chosen_extractor() in ("llm", "vlm") and options.backend == "openai":
+        return LlmCoarseLabeller(
+            options.model,
+            options.base_url,
+            cache=Cache(options.cache),
+            concurrency=options.concurrency,
+            prompts_dir=options.prompts_dir,
+        )
+    return RuleCoarseLabeller()
+
+
+def add_knowledge(source: Source, concepts: list[Concept], options: KnowledgeOptions) -> dict[str, Any]:
+    """Fetch missing descriptions, extract attributes; returns the `knowledge` section of build.json."""
+    extractor = options.chosen_extractor()
+    if extractor == "vlm" and options.backend == "openai" and not endpoint_configured(options.base_url):
+        raise FinerError(
+            "--extractor vlm needs an endpoint that takes images (--base-url, OPENAI_BASE_URL or "
+            "OPENAI_API_KEY) or a local model (--backend hf --model ID|PATH)"
+        )
+    annotations = None
+    if extractor == "cub-annotations":
+        if not hasattr(source, "class_attributes"):
+            raise FinerError(
+                f"--extractor cub-annotations reads CUB-200-2011's attribute files; {source.name} has none"
+            )
+        annotations = source.class_attributes()
+    warnings = []
+    if extractor == "rules":
+        warnings.append(
+            "no LLM endpoint configured (--base-url, OPENAI_BASE_URL or OPENAI_API_KEY): attributes come "
+            "from the offline rules extractor, which reads colour/pattern/part phrases only"
+        )
+        tqdm.write(f"WARNING: {warnings[-1]}", file=sys.stderr)
+    cache = Cache(options.cache)
+    missing = [c for c in concepts if c.knowledge is None]
+    wiki = None
+    if missing:
+        wiki = fetch_knowledge(
+            missing,
+            api_url=options.wiki_api,
+            lang=options.wiki_lang,
+            words=options.wiki_words,
+            concurrency=options.wiki_concurrency,
+            cache=cache,
+        )
+        if wiki.failures:
+            warnings.append(f"wikipedia: {len(wiki.failures)} concept(s) failed after retries, see knowledge")
+    extract = partial(
+        extract_attributes,
+        concepts,
+        model=options.model,
+        base_url=options.base_url,
+        concurrency=options.concurrency,
+        cache=cache,
+        prompts_dir=options.prompts_dir,
+        annotations=annotations,
+    )
+    exemplars = fallback = None
+    if extractor == "vlm":
+        exemplars = Exemplars(source, concepts, options.exemplars, options.max_image_side)
+        connect = None
+        if options.backend == "hf":
+            connect = partial(_local_vlm, str(options.model), batch_size=options.concurrency)
+        try:
+            stats = extract(extractor="vlm", exemplars=exemplars, connect=connect)
+        except ImagesRefused as err:
+            # A text-only model: reading the text alone still gives attributes, for every concept alike.
+            warnings.append(f"{err}: attributes come from the text extractor (llm) for the whole build")
+            tqdm.write(f"WARNING: {warnings[-1]}", file=sys.stderr)
+            fallback = {"requested": "vlm", "used": "llm", "reason": str(err)}
+            extractor = "llm"
+    if extractor != "vlm":
+        stats = extract(extractor=extractor)
+    if stats.failures:
+        warnings.append(f"attributes: {len(stats.failures)} concept(s) kept with empty attributes")
+    attributes = stats.to_json()
+    if exemplars is not None and fallback is None:
+        attributes["exemplars"] = exemplars.to_json()
+    if fallback is not None:
+        attributes["fallback"] = fallback
+    return {
+        "extractor": extractor,
+        "wikipedia": asdict(wiki) if wiki else None,
+        "attributes": attributes,
+        "calls": (wiki.requests if wiki else 0) + stats.calls,
+        "cache_hits": (wiki.cache_hits if wiki else 0) + stats.cache_hits,
+        "warnings": warnings,
+    }
+
+
+def _local_vlm(model: str, stats: ExtractionStats, *, batch_size: int) -> HFChat:
+    """The local model behind `--extractor vlm --backend hf`, filling the extraction's stats."""
+    return HFChat(model, usage=stats, batch_size=batch_size)

@@ -1,0 +1,206 @@
+"""What the steps that show images to a VLM share: image encoding, the refusal test, and a local model.
+
+The exemplar extractor (`finer build --extractor vlm`) and per-image grounding (`finer ground`) both send
+images as bounded-size base64 JPEG data URLs inside chat messages, so a reply's cache key covers the exact
+pixels sent, and both treat an endpoint's 400 about images as "this model takes no images". `HFChat` puts
+a local transformers VLM behind the same `complete()` as `finer.llm.ChatClient`, gathering concurrent calls
+into left-padded batches, so every step has one code path whichever backend answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from finer.errors import FinerError
+from finer.llm import CallFailed, Usage
+
+__all__ = [
+    "DEFAULT_MAX_IMAGE_SIDE",
+    "UNREADABLE",
+    "HFChat",
+    "ImagesRefused",
+    "decode_data_url",
+    "encode_image",
+    "open_image",
+    "refuses_images",
+]
+
+DEFAULT_MAX_IMAGE_SIDE = 768
+#: What opening a broken or missing image raises.
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+# A 400 that names images: the model or server takes no image input (OpenAI, vLLM and Ollama say so).
+_REFUSES_IMAGES = re.compile(r"HTTP 400.*\b(image|images|image_url|multimodal|multi-modal|vision)\b", re.I)
+
+
+class ImagesRefused(FinerError):
+    """The endpoint answers text but refuses images: no call that carries one can succeed."""
+
+
+def refuses_images(err: CallFailed) -> bool:
+    """Whether a failed call was refused because it carried an image (a text-only model)."""
+    return bool(_REFUSES_IMAGES.search(str(err)))
+
+
+def open_image(path: str | Path | None = None, data: bytes | None = None) -> Image.Image:
+    """An image from a file or bytes, fully decoded (a truncated file fails here, not later) in RGB."""
+    if data is None and path is None:
+        raise ValueError("neither a path nor image bytes")
+    with Image.open(io.BytesIO(data) if data is not None else path) as image:
+        return image.convert("RGB")
+
+
+def encode_image(image: Image.Image, max_side: int = DEFAULT_MAX_IMAGE_SIDE) -> str:
+    """A JPEG data URL of the image, its longer side cut to `max_side`: bounded request size and cost.
+
+    Deterministic for the same pixels, so the same image always makes the same cache key.
+    """
+    from finer.backends import image_data_url
+
+    if max_side < 1:
+        raise FinerError("--max-image-side must be at least 1")
+    if max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return image_data_url(image)
+
+
+def decode_data_url(url: str) -> Image.Image:
+    """The image inside a base64 data URL (what a local model is given in place of a remote server)."""
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
+        raise ValueError("not a base64 data URL")
+    return open_image(data=base64.b64decode(payload))
+
+
+def _hf_conversation(messages: list[dict]) -> tuple[list[dict], list[Image.Image]]:
+    """Chat-completions messages as a transformers chat (image slots in place) and their images, in order."""
+    conversation, images = [], []
+    for message in messages:
+        content = message["content"]
+        blocks: list[dict[str, Any]] = []
+        for block in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if block.get("type") == "image_url":
+                images.append(decode_data_url(block["image_url"]["url"]))
+                blocks.append({"type": "image"})
+            else:
+                blocks.append({"type": "text", "text": block.get("text", "")})
+        conversation.append({"role": message["role"], "content": blocks})
+    return conversation, images
+
+
+class HFChat:
+    """A local transformers VLM answering `complete()` calls in batches of up to `batch_size`, left-padded.
+
+    Calls made concurrently (the steps start one per concept or image, bounded by their own worker count)
+    are gathered for up to `linger_s`, then generated together in a worker thread while the event loop
+    keeps collecting the next batch. Greedy, so a batch's make-up never changes an answer. Replies are not
+    cached: a local folder's weights can change under the same name; resumable steps keep their own record.
+    """
+
+    #: Local generation takes no JSON schema here: replies go through the same tolerant parsers.
+    structured_output = "text"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        usage: Usage | None = None,
+        batch_size: int = 8,
+        max_new_tokens: int = 256,
+        linger_s: float = 0.05,
+    ) -> None:
+        from finer.backends import HFBackend
+
+        if batch_size < 1:
+            raise FinerError("--concurrency (the batch size of --backend hf) must be at least 1")
+        self.model = model
+        self.base_url = f"hf:{model}"
+        self.usage = usage if usage is not None else Usage()
+        self.batch_size = batch_size
+        self.linger_s = linger_s
+        self._backend = HFBackend(model, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        self._queue: list[tuple[list[dict], list[Image.Image], asyncio.Future[str]]] = []
+        self._wake: asyncio.Event | None = None
+        self._server: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> HFChat:
+        self._wake = asyncio.Event()
+        self._server = asyncio.create_task(self._serve())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.cancel()
+            await asyncio.gather(self._server, return_exceptions=True)
+
+    async def complete(
+        self, messages: list[dict], *, template_sha256: str, schema: dict[str, Any] | None = None
+    ) -> str:
+        """The model's reply to `messages` (chat-completions shape, images as data URLs)."""
+        assert self._wake is not None, "use `async with HFChat(...)`"
+        conversation, images = _hf_conversation(messages)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._queue.append((conversation, images, future))
+        self._wake.set()
+        return await future
+
+    async def _serve(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            if len(self._queue) < self.batch_size:
+                await asyncio.sleep(self.linger_s)  # let the other callers of this round join the batch
+            batch, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size :]
+            if not self._queue:
+                self._wake.clear()
+            batch = [item for item in batch if not item[2].done()]  # a cancelled caller needs no answer
+            # One generate call per image count: processors want every prompt of a batch alike.
+            for count in sorted({len(images) for _, images, _ in batch}):
+                group = [item for item in batch if len(item[1]) == count]
+                try:
+                    replies = await asyncio.to_thread(self._generate, group)
+                except Exception as err:  # noqa: BLE001 - any generation error stops the callers, one line
+                    message = " ".join(str(err).split())[:200]
+                    error = FinerError(f"--model {self.model}: local generation failed ({message})")
+                    for _, _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (_, _, future), reply in zip(group, replies, strict=True):
+                    if not future.done():
+                        future.set_result(reply)
+
+    def _generate(self, group: list[tuple[list[dict], list[Image.Image], asyncio.Future[str]]]) -> list[str]:
+        """One left-padded batch through the model (runs in a worker thread); records tokens, at no cost."""
+        import torch
+
+        backend = self._backend
+        processor = backend.processor
+        texts = [
+            processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            for conversation, _, _ in group
+        ]
+        images = [images for _, images, _ in group]
+        inputs = processor(
+            text=texts, images=images if images[0] else None, padding=True, return_tensors="pt"
+        )
+        inputs = inputs.to(backend.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(backend.model.dtype)
+        with torch.inference_mode():
+            output = backend.model.generate(**inputs, generation_config=backend.generation_config)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        pad = backend.generation_config.pad_token_id
+        self.usage.calls += len(group)
+        self.usage.prompt_tokens += int(inputs["attention_mask"].sum())
+        self.usage.completion_tokens += (
+            int((new_tokens != pad).sum()) if pad is not None else new_tokens.numel()
+        )
+        return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]

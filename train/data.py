@@ -1,0 +1,187 @@
+"""Built datasets → TRL conversational vision-language rows, with every sample accounted for.
+
+A training row is `messages` (from the `train_direct` / `train_finer` templates) and `image`, the built
+dataset's own image column: TRL's vision collator takes a single `image` as `images=[image]`, and keeping the
+column as it is avoids decoding or rewriting any pixels here. `source` rides along for the counts. TRL's
+`remove_unused_columns` keeps `messages` and `image` for vision datasets, so the labels the collator needs are
+already inside the conversation when it drops the rest.
+
+Nothing is truncated: TRL would cut a long conversation at `max_length` wherever it falls, image tokens
+included. Instead `drop_too_long` measures each conversation with the trainer's own collator and drops the
+ones that do not fit, counting them per source.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+
+from finer.errors import FinerError
+from finer.prompts import render
+
+__all__ = ["Mixture", "attribute_column", "conversations", "drop_too_long", "load_mixture", "load_split"]
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["direct", "finer"]
+AttributeMode = Literal["auto", "visible", "required"]
+
+#: How to fill each attribute column when a dataset lacks it (named in the error).
+FILLED_BY = {
+    "attributes_required": "build it with knowledge on (`finer build SOURCE --knowledge`, the default for "
+    "sources without bundled attributes)",
+    "attributes_visible": "ground it first (`finer ground DATASET --out DIR`), or pass --attributes required",
+}
+_LABELS = ("superordinate", "coarse", "fine")
+
+
+@dataclass
+class Mixture:
+    """The training rows and, per source, how many rows came in and where each one went."""
+
+    dataset: datasets.Dataset
+    counts: dict[str, Counter[str]] = field(default_factory=dict)
+    attributes: str | None = None
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        keys = ("rows", "held_out", "too_long", "trained")
+        return {source: {k: count[k] for k in keys} for source, count in sorted(self.counts.items())}
+
+
+def load_split(spec: str, split: str) -> datasets.Dataset:
+    """One split of a `finer build` folder (or any `save_to_disk` folder), else of a Hub dataset repo."""
+    path = Path(spec).expanduser()
+    try:
+        loaded = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(spec)
+    except (FileNotFoundError, ValueError, ConnectionError) as err:
+        raise FinerError(f"cannot load dataset {spec!r}: {err}") from None
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if split not in loaded:
+        raise FinerError(f"dataset {spec!r} has no split {split!r} (it has: {', '.join(loaded)})")
+    return loaded[split]
+
+
+def attribute_column(ds: datasets.Dataset, mode: AttributeMode, name: str = "dataset") -> str:
+    """The column `--format finer` reads attributes from; a one-line error when the dataset has none.
+
+    `auto` prefers the per-image grounded `attributes_visible` where the dataset has it. A column whose rows
+    are all empty (a labels-only build) counts as missing: training on "none" teaches nothing.
+    """
+    wanted = {"auto": ("attributes_visible", "attributes_required"), "visible": ("attributes_visible",)}
+    candidates = wanted.get(mode, ("attributes_required",))
+    present = [c for c in candidates if c in ds.column_names]
+    for column in present:
+        if any(ds[column]):
+            return column
+    column = present[0] if present else candidates[-1]
+    state = "every row is empty" if present else "no such column"
+    raise FinerError(f"{name} has no {column} ({state}), which --format finer needs: {FILLED_BY[column]}")
+
+
+def conversations(
+    ds: datasets.Dataset,
+    fmt: Format,
+    attributes: str | None = None,
+    prompts_dir: str | Path | None = None,
+) -> datasets.Dataset:
+    """`ds` as training rows `image`, `messages`, `source`; conversations from the training templates.
+
+    Only the label columns are read (images stay undecoded); rows of one concept share one rendering.
+    """
+    columns = [*_LABELS, *([attributes] if attributes else [])]
+    values = ds.select_columns(columns).to_dict()
+    cache: dict[tuple, list[dict]] = {}
+    messages = []
+    for i in range(len(ds)):
+        row = {c: values[c][i] for c in columns}
+        key = tuple(tuple(v) if isinstance(v, list) else v for v in row.values())
+        if key not in cache:
+            cache[key] = _render(row, fmt, attributes, prompts_dir)
+        messages.append(cache[key])
+    return ds.select_columns(["image", "source"]).add_column("messages", messages)
+
+
+def _render(row: dict[str, Any], fmt: Format, attributes: str | None, prompts_dir: str | Path | None) -> list:
+    labels = {"superordinate": row["superordinate"], "coarse": row["coarse"][0], "fine": row["fine"][0]}
+    if fmt == "finer":
+        return render("train_finer", prompts_dir=prompts_dir, attributes=row[attributes], **labels)
+    return render("train_direct", prompts_dir=prompts_dir, **labels)
+
+
+def load_mixture(
+    specs: Sequence[str],
+    *,
+    fmt: Format,
+    split: str = "train",
+    attributes: AttributeMode = "auto",
+    hold_out: str | None = None,
+    prompts_dir: str | Path | None = None,
+) -> Mixture:
+    """All of `specs`' `split` rows as one training set, minus the `hold_out` source, counted per source."""
+    if not specs:
+        raise FinerError("no dataset to train on: pass --dataset DIR (repeat it to mix several)")
+    parts, counts, columns = [], {}, set()
+    for spec in specs:
+        ds = load_split(spec, split)
+        missing = [c for c in ("image", "source", *_LABELS) if c not in ds.column_names]
+        if missing:
+            raise FinerError(f"dataset {spec!r} lacks {', '.join(missing)}: is it a `finer build` output?")
+        column = attribute_column(ds, attributes, f"dataset {spec!r}") if fmt == "finer" else None
+        columns.add(column)
+        sources = list(ds["source"])
+        for source, n in Counter(sources).items():
+            counts.setdefault(source, Counter())["rows"] += n
+            if source == hold_out:
+                counts[source]["held_out"] += n
+        if hold_out in sources:
+            ds = ds.select([i for i, source in enumerate(sources) if source != hold_out])
+        parts.append(conversations(ds, fmt, column, prompts_dir))
+    if hold_out is not None and hold_out not in counts:
+        raise FinerError(
+            f"--hold-out {hold_out!r} matches no source; the datasets hold {', '.join(sorted(counts))}"
+        )
+    mixture = Mixture(datasets.concatenate_datasets(parts), counts, " + ".join(sorted(filter(None, columns))))
+    if not len(mixture.dataset):
+        raise FinerError(f"nothing left to train on after holding out {hold_out!r}")
+    return mixture
+
+
+def drop_too_long(mixture: Mixture, measure: Callable[[dict], int], max_length: int | None) -> None:
+    """Drop (never cut) rows longer than `max_length` tokens as `measure` tokenizes them; count the rest."""
+    ds = mixture.dataset
+    keep, too_long = [], Counter()
+    longest = shortest = 0
+    if max_length is None:
+        keep = list(range(len(ds)))
+    else:
+        for i, row in enumerate(ds):
+            n = measure(row)
+            longest, shortest = max(longest, n), min(shortest or n, n)
+            if n <= max_length:
+                keep.append(i)
+            else:
+                too_long[row["source"]] += 1
+    for source, count in mixture.counts.items():
+        count["too_long"] = too_long[source]
+        count["trained"] = count["rows"] - count["held_out"] - count["too_long"]
+    if too_long:
+        logger.warning(
+            "dropped %d conversation(s) longer than --max-length %d tokens (longest %d): %s",
+            sum(too_long.values()),
+            max_length,
+            longest,
+            ", ".join(f"{s} {n}" for s, n in sorted(too_long.items())),
+        )
+    if not keep:
+        raise FinerError(
+            f"every conversation is longer than --max-length {max_length} (shortest: {shortest})"
+        )
+    if len(keep) < len(ds):
+        mixture.dataset = ds.select(keep)

@@ -1,0 +1,417 @@
+"""`finer finetune`: supervised fine-tuning of a VLM on built datasets with TRL's `SFTTrainer` and PEFT LoRA.
+
+One `FinetuneConfig` holds everything (TRL style); recipes (`train/recipes/*.yaml`) and the command line fill
+it, the command line last. `run_finetune` then: resolves the family and its training chat template, renders
+the datasets into conversations, lets `SFTTrainer` (with `assistant_only_loss=True`, TRL's own collator and
+the family's LoRA plan) train, saves the adapter (safetensors) and processor, optionally scores generations,
+and writes `finer_run.json` last: an output folder without it is an unfinished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.resources
+import importlib.util
+import json
+import logging
+import shutil
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+import finer
+from finer.errors import FinerError
+
+from .data import AttributeMode, Format, Mixture, drop_too_long, load_mixture, load_split
+from .families import (
+    Family,
+    LlmPolicy,
+    ProjectorPolicy,
+    TrainPlan,
+    VisionPolicy,
+    check_trainable,
+    detect_family,
+    plan_training,
+    resolve_chat_template,
+)
+
+__all__ = ["RUN_FILE", "FinetuneConfig", "build_trainer", "load_recipe", "recipe_names", "run_finetune"]
+
+logger = logging.getLogger(__name__)
+
+#: Written last into the output folder: its presence is what makes a run look finished.
+RUN_FILE = "finer_run.json"
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything one fine-tuning run needs; field names are the recipe keys and (dashed) CLI options.
+
+    `None` means "decide from the machine": bf16 where the CUDA GPU supports it, gradient checkpointing on
+    a CUDA GPU, TensorBoard logging when installed. Liger kernels are opt-in (TRL deprecates them).
+    `tiny_model` names a `finer.testing` family to build at `model` when that folder is missing (the demo
+    recipe). `eval_split`, when set, scores the trained model's generations on that split at the fine level
+    (see `finer.train.evaluate`).
+    """
+
+    model: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    output_dir: str | None = None
+    format: Format = "finer"
+    attributes: AttributeMode = "auto"
+    split: str = "train"
+    hold_out: str | None = None
+    prompts_dir: str | None = None
+    chat_template: str | None = None
+    train_llm: LlmPolicy = "lora"
+    train_vision: VisionPolicy = "frozen"
+    train_projector: ProjectorPolicy = "frozen"
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_length: int | None = 2048
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    seed: int = 42
+    bf16: bool | None = None
+    gradient_checkpointing: bool | None = None
+    load_in_4bit: bool = False
+    use_liger_kernel: bool = False
+    report_to: str | None = None
+    dataloader_num_workers: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    tiny_model: str | None = None
+    eval_split: str | None = None
+    eval_batch_size: int = 16
+
+    @classmethod
+    def from_sources(cls, *sources: dict[str, Any], origin: tuple[str, ...] = ()) -> FinetuneConfig:
+        """Defaults, then each mapping in turn (a recipe, then the command line); keys and types checked."""
+        values: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
+        for i, source in enumerate(sources):
+            where = origin[i] if i < len(origin) else "config"
+            for key, value in source.items():
+                name = key.replace("-", "_")
+                if name not in hints:
+                    known = ", ".join(f.name for f in dataclasses.fields(cls))
+                    raise FinerError(f"{where}: unknown key {key!r}; known keys: {known}")
+                values[name] = _checked(where, name, hints[name], value)
+        return cls(**values)
+
+
+def _checked(where: str, name: str, hint: Any, value: Any) -> Any:
+    """`value` if it fits the field's type (an int where a float goes is widened), else a one-line error."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option)
+        if option is type(None) and value is None:
+            return None
+        if origin is Literal and value in typing.get_args(option):
+            return value
+        if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option in (int, str, bool) and type(value) is option:
+            return value
+    expected = " or ".join(_type_name(o) for o in options)
+    raise FinerError(f"{where}: {name} must be {expected}, not {value!r}")
+
+
+def _type_name(option: Any) -> str:
+    if typing.get_origin(option) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(option)))
+    if typing.get_origin(option) is list:
+        return "a list of strings"
+    return "null" if option is type(None) else option.__name__
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped in `finer.train/recipes/`."""
+    folder = importlib.resources.files("finer.train") / "recipes"
+    return sorted(e.name.removesuffix(".yaml") for e in folder.iterdir() if e.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
+    """A recipe's mapping, from a YAML file or by the name of a shipped recipe (`demo-tiny`)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif str(name_or_path) in recipe_names():
+        resource = importlib.resources.files("finer.train") / "recipes" / f"{name_or_path}.yaml"
+        text = resource.read_text(encoding="utf-8")
+    else:
+        raise FinerError(
+            f"no recipe {str(name_or_path)!r}: give a YAML file or one of {', '.join(recipe_names())}"
+        )
+    try:
+        recipe = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise FinerError(f"recipe {name_or_path}: invalid YAML ({err})".replace("\n", " ")) from None
+    if not isinstance(recipe, dict):
+        raise FinerError(
+            f"recipe {name_or_path}: expected a mapping of config keys, got {type(recipe).__name__}"
+        )
+    return recipe
+
+
+def _on_gpu() -> tuple[bool, bool]:
+    """(a CUDA GPU is there, it computes in bf16)."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return gpu, gpu and torch.cuda.is_bf16_supported()
+
+
+def _prepare_output_dir(config: FinetuneConfig) -> Path:
+    """Refuse to clobber a finished or unrelated folder; with `overwrite`, clear an earlier run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(config.output_dir or "")
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    finished = (out / RUN_FILE).is_file()
+    checkpoint = get_last_checkpoint(str(out))
+    if config.overwrite:
+        if not finished and checkpoint is None and not (out / "adapter_config.json").is_file():
+            raise FinerError(
+                f"--output-dir {out} holds files that are not a finer run; choose another folder"
+            )
+        shutil.rmtree(out)
+    elif finished:
+        raise FinerError(f"--output-dir {out} holds a finished run; pass --overwrite to replace it")
+    elif checkpoint is None and not config.resume:
+        raise FinerError(f"--output-dir {out} is not empty; pass --overwrite to replace it or choose another")
+    elif checkpoint is not None and not config.resume:
+        raise FinerError(
+            f"--output-dir {out} holds an unfinished run ({Path(checkpoint).name}); "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+    return out
+
+
+def _model_path(config: FinetuneConfig) -> str:
+    """The base model; the demo recipe's tiny model is built on first use (in a sibling, then moved)."""
+    if not config.model:
+        raise FinerError("no model: pass --model ID|PATH or a --config recipe that sets one")
+    path = Path(config.model).expanduser()
+    if config.tiny_model and not (path / "config.json").is_file():
+        from finer.testing import build_tiny_vlm
+
+        partial = path.with_name(f".{path.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        logger.info("building the tiny %s model into %s", config.tiny_model, path)
+        build_tiny_vlm(config.tiny_model, partial)
+        shutil.rmtree(path, ignore_errors=True)
+        partial.rename(path)
+    return config.model
+
+
+def _load_model(model_id: str, bf16: bool, load_in_4bit: bool) -> Any:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    if load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise FinerError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes (a CUDA GPU too)")
+        from accelerate import PartialState
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": PartialState().process_index}
+    return AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+
+
+@dataclass
+class Prepared:
+    """A trainer ready to `train()`, and what went into it (for the log and the run summary)."""
+
+    trainer: Any
+    mixture: Mixture
+    family: Family
+    plan: TrainPlan
+    template: str
+    trainable: dict[str, tuple[int, int]]
+
+
+def build_trainer(config: FinetuneConfig) -> Prepared:
+    """Everything up to `train()`: checks first (family, datasets, output folder), then model and trainer.
+
+    User errors surface before anything is written, so a failed start leaves nothing that looks like a run.
+    """
+    from transformers import AutoConfig, AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    if not config.output_dir:
+        raise FinerError("no output folder: pass --output-dir DIR or a --config recipe that sets one")
+    model_id = _model_path(config)
+    try:
+        model_type = AutoConfig.from_pretrained(model_id).model_type
+    except (OSError, ValueError) as err:
+        raise FinerError(f"cannot read the config of model {model_id!r}: {err}".splitlines()[0]) from None
+    family = detect_family(model_type, model_id)
+    mixture = load_mixture(
+        config.datasets,
+        fmt=config.format,
+        split=config.split,
+        attributes=config.attributes,
+        hold_out=config.hold_out,
+        prompts_dir=config.prompts_dir,
+    )
+    output_dir = _prepare_output_dir(config)
+
+    gpu, bf16_capable = _on_gpu()
+    bf16 = bf16_capable if config.bf16 is None else config.bf16
+    checkpointing = gpu if config.gradient_checkpointing is None else config.gradient_checkpointing
+    processor = AutoProcessor.from_pretrained(model_id)
+    template = resolve_chat_template(family, processor, config.chat_template)
+    model = _load_model(model_id, bf16, config.load_in_4bit)
+    plan = plan_training(
+        model, family, llm=config.train_llm, vision=config.train_vision, projector=config.train_projector
+    )
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        assistant_only_loss=True,
+        max_length=None,  # drop_too_long below: TRL would truncate, image tokens included
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # a fraction of the steps when below 1
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        bf16=bf16,
+        gradient_checkpointing=checkpointing,
+        use_liger_kernel=config.use_liger_kernel,
+        report_to=config.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else "none"),
+        dataloader_num_workers=config.dataloader_num_workers,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=mixture.dataset,
+        processing_class=processor,
+        peft_config=plan.lora_config(config.lora_r, config.lora_alpha, config.lora_dropout),
+    )
+    trainable = check_trainable(trainer.model, plan)
+    # Measured with the trainer's own collator: exactly the tokens the model will see.
+    drop_too_long(mixture, lambda row: trainer.data_collator([row])["input_ids"].shape[1], config.max_length)
+    trainer.train_dataset = mixture.dataset
+    return Prepared(trainer, mixture, family, plan, template, trainable)
+
+
+def _versions() -> dict[str, str]:
+    packages = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
+    return {"finer": finer.__version__, **{p: importlib.metadata.version(p) for p in packages}}
+
+
+def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Train, save the adapter and processor, optionally score generations; returns the run summary."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    started = time.perf_counter()
+    prepared = build_trainer(config)
+    trainer, mixture = prepared.trainer, prepared.mixture
+    logger.info("family %s; chat template: %s", prepared.family.name, prepared.template)
+    logger.info(
+        "LoRA targets: %s; trained in full: %s", prepared.plan.target_modules, prepared.plan.modules_to_save
+    )
+    for source, count in mixture.summary().items():
+        logger.info(
+            "%s: %d rows -> %d trained, %d held out, %d too long",
+            source,
+            count["rows"],
+            count["trained"],
+            count["held_out"],
+            count["too_long"],
+        )
+    checkpoint = get_last_checkpoint(config.output_dir) if config.resume else None
+    if checkpoint:
+        logger.info(
+            "resuming from %s (the Trainer's checkpoint: weights, optimizer, scheduler, RNG)", checkpoint
+        )
+    elif config.resume:
+        logger.warning("--resume: no checkpoint in %s, starting from the beginning", config.output_dir)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(config.output_dir)  # adapter_model.safetensors + adapter_config.json + processor
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    summary: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "family": prepared.family.name,
+        "chat_template": prepared.template,
+        "lora_target_modules": prepared.plan.target_modules,
+        "modules_to_save": list(prepared.plan.modules_to_save),
+        "trainable_parameters": {p: {"trainable": t, "total": n} for p, (t, n) in prepared.trainable.items()},
+        "samples": mixture.summary(),
+        "attributes_column": mixture.attributes or None,
+        "resumed_from": Path(checkpoint).name if checkpoint else None,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+        "versions": _versions(),
+    }
+    if config.eval_split:
+        from .evaluate import evaluate_fine
+
+        evaluation = evaluate_fine(
+            trainer.model,
+            trainer.processing_class,
+            _eval_rows(config),
+            config.format,
+            batch_size=config.eval_batch_size,
+            prompts_dir=config.prompts_dir,
+        )
+        logger.info(
+            "fine-level accuracy on %s: %.3f over %d images (chance %.3f)",
+            config.eval_split,
+            evaluation["fine_accuracy"],
+            evaluation["images"],
+            evaluation["chance"],
+        )
+        summary["eval"] = {"split": config.eval_split, **evaluation}
+    summary["duration_s"] = round(time.perf_counter() - started, 2)
+    partial = Path(config.output_dir) / f".{RUN_FILE}.partial"
+    partial.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.rename(Path(config.output_dir) / RUN_FILE)
+    return summary
+
+
+def _eval_rows(config: FinetuneConfig) -> Any:
+    """The evaluation split of every training dataset, minus nothing: held-out sources are evaluated too."""
+    import datasets
+
+    assert config.eval_split is not None
+    splits = [load_split(spec, config.eval_split) for spec in config.datasets]
+    columns = ["image", "superordinate", "coarse", "fine"]
+    return datasets.concatenate_datasets([ds.select_columns(columns) for ds in splits])
