@@ -144,22 +144,21 @@ def check_adapter_base(model: str, adapter: str) -> None:
 def load_model(model: str, adapter: str | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
     """The model (with its PEFT adapter, if any) on the best device, in eval mode, and its processor.
 
-    One function, so that `finer.load_adapter` can take its place once it exists.
+    With an adapter, `finer.load_adapter` does the loading (and checks the LoRA weights really loaded).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if adapter:
+        from finer.adapters import load_adapter
+
         check_adapter_base(model, adapter)
+        return load_adapter(adapter, base_model=model)
     device, dtype = pick_device()
     try:
         processor = AutoProcessor.from_pretrained(model)
         loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device)
     except (OSError, ValueError) as err:
         raise FinerError(f"--model {model}: cannot load a vision-language model ({_one_line(err)})") from None
-    if adapter:
-        from peft import PeftModel
-
-        loaded = PeftModel.from_pretrained(loaded, adapter)
     loaded.eval()
     return loaded, processor
 

@@ -44,7 +44,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         (["build", "demo", "--out", "{tmp}/o", "--extractor", "vlm"], "--extractor vlm needs an endpoint"),
         (["build", "demo", "--out", "{tmp}/o", "--no-knowledge", "--model", "x"], "drop --no-knowledge"),
         (["eval", "--dataset", "{tmp}/d", "--out", "{tmp}/o", "--model", "m"], "no such folder"),
-        (["finetune", "--dataset", "d", "--output-dir", "o", "--model", "m"], "not available yet"),
+        (["finetune", "--dataset", "d", "--output-dir", "o", "--model", "m"], "cannot read the config"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(

@@ -155,9 +155,9 @@ def test_adapter_and_its_base(demo: Path, tmp_path: Path, capsys: pytest.Capture
 
     llava = str(tiny_vlm_path("llava"))
     base = AutoModelForImageTextToText.from_pretrained(llava)
-    get_peft_model(base, LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj")).save_pretrained(
-        tmp_path / "adapter"
-    )
+    get_peft_model(
+        base, LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj", init_lora_weights=False)
+    ).save_pretrained(tmp_path / "adapter")
     common = ["eval", "--dataset", str(demo), "--limit", "2", "--level", "fine", "--max-new-tokens", "2"]
     out = tmp_path / "eval"
     code, stdout, _ = run_cli(

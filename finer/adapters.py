@@ -1,0 +1,162 @@
+"""Loading and merging PEFT adapters trained by `finer finetune` (DESIGN §4, §5).
+
+`load_adapter(repo_id_or_path)` reads the base model from the adapter's `adapter_config.json`, loads the base
+model and the processor (the adapter's own when it was saved with one, else the base's), applies the adapter
+and checks that its LoRA weights really loaded: a LoRA B matrix left all zero means the saved keys did not
+match the model's modules (an adapter saved by a newer transformers with other module names, say), which
+would otherwise silently give the base model's answers. A repo id resolves through the Hugging Face cache
+(`HF_HUB_OFFLINE=1` works once it is there).
+
+`merge_adapter` folds the adapter into the base weights (`merge_and_unload`) and saves a plain model with its
+processor, loadable by `AutoModelForImageTextToText` and servable by vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finer.errors import FinerError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, ProcessorMixin
+
+__all__ = ["adapter_base", "adapter_dir", "check_lora_loaded", "load_adapter", "merge_adapter"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+#: Any of these in the adapter folder means the processor was saved with it.
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def adapter_dir(repo_id_or_path: str | Path) -> Path:
+    """The local folder of an adapter: the path itself, or the Hub repo's snapshot (cache first)."""
+    path = Path(repo_id_or_path).expanduser()
+    if path.is_dir():
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise FinerError(f"adapter {repo_id_or_path}: no {ADAPTER_CONFIG} in that folder")
+        return path
+    name = str(repo_id_or_path)
+    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FinerError(f"adapter {name}: neither an adapter folder nor a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(name, repo_type="model"))
+    except Exception as err:  # offline without a cached copy, no such repo, no access: one line
+        raise FinerError(
+            f"adapter {name}: cannot fetch it from the Hub or the cache ({_one_line(err)})"
+        ) from None
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise FinerError(f"adapter {name}: the repo has no {ADAPTER_CONFIG}; is it a PEFT adapter?")
+    return folder
+
+
+def _adapter_config(folder: Path, name: str) -> dict[str, Any]:
+    try:
+        return json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FinerError(f"adapter {name}: unreadable {ADAPTER_CONFIG} ({_one_line(err)})") from None
+
+
+def adapter_base(repo_id_or_path: str | Path) -> str:
+    """The base model an adapter was trained on (`base_model_name_or_path` of its config)."""
+    folder = adapter_dir(repo_id_or_path)
+    base = _adapter_config(folder, str(repo_id_or_path)).get("base_model_name_or_path")
+    if not base:
+        raise FinerError(
+            f"adapter {repo_id_or_path}: its {ADAPTER_CONFIG} names no base model; pass --model explicitly"
+        )
+    return str(base)
+
+
+def check_lora_loaded(model: torch.nn.Module, name: str) -> int:
+    """Raise unless every LoRA B matrix of the active adapters is non-zero; returns how many were checked."""
+    import torch
+
+    checked = 0
+    zero: list[str] = []
+    for module_name, module in model.named_modules():
+        lora_b = getattr(module, "lora_B", None)
+        if not isinstance(lora_b, torch.nn.ModuleDict):
+            continue
+        for adapter_name, layer in lora_b.items():
+            checked += 1
+            if not bool(torch.count_nonzero(layer.weight)):
+                zero.append(f"{module_name}.lora_B.{adapter_name}")
+    if zero:
+        raise FinerError(
+            f"adapter {name}: {len(zero)} of {checked} LoRA B matrices are all zero after loading (first: "
+            f"{zero[0]}); its weights did not load (saved with other module names or another transformers "
+            "version?) or it was never trained"
+        )
+    return checked
+
+
+def load_adapter(
+    repo_id_or_path: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    base_model: str | None = None,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The base model with the adapter applied (eval mode) and the processor.
+
+    ``base_model`` overrides the base named in the adapter's config (a local copy of it, say). ``device`` and
+    ``dtype`` default to the best available: a GPU in bf16, else the CPU in fp32 (``dtype="auto"``: the
+    checkpoint's own).
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from finer.backends import pick_device
+
+    name = str(repo_id_or_path)
+    folder = adapter_dir(repo_id_or_path)
+    base = base_model or adapter_base(folder)
+    if device is None or dtype is None:
+        best_device, best_dtype = pick_device()
+        device = device or best_device
+        dtype = dtype or best_dtype
+    has_processor = any((folder / file).is_file() for file in _PROCESSOR_FILES)
+    try:
+        processor = AutoProcessor.from_pretrained(str(folder) if has_processor else base)
+    except (OSError, ValueError) as err:
+        where = f"adapter {name}" if has_processor else f"base model {base}"
+        raise FinerError(f"{where}: cannot load the processor ({_one_line(err)})") from None
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, device_map=device)
+    except (OSError, ValueError) as err:
+        raise FinerError(
+            f"adapter {name}: cannot load its base model {base} ({_one_line(err)}); "
+            "pass the base with --model"
+        ) from None
+    try:
+        model = PeftModel.from_pretrained(model, str(folder))
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise FinerError(f"adapter {name}: cannot apply it to {base} ({_one_line(err)})") from None
+    check_lora_loaded(model, name)
+    model.eval()
+    return model, processor
+
+
+def merge_adapter(
+    repo_id_or_path: str | Path, out: str | Path, *, dtype: str = "auto", base_model: str | None = None
+) -> Path:
+    """Merge the adapter into its base (`merge_and_unload`) and save model (safetensors) and processor."""
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise FinerError(f"--out {out} is not empty; choose a new folder")
+    model, processor = load_adapter(repo_id_or_path, device="cpu", dtype=dtype, base_model=base_model)
+    merged = model.merge_and_unload()
+    # The merged model is a plain transformers model: its config must not point back at the adapter.
+    merged.config._name_or_path = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
