@@ -281,6 +281,7 @@ def finetune(
         list[str] | None, typer.Option("--set", help="Any other config field: KEY=VALUE (YAML value).")
     ] = None,
     push_to_hub: Annotated[str | None, typer.Option(help="Publish the adapter to this Hub repo.")] = None,
+    private: Annotated[bool, typer.Option(help="With --push-to-hub: create a private repo.")] = False,
 ) -> None:
     """Fine-tune a VLM with LoRA on built datasets (TRL SFTTrainer + PEFT); recipe values, then options."""
     import logging
@@ -290,7 +291,10 @@ def finetune(
     from finer.train.sft import FinetuneConfig, load_recipe, run_finetune
 
     if push_to_hub:
-        _not_yet("finetune --push-to-hub", "publishing adapters to the Hub")
+        from huggingface_hub import get_token
+
+        if not get_token():  # before training, not after
+            raise FinerError("--push-to-hub: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
     log = logging.getLogger("finer")
     if not log.handlers:
         handler = logging.StreamHandler()
@@ -346,6 +350,10 @@ def finetune(
             f"fine-level accuracy on {result['split']}: {result['fine_accuracy']:.3f} "
             f"({result['images']} images, chance {result['chance']:.3f})"
         )
+    if push_to_hub:
+        from finer.model_cards import push_adapter
+
+        typer.echo(f"published {push_adapter(settings.output_dir, push_to_hub, private)}")
 
 
 @app.command("eval")
@@ -432,14 +440,48 @@ def compare(
         out.write_text(table, encoding="utf-8")
 
 
+class PredictLevel(StrEnum):
+    superordinate = "superordinate"
+    coarse = "coarse"
+    fine = "fine"
+
+
 @app.command()
 def predict(
     image: Annotated[Path, typer.Argument(help="An image file.")],
-    model: Annotated[str, typer.Option(help="Model id or path.")],
+    model: Annotated[
+        str | None, typer.Option(help="Model id or path (default with --adapter: the adapter's base).")
+    ] = None,
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter id or path.")] = None,
+    level: Annotated[PredictLevel, typer.Option(help="Label level to ask for.")] = PredictLevel.fine,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = 128,
+    raw: Annotated[bool, typer.Option(help="Also print the whole generated text.")] = False,
 ) -> None:
-    """Name the object in one image."""
-    _not_yet("predict", "single-image prediction")
+    """Name the object in one image (the `direct` prompt, greedy): prints the answer after "Answer:"."""
+    from PIL import Image, UnidentifiedImageError
+
+    from finer.backends import HFBackend
+    from finer.prompts import render
+    from finer.scoring import extract_answer
+
+    if model is None and adapter is None:
+        raise FinerError("finer predict needs --model, --adapter, or both")
+    try:
+        with Image.open(image) as opened:
+            picture = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise FinerError(f"{image}: cannot read the image ({' '.join(str(err).split())[:200]})") from None
+    if model is None:
+        from finer.adapters import adapter_base
+
+        model = adapter_base(adapter)  # type: ignore[arg-type]
+    backend = HFBackend(model, adapter, batch_size=1, max_new_tokens=max_new_tokens)
+    (generation,) = backend.generate([render("direct", level=level.value)], [picture])
+    typer.echo(extract_answer(generation.text))
+    if raw:
+        typer.echo(f"raw: {generation.text}")
+    if generation.truncated:
+        typer.echo(f"warning: stopped at --max-new-tokens {max_new_tokens}", err=True)
 
 
 @app.command()
@@ -588,6 +630,29 @@ def export_lmms_eval(
     name = paths["yaml"].stem
     typer.echo(f"wrote {paths['yaml']}, {paths['utils'].name} and {paths['settings'].name}")
     typer.echo(f"run: python -m lmms_eval --model MODEL --tasks {name} --include_path {out}")
+
+
+@app.command()
+def merge(
+    adapter: Annotated[str, typer.Option(help="PEFT adapter id or path.")],
+    out: Annotated[Path, typer.Option(help="New folder for the merged model and its processor.")],
+    model: Annotated[
+        str | None, typer.Option(help="Base model id or path (default: the adapter's base).")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Weights dtype: auto (the base checkpoint's), bfloat16, float16, float32.")
+    ] = "auto",
+) -> None:
+    """Merge an adapter into its base model (safetensors + processor), e.g. for serving with vLLM."""
+    from finer.adapters import merge_adapter
+
+    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise FinerError(f"--dtype {dtype}: choose auto, bfloat16, float16 or float32")
+    if model is not None:
+        from finer.backends import check_adapter_base
+
+        check_adapter_base(model, adapter)
+    typer.echo(f"wrote merged model to {merge_adapter(adapter, out, dtype=dtype, base_model=model)}")
 
 
 def main(argv: list[str] | None = None) -> None:
