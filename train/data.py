@@ -25,7 +25,15 @@ import datasets
 from finer.errors import FinerError
 from finer.prompts import render
 
-__all__ = ["Mixture", "attribute_column", "conversations", "drop_too_long", "load_mixture", "load_split"]
+__all__ = [
+    "Mixture",
+    "attribute_column",
+    "conversations",
+    "crop_to_boxes",
+    "drop_too_long",
+    "load_mixture",
+    "load_split",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +93,32 @@ def attribute_column(ds: datasets.Dataset, mode: AttributeMode, name: str = "dat
     raise FinerError(f"{name} has no {column} ({state}), which --format finer needs: {FILLED_BY[column]}")
 
 
+def crop_to_boxes(batch: dict[str, list]) -> dict[str, list]:
+    """Dataset transform: each image cropped to its `bbox` (x, y, w, h) where it has one, when read.
+
+    A query for other columns passes through untouched.
+    """
+    if "image" in batch and "bbox" in batch:
+        batch["image"] = [_crop(image, box) for image, box in zip(batch["image"], batch["bbox"], strict=True)]
+    return batch
+
+
+def _crop(image: Any, box: list[float] | None) -> Any:
+    if not box:
+        return image
+    x, y, w, h = box
+    return image.crop((round(x), round(y), round(x + w), round(y + h)))
+
+
 def conversations(
     ds: datasets.Dataset,
     fmt: Format,
     attributes: str | None = None,
     prompts_dir: str | Path | None = None,
+    crop: bool = False,
 ) -> datasets.Dataset:
-    """`ds` as training rows `image`, `messages`, `source`; conversations from the training templates.
+    """`ds` as training rows `image`, `messages`, `source` (and `bbox` to `crop` to); conversations from the
+    training templates.
 
     Only the label columns are read (images stay undecoded); rows of one concept share one rendering.
     """
@@ -105,7 +132,9 @@ def conversations(
         if key not in cache:
             cache[key] = _render(row, fmt, attributes, prompts_dir)
         messages.append(cache[key])
-    return ds.select_columns(["image", "source"]).add_column("messages", messages)
+    return ds.select_columns(["image", "source", *(["bbox"] if crop else [])]).add_column(
+        "messages", messages
+    )
 
 
 def _render(row: dict[str, Any], fmt: Format, attributes: str | None, prompts_dir: str | Path | None) -> list:
@@ -123,14 +152,20 @@ def load_mixture(
     attributes: AttributeMode = "auto",
     hold_out: str | None = None,
     prompts_dir: str | Path | None = None,
+    crop: bool = False,
 ) -> Mixture:
-    """All of `specs`' `split` rows as one training set, minus the `hold_out` source, counted per source."""
+    """All of `specs`' `split` rows as one training set, minus the `hold_out` source, counted per source.
+
+    With `crop`, images are cropped to their boxes when read (`crop_to_boxes`), nothing is rewritten.
+    """
     if not specs:
         raise FinerError("no dataset to train on: pass --dataset DIR (repeat it to mix several)")
     parts, counts, columns = [], {}, set()
     for spec in specs:
         ds = load_split(spec, split)
-        missing = [c for c in ("image", "source", *_LABELS) if c not in ds.column_names]
+        missing = [
+            c for c in ("image", "source", *_LABELS, *(["bbox"] if crop else [])) if c not in ds.column_names
+        ]
         if missing:
             raise FinerError(f"dataset {spec!r} lacks {', '.join(missing)}: is it a `finer build` output?")
         column = attribute_column(ds, attributes, f"dataset {spec!r}") if fmt == "finer" else None
@@ -142,12 +177,15 @@ def load_mixture(
                 counts[source]["held_out"] += n
         if hold_out in sources:
             ds = ds.select([i for i, source in enumerate(sources) if source != hold_out])
-        parts.append(conversations(ds, fmt, column, prompts_dir))
+        parts.append(conversations(ds, fmt, column, prompts_dir, crop))
     if hold_out is not None and hold_out not in counts:
         raise FinerError(
             f"--hold-out {hold_out!r} matches no source; the datasets hold {', '.join(sorted(counts))}"
         )
-    mixture = Mixture(datasets.concatenate_datasets(parts), counts, " + ".join(sorted(filter(None, columns))))
+    dataset = datasets.concatenate_datasets(parts)
+    if crop:
+        dataset = dataset.with_transform(crop_to_boxes)
+    mixture = Mixture(dataset, counts, " + ".join(sorted(filter(None, columns))))
     if not len(mixture.dataset):
         raise FinerError(f"nothing left to train on after holding out {hold_out!r}")
     return mixture

@@ -71,7 +71,7 @@ def evaluate_fine(
     model.eval()
     fine_hits, coarse_hits, samples = [], [], []
     for start in range(0, len(ds), batch_size):
-        rows = ds.select(range(start, min(start + batch_size, len(ds))))
+        rows = ds[start : start + batch_size]  # a slice, so that a dataset transform (cropping) applies
         supers, images = rows["superordinate"], [im.convert("RGB") for im in rows["image"]]
         answers: list[list[str]] = [[] for _ in supers]
         for _ in range(3 if fmt == "finer" else 1):

@@ -28,7 +28,7 @@ import yaml
 import finer
 from finer.errors import FinerError
 
-from .data import AttributeMode, Format, Mixture, drop_too_long, load_mixture, load_split
+from .data import AttributeMode, Format, Mixture, crop_to_boxes, drop_too_long, load_mixture, load_split
 from .families import (
     Family,
     LlmPolicy,
@@ -55,9 +55,10 @@ class FinetuneConfig:
 
     `None` means "decide from the machine": bf16 where the CUDA GPU supports it, gradient checkpointing on
     a CUDA GPU, TensorBoard logging when installed. Liger kernels are opt-in (TRL deprecates them).
-    `tiny_model` names a `finer.testing` family to build at `model` when that folder is missing (the demo
-    recipe). `eval_split`, when set, scores the trained model's generations on that split at the fine level
-    (see `finer.train.evaluate`).
+    `crop_to_bbox` trains and evaluates on each image's annotated box, cropped when read (what `finer build
+    --crop-to-bbox` would store). `tiny_model` names a `finer.testing` family to build at `model` when that
+    folder is missing (the demo recipe). `eval_split`, when set, scores the trained model's generations on
+    that split at the fine level (see `finer.train.evaluate`).
     """
 
     model: str | None = None
@@ -67,6 +68,7 @@ class FinetuneConfig:
     attributes: AttributeMode = "auto"
     split: str = "train"
     hold_out: str | None = None
+    crop_to_bbox: bool = False
     prompts_dir: str | None = None
     chat_template: str | None = None
     train_llm: LlmPolicy = "lora"
@@ -280,6 +282,7 @@ def build_trainer(config: FinetuneConfig) -> Prepared:
         attributes=config.attributes,
         hold_out=config.hold_out,
         prompts_dir=config.prompts_dir,
+        crop=config.crop_to_bbox,
     )
     output_dir = _prepare_output_dir(config)
 
@@ -313,6 +316,9 @@ def build_trainer(config: FinetuneConfig) -> Prepared:
         use_liger_kernel=config.use_liger_kernel,
         report_to=config.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else "none"),
         dataloader_num_workers=config.dataloader_num_workers,
+        # The rows are already what TRL's collator reads (messages, image) plus what it ignores (source, and
+        # bbox for the crop transform); TRL would drop bbox before the transform reads it.
+        remove_unused_columns=False,
     )
     trainer = SFTTrainer(
         model=model,
@@ -413,5 +419,6 @@ def _eval_rows(config: FinetuneConfig) -> Any:
 
     assert config.eval_split is not None
     splits = [load_split(spec, config.eval_split) for spec in config.datasets]
-    columns = ["image", "superordinate", "coarse", "fine"]
-    return datasets.concatenate_datasets([ds.select_columns(columns) for ds in splits])
+    columns = ["image", "superordinate", "coarse", "fine", *(["bbox"] if config.crop_to_bbox else [])]
+    rows = datasets.concatenate_datasets([ds.select_columns(columns) for ds in splits])
+    return rows.with_transform(crop_to_boxes) if config.crop_to_bbox else rows
