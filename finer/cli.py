@@ -655,6 +655,81 @@ def merge(
     typer.echo(f"wrote merged model to {merge_adapter(adapter, out, dtype=dtype, base_model=model)}")
 
 
+@app.command()
+def grpo(
+    model: Annotated[str, typer.Option(help="Base model id or path.")],
+    output_dir: Annotated[Path, typer.Option(help="Where checkpoints and the adapter go.")],
+    dataset: Annotated[
+        list[str] | None, typer.Option(help="Built dataset folder or Hub repo; repeat to mix several.")
+    ] = None,
+    format: Annotated[
+        str, typer.Option(help="open: the direct question at --level; choice: a --choices-way question.")
+    ] = "open",
+    level: Annotated[str, typer.Option(help="Level asked: superordinate, coarse or fine.")] = "fine",
+    choices: Annotated[int, typer.Option(min=2, max=26, help="Options per question (--format choice).")] = 5,
+    reward_weights: Annotated[
+        str, typer.Option(help="Rewards and weights: accuracy=0.9,format=0.1[,grounding=W].")
+    ] = "accuracy=0.9,format=0.1",
+    num_generations: Annotated[int, typer.Option(min=2, help="Completions sampled per prompt.")] = 8,
+    max_steps: Annotated[int | None, typer.Option(min=1)] = None,
+    epochs: Annotated[float, typer.Option(min=0)] = 1.0,
+    learning_rate: Annotated[float, typer.Option(min=0)] = 1e-5,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Completions per device step; a multiple of --num-generations.")
+    ] = 8,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    train_llm: Annotated[LlmPolicy, typer.Option(help="Language model policy.")] = LlmPolicy.lora,
+    train_vision: Annotated[VisionPolicy, typer.Option(help="Vision tower policy.")] = VisionPolicy.frozen,
+    train_projector: Annotated[
+        ProjectorPolicy, typer.Option(help="Projector policy.")
+    ] = ProjectorPolicy.frozen,
+    lora_r: Annotated[int, typer.Option(min=1)] = 64,
+    lora_alpha: Annotated[int, typer.Option(min=1)] = 128,
+    max_completion_length: Annotated[int, typer.Option(min=1, help="Tokens generated per completion.")] = 64,
+    split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
+    seed: Annotated[int, typer.Option()] = 42,
+    prompts_dir: Annotated[str | None, typer.Option(help="Folder overriding the prompt templates.")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trainer logging: none, tensorboard, ...")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --output-dir.")] = False,
+) -> None:
+    """GRPO with verifiable rewards (TRL GRPOTrainer + PEFT): modified EM or option letter, plus format."""
+    from finer.train.grpo import GrpoConfig, run_grpo
+    from finer.train.rewards import parse_reward_weights
+
+    if format not in ("open", "choice"):
+        raise FinerError(f"--format {format}: choose open or choice")
+    config = GrpoConfig(
+        model=model,
+        datasets=list(dataset or []),
+        output_dir=str(output_dir),
+        format=format,  # type: ignore[arg-type]
+        level=level,
+        choices=choices,
+        split=split,
+        prompts_dir=prompts_dir,
+        reward_weights=parse_reward_weights(reward_weights),
+        train_llm=train_llm.value,  # type: ignore[arg-type]
+        train_vision=train_vision.value,  # type: ignore[arg-type]
+        train_projector=train_projector.value,  # type: ignore[arg-type]
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        num_generations=num_generations,
+        max_completion_length=max_completion_length,
+        seed=seed,
+        report_to=report_to,
+        overwrite=overwrite,
+    )
+    summary = run_grpo(config)
+    rewards = summary["rewards"]
+    last = f"{rewards[-1]:.3f}" if rewards else "n/a"
+    typer.echo(f"wrote adapter to {output_dir} ({summary['global_step']} steps, last mean reward {last})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning `FinerError` into one line on stderr and exit status 2."""
     try:
