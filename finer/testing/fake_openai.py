@@ -9,6 +9,7 @@ also be queued with `inject()` and are served to the next requests in arrival or
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import deque
@@ -95,8 +96,7 @@ class FakeOpenAI:
         self._in_flight = 0
         self._faults: deque[Fault] = deque()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     @property
@@ -226,6 +226,15 @@ class FakeOpenAI:
                     pass  # the client gave up (a timeout test); nothing left to tell it
 
         return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a timeout, a refused run ending) is not a server error worth printing."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _content(reply: Any) -> str:
