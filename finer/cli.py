@@ -341,15 +341,9 @@ def finetune(
     summary = run_finetune(settings)
     trained = sum(count["trained"] for count in summary["samples"].values())
     typer.echo(
-        f"wrote {settings.output_dir}: adapter after {summary['global_step']} steps, {trained} conversations "
-        f"(loss {summary['first_loss']} -> {summary['last_loss']}, {summary['duration_s']} s)"
+        f"wrote {settings.output_dir}: {summary['global_step']} steps on {trained} conversations "
+        f"(mean loss {summary['train_loss']:.3f}, {summary['duration_s']} s)"
     )
-    if "eval" in summary:
-        result = summary["eval"]
-        typer.echo(
-            f"fine-level accuracy on {result['split']}: {result['fine_accuracy']:.3f} "
-            f"({result['images']} images, chance {result['chance']:.3f})"
-        )
     if push_to_hub:
         from finer.model_cards import push_adapter
 

@@ -3,6 +3,7 @@ adapters, mixtures, recipes and the errors a user can fix."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import shutil
@@ -102,6 +103,31 @@ def test_labels_are_exactly_the_answers_and_their_end_of_turn(
         assert [text.removeprefix(" ") for text in decoded] == [a + entry.turn_end for a in answers]
         for run in runs:  # every assistant turn's end-of-turn token is trained
             assert end_id in sample_labels[run].tolist()
+
+
+@pytest.mark.parametrize("entry", FAMILIES, ids=lambda f: f.name)
+def test_every_family_template_marks_each_answer_and_its_end_of_turn(entry: Family) -> None:
+    """Character level, for the families without a tiny model too: the marked spans are the answers + end."""
+    import trl
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    if entry.template.startswith("finer:"):
+        folder = importlib.resources.files("finer.prompt_templates") / "chat_templates"
+        template = (folder / entry.template.removeprefix("finer:")).read_text(encoding="utf-8")
+    else:
+        template = (Path(trl.__file__).parent / "chat_templates" / entry.template).read_text()
+    messages = render(
+        "train_finer", superordinate="Bird", coarse="Owl", fine="Barn Owl", attributes=["a", "b"]
+    )
+    (text,), (spans,) = render_jinja_template(
+        conversations=[messages],
+        chat_template=template,
+        return_assistant_tokens_mask=True,
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    answers = [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]
+    assert [text[a:b].removeprefix(" ") for a, b in spans] == [a + entry.turn_end for a in answers]
 
 
 def _adapter_keys(folder: Path) -> list[str]:
@@ -274,6 +300,9 @@ def test_mixture_counts_every_sample_and_holds_out_a_source(demo: Path, tmp_path
     }
     with pytest.raises(FinerError, match="matches no source"):
         load_mixture([str(demo)], fmt="finer", hold_out="cub200")
+    row = load_mixture([str(demo)], fmt="direct", crop=True).dataset[0]  # cropped when read
+    x, y, w, h = row["bbox"]
+    assert row["image"].size == (round(x + w) - round(x), round(y + h) - round(y))
 
 
 def test_too_long_conversations_are_dropped_and_counted(

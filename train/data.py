@@ -2,9 +2,10 @@
 
 A training row is `messages` (from the `train_direct` / `train_finer` templates) and `image`, the built
 dataset's own image column: TRL's vision collator takes a single `image` as `images=[image]`, and keeping the
-column as it is avoids decoding or rewriting any pixels here. `source` rides along for the counts. TRL's
-`remove_unused_columns` keeps `messages` and `image` for vision datasets, so the labels the collator needs are
-already inside the conversation when it drops the rest.
+column as it is avoids decoding or rewriting any pixels here. The labels the collator needs are inside the
+conversation; `source` rides along for the counts, and `bbox` for `crop_to_boxes`, which crops when a row is
+read. The trainer runs with `remove_unused_columns=False`: TRL's column pruning would drop `bbox` before the
+crop reads it, and the collator ignores the keys it does not use.
 
 Nothing is truncated: TRL would cut a long conversation at `max_length` wherever it falls, image tokens
 included. Instead `drop_too_long` measures each conversation with the trainer's own collator and drops the

@@ -63,7 +63,7 @@ def evaluate_fine(
     fmt: str,
     *,
     batch_size: int = 16,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 128,
     prompts_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fine-level modified-EM accuracy of `model` on `ds` (FINER format: the first turn's group too)."""

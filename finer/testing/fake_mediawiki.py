@@ -285,6 +285,7 @@ class _Server(ThreadingHTTPServer):
         """A client that hung up (a timeout) is not a server error worth printing."""
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
+
     fake: FakeMediaWiki
 
 
