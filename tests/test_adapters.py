@@ -228,7 +228,7 @@ def run_dir(adapter: tuple[Path, torch.Tensor, str], tmp_path: Path) -> Path:
     (out / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"old")
     (out / "training_args.bin").write_bytes(b"pickle")
     run = {
-        "config": {"model": "ignored", "datasets": ["someone/finer-cub", "data/demo"], "format": "direct"},
+        "config": {"model": "ignored", "datasets": ["someone/finer-cub", "./data/demo"], "format": "direct"},
         "lora_target_modules": _LM_LORA,
         "modules_to_save": [],
         "trainable_parameters": {"llm": {"trainable": 1024, "total": 100000}},
