@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import datasets
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import HfApi, RepoUrl, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from finer.build import BUILD_FILE, CONCEPTS_FILE, iter_concepts
@@ -35,6 +35,26 @@ _HINTS = {
     401: "the Hub refused the token: set HF_TOKEN to a valid token or run `hf auth login`",
     403: "the token may not write there: use a write token with access to that namespace",
 }
+
+
+def require_token(token: str | None) -> str:
+    """The given token, else HF_TOKEN / the stored login; checked before any work that needs it."""
+    token = token or get_token()
+    if not token:
+        raise FinerError("no Hugging Face token: set HF_TOKEN to a write token or run `hf auth login`")
+    return token
+
+
+def open_repo(token: str, repo_id: str, repo_type: str, private: bool) -> tuple[HfApi, RepoUrl]:
+    """Create the repository (or reuse it), refusing to publish into a public one when asked for private."""
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    if private and not api.repo_info(repo_url.repo_id, repo_type=repo_type).private:
+        raise FinerError(
+            f"{repo_url.repo_id} already exists and is public; --private does not change an existing "
+            "repository: make it private on the Hub or choose another name"
+        )
+    return api, repo_url
 
 
 def push_dataset(dataset_dir: Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
@@ -55,19 +75,11 @@ def push_dataset(dataset_dir: Path, repo_id: str, *, private: bool = False, toke
             f"{source}: its terms forbid distributing the dataset images; push with --private "
             "to keep a copy for your own research"
         )
-    token = token or get_token()
-    if not token:
-        raise FinerError("no Hugging Face token: set HF_TOKEN to a write token or run `hf auth login`")
+    token = require_token(token)
     concept_table = concept_dataset(concepts)
     try:
-        api = HfApi(token=token)
-        repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        api, repo_url = open_repo(token, repo_id, "dataset", private)
         repo_id = repo_url.repo_id
-        if private and not api.repo_info(repo_id, repo_type="dataset").private:
-            raise FinerError(
-                f"{repo_id} already exists and is public; --private does not change an existing "
-                "repository: make it private on the Hub or choose another name"
-            )
         card = dataset_card(
             repo_id=repo_id,
             build=build,

@@ -173,24 +173,16 @@ def push_adapter(
     eval_results: dict[str, Any] | None = None,
 ) -> str:
     """Publish a finished `finer finetune` output folder as a Hub model repository; returns its URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub import CommitOperationAdd
 
-    from finer.hub import _reason, _scrub
+    from finer.hub import _reason, _scrub, open_repo, require_token
 
     folder = Path(output_dir).expanduser()
     run = _read_run(folder)
-    token = token or get_token()
-    if not token:
-        raise FinerError("no Hugging Face token: set HF_TOKEN to a write token or run `hf auth login`")
+    token = require_token(token)
     try:
-        api = HfApi(token=token)
-        repo_url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api, repo_url = open_repo(token, repo_id, "model", private)
         repo_id = repo_url.repo_id
-        if private and not api.repo_info(repo_id, repo_type="model").private:
-            raise FinerError(
-                f"{repo_id} already exists and is public; --private does not change an existing "
-                "repository: make it private on the Hub or choose another name"
-            )
         card = adapter_card(folder, repo_id, run, eval_results)
         operations = [
             CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in adapter_files(folder)
