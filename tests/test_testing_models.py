@@ -17,6 +17,7 @@ from finer.testing import (
     CHAT_TEMPLATES,
     TINY_FAMILIES,
     build_tiny_vlm,
+    qwen2_vl_parts,
     tiny_image,
     tiny_vlm_path,
     unavailable_reason,
@@ -166,6 +167,29 @@ def test_unknown_family_is_refused(tmp_path: Path) -> None:
 def test_qwen2_vl_without_torchvision_says_why(tmp_path: Path) -> None:
     with pytest.raises(ImportError, match="torchvision"):
         build_tiny_vlm("qwen2_vl", tmp_path)
+
+
+def test_qwen2_vl_generates_from_its_parts_without_the_processor(tmp_path: Path) -> None:
+    """Qwen2-VL's model, tokenizer and image processor need no torchvision: build, save, reload and generate
+    from an image, expanding the image pad token by hand as `Qwen2VLProcessor` does (merge 2x2)."""
+    model, tokenizer, image_processor = qwen2_vl_parts()
+    model.save_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+
+    pixels = image_processor(images=[tiny_image()], return_tensors="pt")
+    image_tokens = int(pixels["image_grid_thw"][0].prod()) // 4
+    assert image_tokens == IMAGE_TOKENS["qwen2_vl"]
+    text = tokenizer.apply_chat_template(
+        [_question()], chat_template=CHAT_TEMPLATES["qwen2_vl"], add_generation_prompt=True, tokenize=False
+    )
+    assert text.count("<|image_pad|>") == 1 and text.endswith(GENERATION_PROMPT["qwen2_vl"])
+    inputs = tokenizer(text.replace("<|image_pad|>", "<|image_pad|>" * image_tokens), return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, **pixels, max_new_tokens=8, do_sample=False)
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    assert 1 <= len(new_tokens) <= 8
+    assert isinstance(tokenizer.decode(new_tokens, skip_special_tokens=True), str)
 
 
 def test_tiny_image_is_small_rgb_and_seeded() -> None:

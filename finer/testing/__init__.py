@@ -23,6 +23,7 @@ __all__ = [
     "CHAT_TEMPLATES",
     "TINY_FAMILIES",
     "build_tiny_vlm",
+    "qwen2_vl_parts",
     "tiny_image",
     "tiny_vlm_path",
     "unavailable_reason",

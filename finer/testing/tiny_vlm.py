@@ -274,10 +274,10 @@ _QWEN2_VL_SPECIALS = [
 ]  # fmt: skip
 
 
-def _qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Qwen2-VL: 14-px patches merged 2x2, M-RoPE; pixel bounds keep a small image at 4 to 16 image tokens."""
-    from transformers import Qwen2VLVideoProcessor  # a stub that raises on use when torchvision is missing
-
+def qwen2_vl_parts() -> tuple[PreTrainedModel, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
+    """The tiny Qwen2-VL's model, tokenizer and image processor, none needing torchvision (transformers'
+    `Qwen2VLProcessor` does, through its video processor). Qwen2-VL: 14-px patches merged 2x2, M-RoPE; the
+    pixel bounds keep a small image at 4 to 16 image tokens."""
     tokenizer = _train_tokenizer(
         _QWEN2_VL_SPECIALS,
         bos=None,
@@ -309,14 +309,24 @@ def _qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
-    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    image_processor = Qwen2VLImageProcessorPil(**_QWEN2_VL_PIXELS)
+    return Qwen2VLForConditionalGeneration(config), tokenizer, image_processor
+
+
+_QWEN2_VL_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+
+
+def _qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    from transformers import Qwen2VLVideoProcessor  # a stub that raises on use when torchvision is missing
+
+    model, tokenizer, image_processor = qwen2_vl_parts()
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(**pixels),
+        image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**_QWEN2_VL_PIXELS),
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
-    return Qwen2VLForConditionalGeneration(config), processor
+    return model, processor
 
 
 def _idefics3() -> tuple[PreTrainedModel, ProcessorMixin]:
