@@ -47,15 +47,17 @@ finetune: $(STAMP)
 	test -f data/demo/build.json || $(FINER) build demo --out data/demo --overwrite
 	$(FINER) finetune --config demo-tiny $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
-# With no MODEL: the demo adapter from `make finetune` when it exists, else the base tiny model (fastest on
-# one thread: its matrices are too small to split, and idle threads spin on a busy CPU).
-DEMO_MODEL = runs/tiny-llava $$(test -f runs/demo-lora/adapter_config.json && echo --adapter runs/demo-lora)
+# With no MODEL: the demo adapter from `make finetune` when it exists, asked as it was trained (the finer
+# conversation replayed, images cropped to their boxes), else the base tiny model (fastest on one thread: its
+# matrices are too small to split, and idle threads spin on a busy CPU).
+DEMO_MODEL = runs/tiny-llava $$(test -f runs/demo-lora/adapter_config.json \
+  && echo --adapter runs/demo-lora --mode finer --crop-to-bbox --max-new-tokens 128 || echo --max-new-tokens 32)
 eval: $(STAMP)
 	test -d data/demo || $(FINER) build demo --out data/demo
 	test -n "$(MODEL)" || test -d runs/tiny-llava \
 	  || $(BIN)/python -c "from finer.testing import build_tiny_vlm; build_tiny_vlm('llava', 'runs/tiny-llava')"
 	$(if $(MODEL),,OMP_NUM_THREADS=1) $(FINER) eval --dataset data/demo --model $(or $(MODEL),$(DEMO_MODEL)) \
-	  --max-new-tokens 32 --out runs/demo-eval $(ARGS)
+	  --out runs/demo-eval $(ARGS)
 
 demo: build-dataset
 	$(FINER) info $(OUT)

@@ -75,8 +75,13 @@ def adapter_base(repo_id_or_path: str | Path) -> str:
     return str(base)
 
 
-def check_lora_loaded(model: torch.nn.Module, name: str) -> int:
-    """Raise unless every LoRA B matrix of the active adapters is non-zero; returns how many were checked."""
+def check_lora_loaded(model: torch.nn.Module, name: str, folder: Path | None = None) -> int:
+    """Raise unless the adapter's trained LoRA weights are in `model`; returns how many B matrices it has.
+
+    All B matrices zero means nothing loaded (or nothing was trained). With the adapter's `folder`, every B
+    matrix saved non-zero must also be non-zero in the model: one saved zero is legitimate (a layer that got
+    no gradient, such as the vision layer after the one LLaVA reads its features from).
+    """
     import torch
 
     checked = 0
@@ -89,13 +94,26 @@ def check_lora_loaded(model: torch.nn.Module, name: str) -> int:
             checked += 1
             if not bool(torch.count_nonzero(layer.weight)):
                 zero.append(f"{module_name}.lora_B.{adapter_name}")
-    if zero:
+    trained = _saved_nonzero_lora_b(folder) if folder is not None else None
+    if zero and (len(zero) == checked or (trained is not None and checked - len(zero) < trained)):
         raise FinerError(
             f"adapter {name}: {len(zero)} of {checked} LoRA B matrices are all zero after loading (first: "
             f"{zero[0]}); its weights did not load (saved with other module names or another transformers "
             "version?) or it was never trained"
         )
     return checked
+
+
+def _saved_nonzero_lora_b(folder: Path) -> int | None:
+    """How many LoRA B matrices the adapter file holds non-zero (None without a safetensors file)."""
+    from safetensors import safe_open
+
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as tensors:
+        keys = [key for key in tensors.keys() if ".lora_B." in key]  # noqa: SIM118 - not iterable
+        return sum(bool(tensors.get_tensor(key).count_nonzero()) for key in keys)
 
 
 def load_adapter(
@@ -140,7 +158,7 @@ def load_adapter(
         model = PeftModel.from_pretrained(model, str(folder))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise FinerError(f"adapter {name}: cannot apply it to {base} ({_one_line(err)})") from None
-    check_lora_loaded(model, name)
+    check_lora_loaded(model, name, folder)
     model.eval()
     return model, processor
 

@@ -2,9 +2,9 @@
 
 Both backends take the same `Task`s (`finer.eval_tasks`) and hand every finished one to a `Sink` the moment
 its answer exists, so the caller can append it to disk at once and a crash loses at most what was in flight.
-In attribute-seeking mode the second turn is built from the model's own first answer; tasks that share a
-first turn (the same image and question at several levels) ask it once, so every level sees the same
-attributes.
+In multi-turn modes (attribute seeking, the `finer` replay of the training conversation) each later turn is
+built from the model's own earlier answers; tasks that share a first turn (the same image and question at
+several levels) ask it once, so every level sees the same first answer.
 
 - `HFBackend`: `AutoModelForImageTextToText` with its processor, batched generation with left padding
   (greedy by default, so batch size never changes an answer), bf16 on a GPU and fp32 on a CPU.
@@ -172,18 +172,26 @@ class HFBackend:
 
     def __init__(
         self,
-        model: str,
+        model: str | PreTrainedModel,
         adapter: str | None = None,
         *,
+        processor: ProcessorMixin | None = None,
         batch_size: int = 8,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         seed: int = 0,
     ) -> None:
+        """``model`` is an id or path to load (with ``adapter``), or a model already in memory with its
+        ``processor`` (the fine-tuning run's own evaluation)."""
         import torch
         from transformers import GenerationConfig
 
-        self.model, self.processor = load_model(model, adapter)
+        if isinstance(model, str):
+            self.model, self.processor = load_model(model, adapter)
+        elif processor is None:
+            raise ValueError("a model in memory needs its processor")
+        else:
+            self.model, self.processor = model, processor
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         tokenizer = self.processor.tokenizer
@@ -206,7 +214,7 @@ class HFBackend:
         torch.manual_seed(seed)  # for --temperature > 0
 
     def run(self, tasks: Iterable[Task], sink: Sink) -> None:
-        """Answer ``tasks`` a batch at a time: the batch's first turns, then its second turns.
+        """Answer ``tasks`` a batch at a time: the batch's first turns, then each later turn in step.
 
         First answers are kept for one batch more, so that the levels of an image split over two
         batches still share one first turn.
@@ -227,13 +235,13 @@ class HFBackend:
                 )
                 firsts.update(zip(ask, answers, strict=True))
             turns = {id(task): [firsts[keys[id(task)]]] for task in batch}
-            follow = [task for task in batch if task.second is not None]
-            if follow:
-                seconds = self.generate(
-                    [task.second(turns[id(task)][0].text) for task in follow],  # type: ignore[misc]
+            for step in range(max(len(task.followups) for task in batch)):
+                follow = [task for task in batch if len(task.followups) > step]
+                answers = self.generate(
+                    [task.followups[step]([t.text for t in turns[id(task)]]) for task in follow],
                     [images[id(task)] for task in follow],
                 )
-                for task, answer in zip(follow, seconds, strict=True):
+                for task, answer in zip(follow, answers, strict=True):
                     turns[id(task)].append(answer)
             for task in batch:
                 sink.done(task, turns[id(task)])
@@ -250,7 +258,16 @@ class HFBackend:
         pictures = [[image.convert("RGB")] for image in images if image is not None]
         if pictures and len(pictures) != len(texts):
             raise ValueError("a batch mixes conversations with and without an image")
-        inputs = self.processor(text=texts, images=pictures or None, padding=True, return_tensors="pt")
+        # A template that writes the BOS token itself must not get a second one from the tokenizer (what
+        # transformers' own `apply_chat_template(tokenize=True)` and TRL's collators decide the same way).
+        bos = self.processor.tokenizer.bos_token
+        inputs = self.processor(
+            text=texts,
+            images=pictures or None,
+            padding=True,
+            return_tensors="pt",
+            add_special_tokens=not (bos and texts[0].startswith(bos)),
+        )
         inputs = inputs.to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -350,10 +367,13 @@ class OpenAIBackend:
         *,
         concurrency: int = 16,
         temperature: float = 0.0,
+        max_new_tokens: int | None = None,
         template_sha256: str = "",
         max_retries: int | None = None,
     ) -> None:
-        """``max_retries`` overrides the shared client's default (5 retries, with backoff)."""
+        """``max_new_tokens`` goes out as ``max_tokens`` (dropped for the run if the endpoint refuses it); a
+        reply cut at a limit is flagged either way. ``max_retries`` overrides the shared client's default
+        (5 retries, with backoff)."""
         from finer.llm import DEFAULT_MAX_RETRIES, Usage, endpoint_configured
 
         if not endpoint_configured(base_url):
@@ -364,6 +384,7 @@ class OpenAIBackend:
         self.base_url = base_url
         self.concurrency = concurrency
         self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
         self.template_sha256 = template_sha256
         self.max_retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
         self.usage: Usage = Usage()
@@ -400,7 +421,8 @@ class OpenAIBackend:
     async def _worker(self, chat: ChatClient, tasks: Iterator[Task], shared: _Shared, sink: Sink) -> None:
         """Take the next task until none is left (the iterator is shared; the event loop is one thread).
 
-        The levels of one image share its encoded image and, in attrseek mode, its first turn.
+        The levels of one image share its encoded image and, where they ask the same first question
+        (multi-turn modes), its first turn.
         """
         from finer.llm import CallFailed
 
@@ -411,11 +433,10 @@ class OpenAIBackend:
                     if task.image
                     else None
                 )
-                if task.second is None:
-                    turns = [await self._ask(chat, task.first, url)]
-                else:
-                    first = await shared.get(_first_turn_key(task), partial(self._ask, chat, task.first, url))
-                    turns = [first, await self._ask(chat, task.second(first.text), url)]
+                first = partial(self._ask, chat, task.first, url)
+                turns = [await shared.get(_first_turn_key(task), first)]
+                for followup in task.followups:
+                    turns.append(await self._ask(chat, followup([t.text for t in turns]), url))
             except CallFailed as err:
                 sink.failed(task, str(err))
                 continue
@@ -425,8 +446,10 @@ class OpenAIBackend:
         from finer.llm import CallFailed, openai_messages
 
         try:
-            text = await chat.complete(
-                openai_messages(messages, [url] if url else []), template_sha256=self.template_sha256
+            reply = await chat.reply(
+                openai_messages(messages, [url] if url else []),
+                template_sha256=self.template_sha256,
+                max_tokens=self.max_new_tokens,
             )
         except CallFailed as err:
             if url and _REFUSES_IMAGES.search(str(err)):
@@ -435,4 +458,4 @@ class OpenAIBackend:
                     "evaluate a vision model, or use --mode probe (text only)"
                 ) from None
             raise
-        return Generation(text.strip())
+        return Generation(reply.text.strip(), reply.truncated)

@@ -35,6 +35,7 @@ class Extractor(StrEnum):
 class Format(StrEnum):
     direct = "direct"
     finer = "finer"
+    caption = "caption"
 
 
 class Mode(StrEnum):
@@ -42,6 +43,7 @@ class Mode(StrEnum):
     attrseek = "attrseek"
     probe = "probe"
     choice = "choice"
+    finer = "finer"
 
 
 class Level(StrEnum):
@@ -232,6 +234,18 @@ class AttributeSource(StrEnum):
     required = "required"
 
 
+def _log_progress() -> None:
+    """Training commands print the trainers' progress lines (the `finer` loggers) on stderr."""
+    import logging
+
+    log = logging.getLogger("finer")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 @app.command()
 def finetune(
     model: Annotated[str | None, typer.Option(help="Base model id or path.")] = None,
@@ -243,7 +257,11 @@ def finetune(
         str | None, typer.Option(help="Recipe: a YAML file or a shipped name (demo-tiny, llava-1.5-7b, ...).")
     ] = None,
     format: Annotated[
-        Format | None, typer.Option(help="direct: question -> name; finer: three assistant turns.")
+        Format | None,
+        typer.Option(
+            help="direct: question -> name; finer: three assistant turns; caption: describe -> caption "
+            "(pretraining, recipe `pretrain`)."
+        ),
     ] = None,
     attributes: Annotated[
         AttributeSource | None,
@@ -252,6 +270,15 @@ def finetune(
     split: Annotated[str | None, typer.Option(help="Split to train on.")] = None,
     hold_out: Annotated[
         str | None, typer.Option(help="Leave this source out (leave-one-dataset-out).")
+    ] = None,
+    instruction_data: Annotated[
+        str | None, typer.Option(help="General instruction data to mix in: a LLaVA-style JSON with images.")
+    ] = None,
+    instruction_images: Annotated[
+        str | None, typer.Option(help="Folder the instruction data's image paths are relative to.")
+    ] = None,
+    instruction_ratio: Annotated[
+        float | None, typer.Option(min=0, help="Instruction conversations per fine-grained row (0.5).")
     ] = None,
     train_llm: Annotated[LlmPolicy | None, typer.Option(help="Language model policy.")] = None,
     train_vision: Annotated[VisionPolicy | None, typer.Option(help="Vision tower policy.")] = None,
@@ -284,8 +311,6 @@ def finetune(
     private: Annotated[bool, typer.Option(help="With --push-to-hub: create a private repo.")] = False,
 ) -> None:
     """Fine-tune a VLM with LoRA on built datasets (TRL SFTTrainer + PEFT); recipe values, then options."""
-    import logging
-
     import yaml
 
     from finer.train.sft import FinetuneConfig, load_recipe, run_finetune
@@ -295,12 +320,7 @@ def finetune(
 
         if not get_token():  # before training, not after
             raise FinerError("--push-to-hub: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
-    log = logging.getLogger("finer")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    _log_progress()
     options = {
         "model": model,
         "datasets": dataset,
@@ -309,6 +329,9 @@ def finetune(
         "attributes": attributes,
         "split": split,
         "hold_out": hold_out,
+        "instruction_data": instruction_data,
+        "instruction_images": instruction_images,
+        "instruction_ratio": instruction_ratio,
         "train_llm": train_llm,
         "train_vision": train_vision,
         "train_projector": train_projector,
@@ -356,7 +379,9 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for predictions, metrics and the report.")],
     model: Annotated[str, typer.Option(help="Model id or path (hf) or model name (openai).")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    mode: Annotated[Mode, typer.Option(help="Prompt protocol.")] = Mode.direct,
+    mode: Annotated[
+        Mode, typer.Option(help="Prompt protocol; finer replays the `finetune --format finer` conversation.")
+    ] = Mode.direct,
     level: Annotated[Level, typer.Option(help="Label level to ask for.")] = Level.all,
     backend: Annotated[Backend, typer.Option(help="Local transformers or an OpenAI-compatible endpoint.")] = (
         Backend.hf
@@ -371,7 +396,9 @@ def evaluate(
     ] = False,
     choices: Annotated[int, typer.Option(min=2, max=26, help="Options per question (--mode choice).")] = 5,
     temperature: Annotated[float, typer.Option(min=0, help="0 is greedy.")] = 0.0,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit (hf).")] = 128,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Answer length limit (openai: max_tokens); cut answers are flagged.")
+    ] = 128,
     prompts_dir: Annotated[
         Path | None, typer.Option(help="Folder of your own prompt templates (by file name).")
     ] = None,
@@ -379,6 +406,9 @@ def evaluate(
         bool, typer.Option(help="Score with the original FINER rules (to reproduce published numbers).")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the choice distractors and of sampling.")] = 0,
+    crop_to_bbox: Annotated[
+        bool, typer.Option(help="Show each image cropped to its box (as a `crop_to_bbox` recipe trained).")
+    ] = False,
 ) -> None:
     """Evaluate a model at superordinate, coarse and fine granularity (resumable; writes a report)."""
     from finer.evaluation import EvalConfig
@@ -405,6 +435,7 @@ def evaluate(
             prompts_dir=prompts_dir,
             finer_original=finer_original,
             seed=seed,
+            crop_to_bbox=crop_to_bbox,
         )
     )
     for run in result["runs"]:
@@ -651,77 +682,191 @@ def merge(
 
 @app.command()
 def grpo(
-    model: Annotated[str, typer.Option(help="Base model id or path.")],
-    output_dir: Annotated[Path, typer.Option(help="Where checkpoints and the adapter go.")],
+    model: Annotated[str | None, typer.Option(help="Base model id or path.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and the adapter go.")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="Recipe: a YAML file of GrpoConfig keys; options override it.")
+    ] = None,
     dataset: Annotated[
         list[str] | None, typer.Option(help="Built dataset folder or Hub repo; repeat to mix several.")
     ] = None,
     format: Annotated[
-        str, typer.Option(help="open: the direct question at --level; choice: a --choices-way question.")
-    ] = "open",
-    level: Annotated[str, typer.Option(help="Level asked: superordinate, coarse or fine.")] = "fine",
-    choices: Annotated[int, typer.Option(min=2, max=26, help="Options per question (--format choice).")] = 5,
+        str | None,
+        typer.Option(help="open (default): the direct question at --level; choice: a --choices-way one."),
+    ] = None,
+    level: Annotated[str | None, typer.Option(help="Level asked: superordinate, coarse or fine.")] = None,
+    choices: Annotated[
+        int | None, typer.Option(min=2, max=26, help="Options per question (--format choice).")
+    ] = None,
     reward_weights: Annotated[
-        str, typer.Option(help="Rewards and weights: accuracy=0.9,format=0.1[,grounding=W].")
-    ] = "accuracy=0.9,format=0.1",
-    num_generations: Annotated[int, typer.Option(min=2, help="Completions sampled per prompt.")] = 8,
+        str | None, typer.Option(help="Rewards and weights (default accuracy=0.9,format=0.1[,grounding=W]).")
+    ] = None,
+    num_generations: Annotated[
+        int | None, typer.Option(min=2, help="Completions sampled per prompt.")
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
-    epochs: Annotated[float, typer.Option(min=0)] = 1.0,
-    learning_rate: Annotated[float, typer.Option(min=0)] = 1e-5,
+    epochs: Annotated[float | None, typer.Option(min=0)] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=0)] = None,
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Completions per device step; a multiple of --num-generations.")
-    ] = 8,
-    grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
-    train_llm: Annotated[LlmPolicy, typer.Option(help="Language model policy.")] = LlmPolicy.lora,
-    train_vision: Annotated[VisionPolicy, typer.Option(help="Vision tower policy.")] = VisionPolicy.frozen,
+        int | None, typer.Option(min=1, help="Completions per device step; a multiple of --num-generations.")
+    ] = None,
+    grad_accum: Annotated[int | None, typer.Option(min=1, help="Gradient accumulation steps.")] = None,
+    train_llm: Annotated[LlmPolicy | None, typer.Option(help="Language model policy (default lora).")] = None,
+    train_vision: Annotated[
+        VisionPolicy | None, typer.Option(help="Vision tower policy (default frozen).")
+    ] = None,
     train_projector: Annotated[
-        ProjectorPolicy, typer.Option(help="Projector policy.")
-    ] = ProjectorPolicy.frozen,
-    lora_r: Annotated[int, typer.Option(min=1)] = 64,
-    lora_alpha: Annotated[int, typer.Option(min=1)] = 128,
-    max_completion_length: Annotated[int, typer.Option(min=1, help="Tokens generated per completion.")] = 64,
-    split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
-    seed: Annotated[int, typer.Option()] = 42,
+        ProjectorPolicy | None, typer.Option(help="Projector policy (default frozen).")
+    ] = None,
+    lora_r: Annotated[int | None, typer.Option(min=1)] = None,
+    lora_alpha: Annotated[int | None, typer.Option(min=1)] = None,
+    max_completion_length: Annotated[
+        int | None, typer.Option(min=1, help="Tokens generated per completion.")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split to train on (default train).")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
     prompts_dir: Annotated[str | None, typer.Option(help="Folder overriding the prompt templates.")] = None,
     report_to: Annotated[str | None, typer.Option(help="Trainer logging: none, tensorboard, ...")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the output folder's last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --output-dir.")] = False,
 ) -> None:
     """GRPO with verifiable rewards (TRL GRPOTrainer + PEFT): modified EM or option letter, plus format."""
     from finer.train.grpo import GrpoConfig, run_grpo
     from finer.train.rewards import parse_reward_weights
+    from finer.train.sft import load_recipe
 
-    if format not in ("open", "choice"):
-        raise FinerError(f"--format {format}: choose open or choice")
-    config = GrpoConfig(
-        model=model,
-        datasets=list(dataset or []),
-        output_dir=str(output_dir),
-        format=format,  # type: ignore[arg-type]
-        level=level,
-        choices=choices,
-        split=split,
-        prompts_dir=prompts_dir,
-        reward_weights=parse_reward_weights(reward_weights),
-        train_llm=train_llm.value,  # type: ignore[arg-type]
-        train_vision=train_vision.value,  # type: ignore[arg-type]
-        train_projector=train_projector.value,  # type: ignore[arg-type]
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        num_generations=num_generations,
-        max_completion_length=max_completion_length,
-        seed=seed,
-        report_to=report_to,
-        overwrite=overwrite,
-    )
-    summary = run_grpo(config)
+    options = {
+        "model": model,
+        "datasets": dataset,
+        "output_dir": str(output_dir) if output_dir else None,
+        "format": format,
+        "level": level,
+        "choices": choices,
+        "split": split,
+        "prompts_dir": prompts_dir,
+        "reward_weights": parse_reward_weights(reward_weights) if reward_weights is not None else None,
+        "train_llm": train_llm,
+        "train_vision": train_vision,
+        "train_projector": train_projector,
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "learning_rate": learning_rate,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "num_generations": num_generations,
+        "max_completion_length": max_completion_length,
+        "seed": seed,
+        "report_to": report_to,
+        "resume": resume or None,
+        "overwrite": overwrite or None,
+    }
+    given = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in options.items() if v is not None}
+    if model is not None:
+        given["tiny_model"] = None  # a recipe's tiny model is built only at the recipe's own model path
+    recipe = load_recipe(config) if config else {}
+    settings = GrpoConfig.from_sources(recipe, given, origin=(f"recipe {config}", "command line"))
+    summary = run_grpo(settings)
     rewards = summary["rewards"]
     last = f"{rewards[-1]:.3f}" if rewards else "n/a"
-    typer.echo(f"wrote adapter to {output_dir} ({summary['global_step']} steps, last mean reward {last})")
+    typer.echo(
+        f"wrote adapter to {settings.output_dir} ({summary['global_step']} steps, last mean reward {last})"
+    )
+
+
+@app.command()
+def curriculum(
+    recipe: Annotated[
+        str, typer.Argument(help="A YAML file or a shipped curriculum (demo-tiny, qwen2.5-vl-7b).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: the recipe's output_dir).")
+    ] = None,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(help="Train every stage on these datasets (the recipe's top-level `datasets`); repeat."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Re-run the stages whose settings changed since they ran, and those after.")
+    ] = False,
+) -> None:
+    """Staged post-training: SFT / GRPO stages in order, each from the last one's weights, each evaluated."""
+    from finer.train import curriculum as staged
+    from finer.train.sft import load_recipe
+
+    given: dict[str, object] = {"output_dir": str(out) if out else None, "datasets": dataset}
+    given = {key: value for key, value in given.items() if value is not None}
+    if overwrite:
+        given["overwrite"] = True
+    where = f"recipe {recipe}"
+    recipe_map = load_recipe(recipe, staged.CURRICULA)
+    settings = staged.CurriculumConfig.from_sources(recipe_map, given, origin=(where, "command line"))
+    _log_progress()
+    summary = staged.run_curriculum(settings, where)
+    typer.echo(staged.format_table(summary), nl=False)
+    typer.echo(
+        f"wrote {Path(summary['output_dir']) / staged.SUMMARY_FILE}; final model: {summary['final_model']}"
+    )
+
+
+@app.command()
+def compose(
+    vision: Annotated[str, typer.Option(help="CLIP / SigLIP / DINOv2 vision encoder: Hub id or folder.")],
+    llm: Annotated[str, typer.Option(help="Causal language model: Hub id or folder.")],
+    out: Annotated[Path, typer.Option(help="New folder for the composed model and its processor.")],
+    vision_feature_layer: Annotated[
+        int, typer.Option(help="Hidden layer of the tower fed to the projector (-2: LLaVA's penultimate).")
+    ] = -2,
+    dtype: Annotated[
+        str, typer.Option(help="auto (the LLM checkpoint's), bfloat16, float16 or float32.")
+    ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the new projector's initialisation.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
+) -> None:
+    """A LLaVA-style VLM from any vision encoder and causal LM, with a new two-layer MLP projector."""
+    from finer.train.compose import ComposeConfig
+    from finer.train.compose import compose as run_compose
+
+    summary = run_compose(
+        ComposeConfig(
+            vision=vision,
+            llm=llm,
+            out=str(out),
+            overwrite=overwrite,
+            vision_feature_layer=vision_feature_layer,
+            dtype=dtype,
+            seed=seed,
+        )
+    )
+    height, width = summary["image_size"]
+    typer.echo(
+        f"wrote {summary['out']}: {summary['encoder']} tower ({summary['vision_feature_select_strategy']}, "
+        f"{summary['image_tokens']} image tokens at {height}x{width}) + new projector + {llm}, "
+        f"{summary['dtype']}; pretrain it with `finer finetune --config pretrain --model {out}`"
+    )
+
+
+@app.command()
+def ablate(
+    grid: Annotated[Path, typer.Argument(help="Grid YAML: vision, llm, pretrain, format axes and settings.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the grid's `out`).")] = None,
+) -> None:
+    """Compose, pretrain, fine-tune and evaluate every vision x LLM x pretraining x format cell."""
+    from finer.train.ablate import load_grid, run_grid
+
+    settings = load_grid(grid, out)
+    _log_progress()
+    result = run_grid(settings)
+    typer.echo(Path(result["files"]["md"]).read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"wrote {result['out']}/results.md, .csv, .json and .png")
+    if result["failed"]:
+        typer.echo(
+            f"{result['failed']} of {len(result['cells'])} cells failed (tracebacks in their error.log); "
+            "run the same command again to retry them",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

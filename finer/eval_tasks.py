@@ -1,8 +1,9 @@
 """What to ask about each image in each evaluation mode (DESIGN §1, "Prompts"), and how it is keyed.
 
-`EvalPlan` turns one image row and one label level into a `Task`: the rendered first turn, for
-attribute seeking the second turn built from the model's first answer, the image to show, and the
-record to save beside the answer. Every choice a prompt depends on is recorded in the task's key, so a
+`EvalPlan` turns one image row and one label level into a `Task`: the rendered first turn, the later
+turns built from the model's own earlier answers (attribute seeking; the `finer` replay of the training
+conversation), the image to show, and the record to save beside the answer.
+Every choice a prompt depends on is recorded in the task's key, so a
 resumed run never reuses an answer to a different question. Multiple-choice options are seeded per image
 and level, not per run, so that `--limit`, resumes and batch order never change which options an image gets.
 """
@@ -21,11 +22,25 @@ from PIL import Image
 from finer.cache import cache_key
 from finer.errors import FinerError
 from finer.prompts import render
-from finer.scoring import LEVELS, strict_em
+from finer.scoring import LEVELS, extract_answer, strict_em
 
-__all__ = ["CLOSED_LIST_SOURCES", "MODES", "EvalPlan", "LabelPool", "Task", "choice_options", "closed_list"]
+__all__ = [
+    "CLOSED_LIST_SOURCES",
+    "FINER_LEVELS",
+    "MODES",
+    "MODE_TEMPLATES",
+    "EvalPlan",
+    "LabelPool",
+    "Task",
+    "choice_options",
+    "closed_list",
+]
 
-MODES: tuple[str, ...] = ("direct", "attrseek", "probe", "choice")
+MODES: tuple[str, ...] = ("direct", "attrseek", "probe", "choice", "finer")
+#: The template each mode renders, where it is not the mode's own name.
+MODE_TEMPLATES: dict[str, str] = {"finer": "train_finer"}
+#: Levels the `finer` replay asks: its first question names the superordinate.
+FINER_LEVELS: tuple[str, ...] = ("coarse", "fine")
 #: Sources whose coarse level is asked as a closed list (DESIGN §1): manufacturers, car body types.
 CLOSED_LIST_SOURCES = frozenset({"fgvc-aircraft", "stanford-cars"})
 
@@ -34,15 +49,17 @@ CLOSED_LIST_SOURCES = frozenset({"fgvc-aircraft", "stanford-cars"})
 class Task:
     """One question about one image at one level, ready for a backend.
 
-    ``second`` is set in attrseek mode: the second turn's messages, given the model's first answer.
-    ``image`` loads the pixels only when the backend gets to this task.
+    ``followups`` build each later turn's messages from the model's answers so far (attrseek: one; the
+    `finer` replay at the fine level: two). ``attributes_turn`` is the index of the answer that lists
+    attributes, saved beside the prediction. ``image`` loads the pixels only when the backend gets to it.
     """
 
     key: str
     record: dict[str, Any]
     first: list[dict]
-    second: Callable[[str], list[dict]] | None
     image: Callable[[], Image.Image] | None
+    followups: tuple[Callable[[list[str]], list[dict]], ...] = ()
+    attributes_turn: int | None = None
 
 
 def _canonical(labels: str | list[str]) -> str:
@@ -152,6 +169,12 @@ class EvalPlan:
         if wanted not in (*LEVELS, "all"):
             raise FinerError(f"unknown level {wanted!r}; choose superordinate, coarse, fine or all")
         levels = list(LEVELS) if wanted == "all" else [wanted]
+        if self.mode == "finer":
+            if wanted == "superordinate":
+                raise FinerError(
+                    "--mode finer names the superordinate in its first question; ask coarse or fine"
+                )
+            return [level for level in levels if level in FINER_LEVELS]
         if self.mode != "choice":
             return levels
         askable = [level for level in levels if len(self.pools[level].labels) >= 2]
@@ -197,21 +220,23 @@ class EvalPlan:
                 superordinate=row["superordinate"],
                 coarse=_canonical(row["coarse"]),
             )
-            return Task(record["key"], record, first, None, None)
+            return Task(record["key"], record, first, None)
+        if self.mode == "finer":
+            return self._finer(record, row, level, image)
         if self.mode == "choice":
             options, answer = choice_options(
                 row, level, self.pools[level], self.run["choices"], self.run["seed"]
             )
             record.update(options=options, answer=answer)
             first = render("choice", prompts_dir=dir_, choices=options, parent=parent)
-            return Task(record["key"], record, first, None, image)
+            return Task(record["key"], record, first, image)
         closed = (record["source"], level)
         if closed not in self._closed:
             self._closed[closed] = closed_list(*closed, self.concepts)
         choices = self._closed[closed]
         if self.mode == "direct":
             first = render("direct", prompts_dir=dir_, level=level, parent=parent, choices=choices)
-            return Task(record["key"], record, first, None, image)
+            return Task(record["key"], record, first, image)
         if self.mode != "attrseek":
             raise FinerError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
 
@@ -225,4 +250,37 @@ class EvalPlan:
                 choices=choices,
             )
 
-        return Task(record["key"], record, turn(None), turn, image)
+        return Task(record["key"], record, turn(None), image, (lambda said: turn(said[0]),), 0)
+
+    def _finer(
+        self, record: dict[str, Any], row: dict[str, Any], level: str, image: Callable[[], Image.Image] | None
+    ) -> Task:
+        """The conversation of `finer finetune --format finer` (the `train_finer` template), replayed. Its
+        first question names the superordinate and asks the group (the coarse answer); at the fine level the
+        attribute and name questions follow about the model's own group (the gold group with `gold_parent`),
+        the model's earlier answers being the assistant turns. No gold fine label reaches the prompt."""
+        gold_group = _canonical(row["coarse"]) if self.run["gold_parent"] else None
+
+        def users(group: str) -> list[dict]:
+            messages = render(
+                "train_finer",
+                prompts_dir=self.prompts_dir,
+                superordinate=row["superordinate"],
+                coarse=group,
+                fine="",
+                attributes=[],
+            )
+            return [m for m in messages if m["role"] == "user"]
+
+        def turn(said: list[str]) -> list[dict]:
+            questions = users(gold_group or extract_answer(said[0]) or row["superordinate"])
+            conversation = [questions[0]]
+            for answer, question in zip(said, questions[1:], strict=False):
+                said_block = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+                conversation += [said_block, question]
+            return conversation
+
+        first = users(row["superordinate"])[:1]
+        if level == "coarse":
+            return Task(record["key"], record, first, image)
+        return Task(record["key"], record, first, image, (turn, turn), 1)

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from finer.backends import Backend, Generation, HFBackend, OpenAIBackend
 from finer.errors import FinerError
 from finer.eval_report import PREDICTIONS_FILE, write_report
-from finer.eval_tasks import MODES, EvalPlan, Task
+from finer.eval_tasks import MODE_TEMPLATES, MODES, EvalPlan, Task
 from finer.prompts import template_sha256
+from finer.train.data import crop_box
 
 __all__ = ["BACKENDS", "EvalConfig", "PredictionLog", "evaluate", "load_split"]
 
@@ -56,6 +57,7 @@ class EvalConfig:
     prompts_dir: Path | None = None
     finer_original: bool = False
     seed: int = 0
+    crop_to_bbox: bool = False
 
 
 def _check(config: EvalConfig) -> None:
@@ -164,8 +166,11 @@ class PredictionLog:
 
     def done(self, task: Task, turns: list[Generation]) -> None:
         record = dict(task.record, prediction=turns[-1].text, truncated=turns[-1].truncated)
-        if len(turns) > 1:
-            record.update(attributes=turns[0].text, attributes_truncated=turns[0].truncated)
+        if task.attributes_turn is not None:
+            said = turns[task.attributes_turn]
+            record.update(attributes=said.text, attributes_truncated=said.truncated)
+        if len(turns) > 2:  # the finer replay: the group the model named first
+            record.update(turns=[turn.text for turn in turns[:-1]])
         self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._fh.flush()
         self.answered += 1
@@ -191,6 +196,7 @@ def _make_backend(config: EvalConfig, template_hash: str) -> Backend:
             config.base_url,
             concurrency=config.concurrency,
             temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens,
             template_sha256=template_hash,
         )
     return HFBackend(
@@ -206,7 +212,7 @@ def _make_backend(config: EvalConfig, template_hash: str) -> Backend:
 def _run_identity(config: EvalConfig, template_hash: str) -> dict[str, Any]:
     """What every answer of this run depends on besides its image and level: part of each key and record.
 
-    The seed only matters for choice distractors and sampling, the token limit only where it is applied.
+    The seed only matters for choice distractors and sampling.
     """
     return {
         "model": config.model,
@@ -219,7 +225,8 @@ def _run_identity(config: EvalConfig, template_hash: str) -> dict[str, Any]:
         "choices": config.choices if config.mode == "choice" else None,
         "seed": config.seed if config.mode == "choice" or config.temperature > 0 else None,
         "temperature": config.temperature,
-        "max_new_tokens": config.max_new_tokens if config.backend == "hf" else None,
+        "max_new_tokens": config.max_new_tokens,
+        **({"crop_to_bbox": True} if config.crop_to_bbox else {}),
     }
 
 
@@ -232,6 +239,7 @@ def evaluate(config: EvalConfig, backend: Backend | None = None) -> dict[str, An
     _check(config)
     columns = list(LABEL_COLUMNS)
     columns += ["attributes_required"] if config.mode == "probe" else ["image"]
+    columns += ["bbox"] if config.crop_to_bbox else []
     rows_ds, concepts = load_split(config.dataset, config.split, columns)
     if config.limit is not None:
         rows_ds = rows_ds.select(range(min(config.limit, rows_ds.num_rows)))
@@ -246,12 +254,14 @@ def evaluate(config: EvalConfig, backend: Backend | None = None) -> dict[str, An
             )
         if bare:
             warnings.append(f"probe: {bare} of {len(rows)} rows have no attributes; asked with none")
-    image_column = None if config.mode == "probe" else rows_ds.select_columns(["image"])
+    pixels = ["image", *(["bbox"] if config.crop_to_bbox else [])]
+    image_column = None if config.mode == "probe" else rows_ds.select_columns(pixels)
 
     def image(index: int) -> Image.Image:
-        return image_column[index]["image"]  # type: ignore[index]
+        row = image_column[index]  # type: ignore[index]
+        return crop_box(row["image"], row.get("bbox"))
 
-    template_hash = template_sha256(config.mode, config.prompts_dir)
+    template_hash = template_sha256(MODE_TEMPLATES.get(config.mode, config.mode), config.prompts_dir)
     plan = EvalPlan(
         run=_run_identity(config, template_hash),
         concepts=concepts,

@@ -31,6 +31,7 @@ from finer.prompts import to_openai
 
 __all__ = [
     "CACHE_NAMESPACE",
+    "Reply",
     "DEFAULT_MODEL",
     "OPTIONAL_PARAMETERS",
     "PRICES",
@@ -71,6 +72,7 @@ PRICES: dict[str, tuple[float, float]] = {
 OPTIONAL_PARAMETERS: dict[str, tuple[str, ...]] = {
     "response_format": ("response_format", "json_schema"),
     "temperature": ("temperature",),
+    "max_tokens": ("max_tokens",),
 }
 _SNAPSHOT = re.compile(r"(.+?)(?:-\d{4}-\d{2}-\d{2})?")
 _SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_-]{2})[A-Za-z0-9_-]+|(Bearer\s+)\S+")
@@ -184,6 +186,14 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coroutine).result()
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A reply's text, and whether the endpoint stopped it at its token limit instead of at its end."""
+
+    text: str
+    truncated: bool = False
+
+
 class ChatClient:
     """One model at one endpoint for one run: `async with ChatClient(...) as chat: await chat.complete(...)`.
 
@@ -253,9 +263,23 @@ class ChatClient:
         `schema` (a JSON schema for one object) asks for structured output where the endpoint takes it.
         Raises `CallFailed` when this call failed after retries, `EndpointError` when no call can succeed.
         """
+        return (await self.reply(messages, template_sha256=template_sha256, schema=schema)).text
+
+    async def reply(
+        self,
+        messages: list[dict],
+        *,
+        template_sha256: str,
+        schema: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+    ) -> Reply:
+        """`complete`, with whether the reply was cut at the token limit (finish reason "length"): the
+        endpoint's own, or `max_tokens` where the endpoint takes it."""
         request: dict[str, Any] = {"model": self.model, "messages": messages}
         if self.temperature is not None:
             request["temperature"] = self.temperature
+        if max_tokens is not None:
+            request["max_tokens"] = max_tokens
         if schema is not None:
             request["response_format"] = {
                 "type": "json_schema",
@@ -266,10 +290,11 @@ class ChatClient:
         cached = self.cache.get(CACHE_NAMESPACE, key)
         if isinstance(cached, dict) and isinstance(cached.get("text"), str):
             self.usage.cache_hits += 1
-            return cached["text"]
+            return Reply(cached["text"], bool(cached.get("truncated")))
         async with self._slots:
             response = await self._create(request)
         text = (response.choices[0].message.content if response.choices else None) or ""
+        truncated = bool(response.choices) and response.choices[0].finish_reason == "length"
         tokens = response.usage
         prompt_tokens = tokens.prompt_tokens if tokens else 0
         completion_tokens = tokens.completion_tokens if tokens else 0
@@ -277,9 +302,14 @@ class ChatClient:
         self.cache.put(
             CACHE_NAMESPACE,
             key,
-            {"text": text, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+            {
+                "text": text,
+                "truncated": truncated,
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+            },
         )
-        return text
+        return Reply(text, truncated)
 
     async def _create(self, request: dict[str, Any]) -> Any:
         """One chat completion (the client retries inside). A 400 that names an optional parameter

@@ -89,7 +89,9 @@ def fetch_knowledge(
     Concepts sharing a fine name and superordinate are looked up once, at most `concurrency` at a time;
     finished lookups go to `cache` (the default cache when None), so a re-run sends no request. A lookup
     that still fails after `max_retries` retries (backoff from `retry_base` seconds) leaves its concepts
-    `missing` and is listed in the returned stats, never raised: one bad page must not sink a build.
+    `missing` and is listed in the returned stats, never raised: one bad page must not sink a build. Only
+    an endpoint that cannot be reached at all (no lookup has got through and one fails on the connection)
+    stops the run, with a `FinerError`: otherwise every concept would wait out its retries for nothing.
     `sections` maps a superordinate to its preferred section names (see `DEFAULT_SECTIONS`); `api_url`
     may contain `{lang}`.
     """
@@ -127,15 +129,22 @@ def fetch_knowledge(
                 settle(members, Knowledge(**cached), "cached")
             else:
                 pending[pool.submit(fetcher.fetch, query)] = (key, members)
+        reached = False
         for future in as_completed(pending):
             key, members = pending[future]
             try:
                 knowledge = future.result()
             except Exception as err:  # whatever sank this lookup is this lookup's, not the build's
                 reason = _describe(err)
+                if not reached and _unreachable(err):
+                    raise FinerError(
+                        f"wikipedia: cannot reach {url} ({reason}); check the network, pass --wiki-api URL "
+                        "of a reachable mirror, or build with --no-knowledge"
+                    ) from None
                 stats.failures.extend({"concept_id": c.concept_id, "reason": reason} for c in members)
                 settle(members, Knowledge(text="", status="missing"), "failed")
                 continue
+            reached = True
             cache.put(CACHE_NAMESPACE, key, dataclasses.asdict(knowledge))
             settle(members, knowledge, knowledge.status)
     finally:
@@ -288,6 +297,12 @@ def _retryable(err: Exception) -> bool:
     if isinstance(err, _ReplyError):
         return err.retryable
     return isinstance(err, (wikipediaapi.WikiHttpTimeoutError, wikipediaapi.WikiConnectionError))
+
+
+def _unreachable(err: BaseException) -> bool:
+    """The lookup never got a reply: the connection failed or timed out on every attempt."""
+    cause = err.__cause__ if isinstance(err, _LookupFailed) else err
+    return isinstance(cause, (wikipediaapi.WikiHttpTimeoutError, wikipediaapi.WikiConnectionError))
 
 
 def _describe(err: BaseException) -> str:

@@ -20,6 +20,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoUrl
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from typer.testing import CliRunner
 
@@ -32,8 +33,6 @@ from finer.model_cards import push_adapter
 from finer.prompts import render
 from finer.scoring import extract_answer
 from finer.testing import tiny_image, tiny_vlm_path
-
-torch.set_num_threads(1)
 
 MAX_NEW_TOKENS = 6
 REPO_ID = "someone/tiny-llava-finer-lora"
@@ -299,3 +298,23 @@ def test_finetune_push_without_token_fails_before_training(monkeypatch: pytest.M
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(FinerError, match="--push-to-hub: no Hugging Face token"):
         CliRunner().invoke(app, ["finetune", "--push-to-hub", "someone/x"], catch_exceptions=False)
+
+
+def test_a_b_matrix_saved_zero_is_fine_one_that_did_not_load_is_not(base: Path, tmp_path: Path) -> None:
+    trained = tmp_path / "trained"
+    _make_adapter(base, trained, trained=True)
+    config_file = trained / "adapter_config.json"  # as `finer finetune` saves it: B starts at zero
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "init_lora_weights": True}))
+    file = trained / "adapter_model.safetensors"
+    tensors = load_file(file)
+    first_b = sorted(key for key in tensors if ".lora_B." in key)[0]
+
+    untouched = dict(tensors, **{first_b: torch.zeros_like(tensors[first_b])})  # a layer without gradient
+    save_file(untouched, file)
+    load_adapter(trained, device="cpu")
+
+    renamed = dict(tensors)
+    renamed[first_b.replace("q_proj", "x_proj")] = renamed.pop(first_b)  # this one never reaches the model
+    save_file(renamed, file)
+    with pytest.raises(FinerError, match="1 of 4 LoRA B matrices are all zero"):
+        load_adapter(trained, device="cpu")

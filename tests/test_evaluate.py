@@ -17,12 +17,13 @@ from typing import Any
 import datasets
 import pytest
 
-from finer.backends import HFBackend, OpenAIBackend, image_data_url
+from finer.backends import Generation, HFBackend, OpenAIBackend, image_data_url
 from finer.build import BuildConfig, build
 from finer.cli import main
 from finer.errors import FinerError
 from finer.eval_tasks import EvalPlan, choice_options
 from finer.evaluation import EvalConfig, evaluate
+from finer.prompts import render
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.testing.fake_openai import FakeOpenAI, Fault
 
@@ -34,17 +35,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "demo"
     build(BuildConfig(source="demo", out=out, splits=["test"], limit_per_class=2))
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they spin: 4x slower here."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +57,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 # --- local models -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["direct", "attrseek", "probe", "choice"])
+@pytest.mark.parametrize("mode", ["direct", "attrseek", "probe", "choice", "finer"])
 def test_hf_every_mode(mode: str, demo: Path, tmp_path: Path) -> None:
     config = EvalConfig(
         dataset=str(demo),
@@ -78,7 +68,7 @@ def test_hf_every_mode(mode: str, demo: Path, tmp_path: Path) -> None:
         max_new_tokens=4,
     )
     result = evaluate(config)
-    levels = ["coarse", "fine"] if mode == "choice" else ["superordinate", "coarse", "fine"]
+    levels = ["coarse", "fine"] if mode in ("choice", "finer") else ["superordinate", "coarse", "fine"]
     assert result["asked"] == result["answered"] == 4 * len(levels) and result["failed"] == 0
     saved = records(tmp_path)
     assert Counter(r["level"] for r in saved) == dict.fromkeys(levels, 4)
@@ -225,13 +215,34 @@ def test_prompts_per_mode_gold_parent_and_closed_lists() -> None:
 
     seek = plan("attrseek").task(0, row, "coarse")
     assert [m["role"] for m in seek.first] == ["user"] and seek.image is not None
-    second = seek.second("Attributes: winglets; twin engines")  # type: ignore[misc]
+    assert len(seek.followups) == 1 and seek.attributes_turn == 0
+    second = seek.followups[0](["Attributes: winglets; twin engines"])
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
     assert second[1]["content"][0]["text"] == "Attributes: winglets; twin engines"
 
     probe = plan("probe").task(0, row, "fine")
     assert probe.image is None and "<image>" not in text_of(probe.first)
     assert "- winglets" in text_of(probe.first) and 'from the group "Boeing"' in text_of(probe.first)
+
+
+def test_finer_mode_replays_the_training_conversation_about_the_models_own_group() -> None:
+    row = row_of(AIRCRAFT[2])  # a Boeing 737-800
+    coarse, fine = (plan("finer").task(0, row, level) for level in ("coarse", "fine"))
+    assert coarse.first == fine.first and not coarse.followups and coarse.image is not None
+    assert [m["role"] for m in fine.first] == ["user"] and "What kind of Airplane" in text_of(fine.first)
+    said = ["It is a jet. Answer: Airbus", "Attributes: winglets; twin engines"]
+    second, third = fine.followups[0](said[:1]), fine.followups[1](said)
+    assert [m["role"] for m in third] == ["user", "assistant", "user", "assistant", "user"]
+    assert third[:3] == second and [m["content"][0]["text"] for m in third[1::2]] == said
+    # exactly the training template's questions, asked about the group the model named
+    training = render("train_finer", superordinate="Airplane", coarse="Airbus", fine="", attributes=[])
+    assert third[::2] == [m for m in training if m["role"] == "user"]
+    assert fine.attributes_turn == 1
+    gold = plan("finer", gold_parent=True).task(0, row, "fine").followups[1](said)
+    assert "Look closely at the Boeing" in text_of(gold) and "Airbus" not in text_of(gold[2:])
+    assert plan("finer").levels("all") == ["coarse", "fine"]
+    with pytest.raises(FinerError, match="names the superordinate"):
+        plan("finer").levels("superordinate")
 
 
 def test_choice_distractors_siblings_first_seeded_gold_once() -> None:
@@ -277,7 +288,7 @@ class Scripted:
         first = row["image_id"].endswith("/000")
         question = messages[-1]["content"]
         question = question if isinstance(question, str) else " ".join(b.get("text", "") for b in question)
-        if len(messages) == 1 and "visible features" in question:
+        if "visible features" in question:
             return "Attributes: blue back; white belly"
         if row["image_id"] in self.broken:
             return Fault(status=500, message="internal server error", headers=(("retry-after-ms", "1"),))
@@ -351,6 +362,30 @@ def test_openai_attrseek_keeps_its_own_attributes(demo: Path, tmp_path: Path) ->
     )
     assert all(r["attributes"] == "Attributes: blue back; white belly" for r in records(tmp_path))
     assert {level: v["em"] for level, v in result["runs"][0]["levels"].items()} == EXPECTED
+
+
+def test_openai_finer_mode_asks_about_the_models_own_group(demo: Path, tmp_path: Path) -> None:
+    with FakeOpenAI(Scripted(demo)) as server:
+        config = EvalConfig(
+            dataset=str(demo),
+            out=tmp_path,
+            model="vlm-1",
+            backend="openai",
+            base_url=server.url,
+            mode="finer",
+        )
+        result = evaluate(config)
+    # one first turn per image, shared by its two levels; then two more turns at the fine level
+    assert server.count == ROWS + 2 * ROWS
+    levels = result["runs"][0]["levels"]
+    assert {level: v["em"] for level, v in levels.items()} == {"coarse": 0.5, "fine": 0.125}
+    asked = [r["json"]["messages"] for r in server.requests if len(r["json"]["messages"]) == 3]
+    groups = Counter(
+        m[2]["content"].split(" in this image")[0].removeprefix("Look closely at the ") for m in asked
+    )
+    assert groups == {"Sparrow": ROWS // 2, "Chickadee": 2, "Oriole": 2, "Tanager": 2, "Warbler": 2}
+    fine = [r for r in records(tmp_path) if r["level"] == "fine"]
+    assert all(r["attributes"] == "Attributes: blue back; white belly" and len(r["turns"]) == 2 for r in fine)
 
 
 def test_openai_faults_retry_and_failed_calls_are_asked_again(demo: Path, tmp_path: Path) -> None:
@@ -499,3 +534,42 @@ def test_bad_input_is_one_line_exit_2(demo: Path, tmp_path: Path, capsys: pytest
         code, _, err = run_cli([*argv, "--out", str(tmp_path / "o")], capsys)
         assert code == 2 and len(err.splitlines()) == 1
         assert "refused an image for model 'text-only'" in err and "--mode probe" in err
+
+
+class Sizes:
+    """A backend that answers nothing useful and records the size of every image it is shown."""
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[int, int]] = []
+
+    def run(self, tasks: Any, sink: Any) -> None:
+        for task in tasks:
+            self.sizes.append(task.image().size)
+            sink.done(task, [Generation("Answer: nothing", False)])
+
+
+def test_crop_to_bbox_shows_the_box_and_keys_apart(demo: Path, tmp_path: Path) -> None:
+    rows = datasets.load_from_disk(str(demo))["test"].select(range(3))
+    boxes = [(round(x + w) - round(x), round(y + h) - round(y)) for x, y, w, h in rows["bbox"]]
+    whole, cropped = Sizes(), Sizes()
+    base = {"dataset": str(demo), "out": tmp_path, "model": "m", "limit": 3, "level": "fine"}
+    evaluate(EvalConfig(**base), backend=whole)
+    evaluate(EvalConfig(**base, crop_to_bbox=True), backend=cropped)  # same folder: new keys, asked again
+    assert cropped.sizes == boxes and whole.sizes == [im.size for im in rows["image"]] != boxes
+    assert len(records(tmp_path)) == 6
+
+
+def test_openai_answers_cut_at_the_token_limit_are_flagged(demo: Path, tmp_path: Path) -> None:
+    def verbose(request: dict[str, Any]) -> str:
+        return "Let me think about the plumage first. Answer: Bird"  # nine words
+
+    with FakeOpenAI(verbose) as server:
+        config = EvalConfig(
+            dataset=str(demo), out=tmp_path, model="m", backend="openai", base_url=server.url, limit=2
+        )
+        evaluate(config, backend=OpenAIBackend("m", server.url, max_new_tokens=5))
+        assert {r["json"]["max_tokens"] for r in server.requests} == {5}
+        assert all(r["truncated"] and r["prediction"].count(" ") == 4 for r in records(tmp_path))
+        long_enough = tmp_path / "long"
+        evaluate(EvalConfig(**{**config.__dict__, "out": long_enough}))  # the default limit, 128
+    assert not any(r["truncated"] for r in records(long_enough))

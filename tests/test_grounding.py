@@ -18,7 +18,6 @@ from typing import Any
 
 import datasets
 import pytest
-import torch
 from layouts import GARBAGE
 from PIL import Image, ImageStat
 
@@ -30,8 +29,6 @@ from finer.knowledge import Exemplars, KnowledgeOptions
 from finer.schema import Concept
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage
 from finer.testing.fake_openai import FakeOpenAI
-
-torch.set_num_threads(1)
 
 # --- the endpoint, scripted by image ----------------------------------------------------------------
 

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from finer.build import BuildConfig, build
@@ -25,8 +24,6 @@ from finer.train.rewards import (
     format_reward,
     parse_reward_weights,
 )
-
-torch.set_num_threads(1)
 
 OWL = {
     "superordinate": "Bird",

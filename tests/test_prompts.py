@@ -34,6 +34,7 @@ EXAMPLES: dict[str, dict] = {
     "coarse_label": {"fine": "Pine Grosbeak", "superordinate": "Bird"},
     "ground_attributes": {"attributes": ["ear tufts", "yellow eyes"], "superordinate": "Bird"},
     "train_direct": {"coarse": "Owl", "fine": "Great Horned Owl"},
+    "train_caption": {"superordinate": "Bird", "coarse": "Owl", "fine": "Great Horned Owl"},
     "train_finer": {
         "superordinate": "Bird",
         "coarse": "Owl",

@@ -7,11 +7,15 @@ ordinary `api_url`; only the far end of the wire is fake.
 from __future__ import annotations
 
 import email.utils
+import socket
 import time
 from pathlib import Path
 
+import pytest
+
 import finer
 from finer.cache import Cache
+from finer.errors import FinerError
 from finer.schema import Concept
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage, Fault
 from finer.wiki import WikiStats, _retry_after, fetch_knowledge
@@ -245,3 +249,15 @@ def test_retry_after_http_date() -> None:
     assert 28 <= (_retry_after(when) or 0) <= 30
     assert _retry_after("7") == 7.0
     assert _retry_after("soon") is None
+
+
+def test_an_unreachable_endpoint_stops_the_run_at_once(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on: every connection is refused
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/w/api.php"
+    concepts = [bird(f"b{i}", f"Bird {i}") for i in range(50)]
+    started = time.perf_counter()
+    with pytest.raises(FinerError, match=r"cannot reach .*127\.0\.0\.1.*--wiki-api.*--no-knowledge") as err:
+        fetch_knowledge(concepts, api_url=url, progress=False, retry_base=0.001, cache=Cache(tmp_path / "c"))
+    assert "connection failed" in str(err.value) and "\n" not in str(err.value)
+    assert time.perf_counter() - started < 10

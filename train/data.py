@@ -1,11 +1,11 @@
 """Built datasets → TRL conversational vision-language rows, with every sample accounted for.
 
-A training row is `messages` (from the `train_direct` / `train_finer` templates) and `image`, the built
-dataset's own image column: TRL's vision collator takes a single `image` as `images=[image]`, and keeping the
-column as it is avoids decoding or rewriting any pixels here. The labels the collator needs are inside the
-conversation; `source` rides along for the counts, and `bbox` for `crop_to_boxes`, which crops when a row is
-read. The trainer runs with `remove_unused_columns=False`: TRL's column pruning would drop `bbox` before the
-crop reads it, and the collator ignores the keys it does not use.
+A training row is `messages` (from the `train_direct` / `train_finer` / `train_caption` templates) and
+`image`, the built dataset's own image column: TRL's vision collator takes a single `image` as
+`images=[image]`, and keeping the column as it is avoids decoding or rewriting any pixels here. The labels
+the collator needs are inside the conversation; `source` rides along for the counts, and `bbox` for
+`crop_to_boxes`, which crops when a row is read. The trainer runs with `remove_unused_columns=False`: TRL's
+column pruning would drop `bbox` before the crop reads it, and the collator ignores the keys it does not use.
 
 Nothing is truncated: TRL would cut a long conversation at `max_length` wherever it falls, image tokens
 included. Instead `drop_too_long` measures each conversation with the trainer's own collator and drops the
@@ -30,6 +30,7 @@ __all__ = [
     "Mixture",
     "attribute_column",
     "conversations",
+    "crop_box",
     "crop_to_boxes",
     "drop_too_long",
     "load_mixture",
@@ -38,7 +39,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Format = Literal["direct", "finer"]
+Format = Literal["direct", "finer", "caption"]
 AttributeMode = Literal["auto", "visible", "required"]
 
 #: How to fill each attribute column when a dataset lacks it (named in the error).
@@ -59,8 +60,14 @@ class Mixture:
     attributes: str | None = None
 
     def summary(self) -> dict[str, dict[str, int]]:
+        """Per source: rows read, held out, too long, trained (and, for instruction data, the rows skipped
+        as unusable and not sampled); the parts add up to `rows`."""
         keys = ("rows", "held_out", "too_long", "trained")
-        return {source: {k: count[k] for k in keys} for source, count in sorted(self.counts.items())}
+        extra = ("skipped", "not_sampled")
+        return {
+            source: {k: count[k] for k in keys} | {k: count[k] for k in extra if k in count}
+            for source, count in sorted(self.counts.items())
+        }
 
 
 def load_split(spec: str, split: str) -> datasets.Dataset:
@@ -100,11 +107,13 @@ def crop_to_boxes(batch: dict[str, list]) -> dict[str, list]:
     A query for other columns passes through untouched.
     """
     if "image" in batch and "bbox" in batch:
-        batch["image"] = [_crop(image, box) for image, box in zip(batch["image"], batch["bbox"], strict=True)]
+        pairs = zip(batch["image"], batch["bbox"], strict=True)
+        batch["image"] = [crop_box(image, box) for image, box in pairs]
     return batch
 
 
-def _crop(image: Any, box: list[float] | None) -> Any:
+def crop_box(image: Any, box: list[float] | None) -> Any:
+    """`image` cropped to `box` (x, y, w, h), or as it is without one."""
     if not box:
         return image
     x, y, w, h = box
@@ -124,6 +133,8 @@ def conversations(
     Only the label columns are read (images stay undecoded); rows of one concept share one rendering.
     """
     columns = [*_LABELS, *([attributes] if attributes else [])]
+    if fmt == "caption" and "caption" in ds.column_names:  # a dataset's own captions, where it has them
+        columns.append("caption")
     values = ds.select_columns(columns).to_dict()
     cache: dict[tuple, list[dict]] = {}
     messages = []
@@ -142,6 +153,8 @@ def _render(row: dict[str, Any], fmt: Format, attributes: str | None, prompts_di
     labels = {"superordinate": row["superordinate"], "coarse": row["coarse"][0], "fine": row["fine"][0]}
     if fmt == "finer":
         return render("train_finer", prompts_dir=prompts_dir, attributes=row[attributes], **labels)
+    if fmt == "caption":
+        return render("train_caption", prompts_dir=prompts_dir, caption=row.get("caption"), **labels)
     return render("train_direct", prompts_dir=prompts_dir, **labels)
 
 
@@ -209,7 +222,8 @@ def drop_too_long(mixture: Mixture, measure: Callable[[dict], int], max_length: 
                 too_long[row["source"]] += 1
     for source, count in mixture.counts.items():
         count["too_long"] = too_long[source]
-        count["trained"] = count["rows"] - count["held_out"] - count["too_long"]
+        unused = count["held_out"] + count["too_long"] + count["skipped"] + count["not_sampled"]
+        count["trained"] = count["rows"] - unused
     if too_long:
         logger.warning(
             "dropped %d conversation(s) longer than --max-length %d tokens (longest %d): %s",

@@ -1,59 +1,41 @@
-"""A quick check that a fine-tuned model really learned: generate on a split, score the fine level.
+"""A quick check that a fine-tuned model really learned, on the evaluation harness's own path.
 
-The questions are the training template's, and the model's own answers are fed forward: in the FINER format it
-first names the group, then lists attributes of *its* group, then names the species; in the direct format the
-question names only the superordinate. Nothing of the gold coarse or fine label reaches the prompt, so the
-accuracy measures what the model reads from the image. Scoring is `finer.scoring.score` at level fine (and
-coarse for the first FINER turn). The evaluation harness can take this path over.
+The questions and the generation are those of `finer eval` (`finer.eval_tasks.EvalPlan`, `finer.backends.
+HFBackend`), run on the model still in memory: `--format finer` is scored with `finer eval --mode finer` (the
+training conversation replayed: the model names the group, lists attributes of *its* group, then names the
+species), `--format direct` with `finer eval --mode direct --level fine`. Nothing of the gold coarse or fine
+label reaches the prompt, so the accuracy measures what the model reads from the image. Scoring is
+`finer.scoring.score` (modified EM) at the fine level, and at the coarse level for the first FINER turn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 
-from finer.prompts import render
-from finer.scoring import extract_answer, score
+from finer.backends import Generation, HFBackend
+from finer.eval_tasks import FINER_LEVELS, EvalPlan, Task
+from finer.scoring import score
 
-__all__ = ["evaluate_fine", "generate"]
+__all__ = ["evaluate_fine"]
 
-
-@torch.no_grad()
-def generate(
-    model: Any, processor: Any, conversations: Sequence[list[dict]], max_new_tokens: int
-) -> list[str]:
-    """Greedy continuations of a batch of conversations (images inside their content blocks)."""
-    inputs = processor.apply_chat_template(
-        list(conversations),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    ).to(model.device)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+_COLUMNS = ("image_id", "source", "superordinate", "coarse", "fine")
 
 
-def _user_turns(fmt: str, superordinate: str, coarse: str, prompts_dir: str | Path | None) -> list[dict]:
-    """The user messages of the training conversation, asked about `coarse` (the model's own group)."""
-    name = "train_finer" if fmt == "finer" else "train_direct"
-    extra = {"attributes": []} if fmt == "finer" else {}
-    messages = render(
-        name, prompts_dir=prompts_dir, superordinate=superordinate, coarse=coarse, fine="", **extra
-    )
-    return [m for m in messages if m["role"] == "user"]
+class _Answers:
+    """A `finer.backends.Sink` that keeps every answer in memory, by task key."""
 
+    def __init__(self) -> None:
+        self.turns: dict[str, list[Generation]] = {}
+        self.failures: list[str] = []
 
-def _with_image(message: dict, image: Any) -> dict:
-    content = [
-        {**block, "image": image} if block["type"] == "image" else block for block in message["content"]
-    ]
-    return {**message, "content": content}
+    def done(self, task: Task, turns: list[Generation]) -> None:
+        self.turns[task.key] = turns
+
+    def failed(self, task: Task, reason: str) -> None:
+        self.failures.append(reason)
 
 
 def evaluate_fine(
@@ -66,43 +48,49 @@ def evaluate_fine(
     max_new_tokens: int = 128,
     prompts_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Fine-level modified-EM accuracy of `model` on `ds` (FINER format: the first turn's group too)."""
-    was_training = model.training
+    """Fine-level modified-EM accuracy of `model` on `ds` (FINER format: the first turn's group too).
+
+    `ds` holds the contract's label columns and `image`; a transform on it (cropping to boxes) applies to
+    the images the model sees.
+    """
+    mode = "finer" if fmt == "finer" else "direct"
+    levels = FINER_LEVELS if mode == "finer" else ("fine",)
+    rows = ds.with_format(None).select_columns(list(_COLUMNS)).to_list()
+    plan = EvalPlan(
+        run={"mode": mode, "gold_parent": False},
+        concepts=rows,
+        images=lambda index: ds[index]["image"],
+        prompts_dir=prompts_dir,
+    )
+    tasks = [plan.task(i, row, level) for i, row in enumerate(rows) for level in levels]
+    tokenizer = processor.tokenizer
+    padding_side, was_training = tokenizer.padding_side, model.training
     model.eval()
-    fine_hits, coarse_hits, samples = [], [], []
-    for start in range(0, len(ds), batch_size):
-        rows = ds[start : start + batch_size]  # a slice, so that a dataset transform (cropping) applies
-        supers, images = rows["superordinate"], [im.convert("RGB") for im in rows["image"]]
-        answers: list[list[str]] = [[] for _ in supers]
-        for _ in range(3 if fmt == "finer" else 1):
-            batch = []
-            for sup, image, said in zip(supers, images, answers, strict=True):
-                group = (extract_answer(said[0]) if said else "") or sup
-                users = _user_turns(fmt, sup, group, prompts_dir)
-                conversation = [_with_image(users[0], image)]
-                for answer, user in zip(said, users[1:], strict=False):
-                    conversation += [
-                        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-                        user,
-                    ]
-                batch.append(conversation)
-            for said, text in zip(answers, generate(model, processor, batch, max_new_tokens), strict=True):
-                said.append(text.strip())
-        for i, said in enumerate(answers):
-            labels = (rows["superordinate"][i], rows["coarse"][i], rows["fine"][i])
-            fine_hits.append(score(said[-1], "fine", *labels).em)
-            if fmt == "finer":
-                coarse_hits.append(score(said[0], "coarse", *labels).em)
-            if len(samples) < 4:
-                samples.append({"fine": labels[2][0], "answers": said})
-    model.train(was_training)
-    n = len(fine_hits)
+    answers = _Answers()
+    try:
+        backend = HFBackend(model, processor=processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        backend.run(iter(tasks), answers)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+
+    hits: dict[str, list[bool]] = {level: [] for level in levels}
+    samples: list[dict[str, Any]] = []
+    for task in tasks:
+        turns = answers.turns.get(task.key)
+        level, record = task.record["level"], task.record
+        labels = (record["superordinate"], record["coarse"], record["fine"])
+        hits[level].append(bool(turns) and score(turns[-1].text, level, *labels).em)
+        if level == "fine" and turns and len(samples) < 4:
+            samples.append({"fine": record["fine"][0], "answers": [t.text for t in turns]})
+    n = len(rows)
     result: dict[str, Any] = {
         "images": n,
-        "fine_accuracy": sum(fine_hits) / n if n else 0.0,
-        "chance": 1 / len({tuple(f) for f in ds["fine"]}) if n else 0.0,
+        "fine_accuracy": sum(hits["fine"]) / n if n else 0.0,
+        "chance": 1 / len({tuple(row["fine"]) for row in rows}) if n else 0.0,
+        "failed": len(answers.failures),
         "samples": samples,
     }
-    if coarse_hits:
-        result["coarse_accuracy"] = sum(coarse_hits) / n
+    if "coarse" in hits:
+        result["coarse_accuracy"] = sum(hits["coarse"]) / n if n else 0.0
     return result

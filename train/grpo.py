@@ -31,6 +31,7 @@ from finer.eval_tasks import LabelPool, choice_options, closed_list
 from finer.prompts import render
 from finer.scoring import LEVELS
 
+from .config import SourcedConfig
 from .data import load_split
 from .families import LlmPolicy, ProjectorPolicy, VisionPolicy, check_trainable, detect_family, plan_training
 from .rewards import DEFAULT_WEIGHTS, REWARDS, check_reward_weights
@@ -45,7 +46,7 @@ _LABELS = ("superordinate", "coarse", "fine")
 
 
 @dataclass
-class GrpoConfig:
+class GrpoConfig(SourcedConfig):
     """One GRPO run. `format` "open" asks the `direct` prompt at `level`; "choice" a `choices`-way question
     (options seeded per image by `seed`, as `finer eval --mode choice` does). `reward_weights` name rewards of
     `finer.train.rewards.REWARDS` (accuracy, format, grounding). `batch_size` counts completions per device

@@ -19,18 +19,17 @@ import logging
 import os
 import shutil
 import time
-import types
-import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 import finer
 from finer.errors import FinerError
 
+from .config import SourcedConfig
 from .data import AttributeMode, Format, Mixture, crop_to_boxes, drop_too_long, load_mixture, load_split
 from .families import (
     Family,
@@ -43,8 +42,17 @@ from .families import (
     plan_training,
     resolve_chat_template,
 )
+from .instruct import mix_instructions
 
-__all__ = ["RUN_FILE", "FinetuneConfig", "build_trainer", "load_recipe", "recipe_names", "run_finetune"]
+__all__ = [
+    "RUN_FILE",
+    "FinetuneConfig",
+    "build_trainer",
+    "eval_rows",
+    "load_recipe",
+    "recipe_names",
+    "run_finetune",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +61,7 @@ RUN_FILE = "finer_run.json"
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(SourcedConfig):
     """Everything one fine-tuning run needs; field names are the recipe keys and (dashed) CLI options.
 
     `None` means "decide from the machine": bf16 where the CUDA GPU supports it, gradient checkpointing on
@@ -61,7 +69,9 @@ class FinetuneConfig:
     `crop_to_bbox` trains and evaluates on each image's annotated box, cropped when read (what `finer build
     --crop-to-bbox` would store). `tiny_model` names a `finer.testing` family to build at `model` when that
     folder is missing (the demo recipe). `eval_split`, when set, scores the trained model's generations on
-    that split at the fine level (see `finer.train.evaluate`).
+    that split at the fine level (see `finer.train.evaluate`). `instruction_data` mixes in general
+    LLaVA-style instruction conversations, `instruction_ratio` per fine-grained row (see
+    `finer.train.instruct`).
     """
 
     model: str | None = None
@@ -71,6 +81,9 @@ class FinetuneConfig:
     attributes: AttributeMode = "auto"
     split: str = "train"
     hold_out: str | None = None
+    instruction_data: str | None = None
+    instruction_images: str | None = None
+    instruction_ratio: float = 0.5
     crop_to_bbox: bool = False
     prompts_dir: str | None = None
     chat_template: str | None = None
@@ -105,66 +118,27 @@ class FinetuneConfig:
     eval_split: str | None = None
     eval_batch_size: int = 16
 
-    @classmethod
-    def from_sources(cls, *sources: dict[str, Any], origin: tuple[str, ...] = ()) -> FinetuneConfig:
-        """Defaults, then each mapping in turn (a recipe, then the command line); keys and types checked."""
-        values: dict[str, Any] = {}
-        hints = typing.get_type_hints(cls)
-        for i, source in enumerate(sources):
-            where = origin[i] if i < len(origin) else "config"
-            for key, value in source.items():
-                name = key.replace("-", "_")
-                if name not in hints:
-                    known = ", ".join(f.name for f in dataclasses.fields(cls))
-                    raise FinerError(f"{where}: unknown key {key!r}; known keys: {known}")
-                values[name] = _checked(where, name, hints[name], value)
-        return cls(**values)
+
+def recipe_names(folder: str = "recipes") -> list[str]:
+    """The recipes shipped in `finer.train/<folder>/`: `recipes` (runs), `recipes/curricula` (curricula)."""
+    shipped = _shipped(folder).iterdir()
+    return sorted(e.name.removesuffix(".yaml") for e in shipped if e.name.endswith(".yaml"))
 
 
-def _checked(where: str, name: str, hint: Any, value: Any) -> Any:
-    """`value` if it fits the field's type (an int where a float goes is widened), else a one-line error."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for option in options:
-        origin = typing.get_origin(option)
-        if option is type(None) and value is None:
-            return None
-        if origin is Literal and value in typing.get_args(option):
-            return value
-        if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if option in (int, str, bool) and type(value) is option:
-            return value
-    expected = " or ".join(_type_name(o) for o in options)
-    raise FinerError(f"{where}: {name} must be {expected}, not {value!r}")
+def _shipped(folder: str) -> Any:
+    return importlib.resources.files("finer.train").joinpath(*folder.split("/"))
 
 
-def _type_name(option: Any) -> str:
-    if typing.get_origin(option) is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(option)))
-    if typing.get_origin(option) is list:
-        return "a list of strings"
-    return "null" if option is type(None) else option.__name__
-
-
-def recipe_names() -> list[str]:
-    """The recipes shipped in `finer.train/recipes/`."""
-    folder = importlib.resources.files("finer.train") / "recipes"
-    return sorted(e.name.removesuffix(".yaml") for e in folder.iterdir() if e.name.endswith(".yaml"))
-
-
-def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
-    """A recipe's mapping, from a YAML file or by the name of a shipped recipe (`demo-tiny`)."""
+def load_recipe(name_or_path: str | Path, folder: str = "recipes") -> dict[str, Any]:
+    """A recipe's mapping, from a YAML file or by the name of a recipe shipped in `folder` (`demo-tiny`)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         text = path.read_text(encoding="utf-8")
-    elif str(name_or_path) in recipe_names():
-        resource = importlib.resources.files("finer.train") / "recipes" / f"{name_or_path}.yaml"
-        text = resource.read_text(encoding="utf-8")
+    elif str(name_or_path) in recipe_names(folder):
+        text = (_shipped(folder) / f"{name_or_path}.yaml").read_text(encoding="utf-8")
     else:
         raise FinerError(
-            f"no recipe {str(name_or_path)!r}: give a YAML file or one of {', '.join(recipe_names())}"
+            f"no recipe {str(name_or_path)!r}: give a YAML file or one of {', '.join(recipe_names(folder))}"
         )
     try:
         recipe = yaml.safe_load(text) or {}
@@ -309,6 +283,14 @@ def build_trainer(config: FinetuneConfig) -> Prepared:
         prompts_dir=config.prompts_dir,
         crop=config.crop_to_bbox,
     )
+    if config.instruction_data:
+        mix_instructions(
+            mixture,
+            config.instruction_data,
+            config.instruction_ratio,
+            images=config.instruction_images,
+            seed=config.seed,
+        )
     output_dir = _prepare_output_dir(config)
 
     gpu, bf16_capable = _on_gpu()
@@ -423,7 +405,7 @@ def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
         evaluation = evaluate_fine(
             trainer.model,
             trainer.processing_class,
-            _eval_rows(config),
+            eval_rows(config.datasets, config.eval_split, crop=config.crop_to_bbox),
             config.format,
             batch_size=config.eval_batch_size,
             prompts_dir=config.prompts_dir,
@@ -443,12 +425,13 @@ def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
     return summary
 
 
-def _eval_rows(config: FinetuneConfig) -> Any:
-    """The evaluation split of every training dataset, minus nothing: held-out sources are evaluated too."""
+def eval_rows(specs: Sequence[str], split: str, *, crop: bool = False) -> Any:
+    """The `split` of every dataset, minus nothing: held-out sources are evaluated too (cropped to boxes
+    when `crop`, as in training)."""
     import datasets
 
-    assert config.eval_split is not None
-    splits = [load_split(spec, config.eval_split) for spec in config.datasets]
-    columns = ["image", "superordinate", "coarse", "fine", *(["bbox"] if config.crop_to_bbox else [])]
+    splits = [load_split(spec, split) for spec in specs]
+    columns = ["image", "image_id", "source", "superordinate", "coarse", "fine"]
+    columns += ["bbox"] if crop else []
     rows = datasets.concatenate_datasets([ds.select_columns(columns) for ds in splits])
-    return rows.with_transform(crop_to_boxes) if config.crop_to_bbox else rows
+    return rows.with_transform(crop_to_boxes) if crop else rows

@@ -10,6 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from finer.testing.tiny_parts import (
+        TINY_LLMS,
+        TINY_VISION,
+        build_tiny_llm,
+        build_tiny_vision,
+        tiny_part_path,
+    )
     from finer.testing.tiny_vlm import (
         CHAT_TEMPLATES,
         TINY_FAMILIES,
@@ -22,16 +29,27 @@ if TYPE_CHECKING:
 __all__ = [
     "CHAT_TEMPLATES",
     "TINY_FAMILIES",
+    "TINY_LLMS",
+    "TINY_VISION",
+    "build_tiny_llm",
+    "build_tiny_vision",
     "build_tiny_vlm",
     "qwen2_vl_parts",
     "tiny_image",
+    "tiny_part_path",
     "tiny_vlm_path",
     "unavailable_reason",
 ]
-_TINY_VLM_NAMES = frozenset(__all__)
+#: Vision encoders and language models to compose (`finer compose`), from `finer.testing.tiny_parts`.
+_TINY_PART_NAMES = frozenset(
+    {"TINY_LLMS", "TINY_VISION", "build_tiny_llm", "build_tiny_vision", "tiny_part_path"}
+)
+_TINY_VLM_NAMES = frozenset(__all__) - _TINY_PART_NAMES
 
 
 def __getattr__(name: str) -> Any:
     if name in _TINY_VLM_NAMES:
         return getattr(importlib.import_module("finer.testing.tiny_vlm"), name)
+    if name in _TINY_PART_NAMES:
+        return getattr(importlib.import_module("finer.testing.tiny_parts"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -150,7 +150,10 @@ class FakeOpenAI:
         if fault.status is not None:
             error = {"error": {"message": fault.message, "type": "fake_error", "code": str(fault.status)}}
             return fault.status, dict(fault.headers), error, delay
-        content = fault.content or ""
+        content, finish = fault.content or "", "stop"
+        limit = request.get("max_completion_tokens") or request.get("max_tokens")
+        if limit is not None and len(content.split()) > limit:  # a "token" is a word here
+            content, finish = " ".join(content.split()[:limit]), "length"
         prompt_tokens = len(_text_of(request).split())
         completion_tokens = len(content.split())
         body = {
@@ -162,7 +165,7 @@ class FakeOpenAI:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
+                    "finish_reason": finish,
                 }
             ],
             "usage": {

@@ -1,0 +1,173 @@
+"""`finer ablate` on the demo data with tiny random parts: a 2x2 grid (CLIP / SigLIP x pretraining none /
+frozen) plus a broken encoder, its table and chart, shared stages, resuming, and grid-file errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from finer.build import BuildConfig, build
+from finer.cli import main
+from finer.errors import FinerError
+from finer.testing import tiny_part_path
+from finer.train.ablate import CELL_FILE, GRID_FILE, load_grid, run_grid
+from finer.train.sft import RUN_FILE
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo source, one image per species and split: 8 training and 8 test images."""
+    out = tmp_path_factory.mktemp("data") / "demo"
+    build(BuildConfig(source="demo", out=out, limit_per_class=1))
+    return out
+
+
+def _spec(demo: Path, broken: Path) -> dict[str, Any]:
+    """Two encoders and a broken one x one LM x two pretraining policies; one step per training run."""
+    steps = {"max_steps": 1, "batch_size": 4, "warmup_ratio": 0.0, "report_to": "none", "logging_steps": 1}
+    return {
+        "vision": [str(tiny_part_path("clip")), str(tiny_part_path("siglip")), str(broken)],
+        "llm": [str(tiny_part_path("llama"))],
+        "pretrain": ["none", "frozen"],
+        "format": ["direct"],
+        "datasets": [str(demo)],
+        "pretraining": steps,
+        "finetuning": {**steps, "lora_r": 8, "lora_alpha": 16},
+        "evaluation": {"limit": 2, "batch_size": 4, "max_new_tokens": 4},
+    }
+
+
+@pytest.fixture(scope="module")
+def grid(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
+    """(grid file, output folder, run_grid's result) of one run of the grid."""
+    root = tmp_path_factory.mktemp("ablate")
+    broken = root / "broken-encoder"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    path = root / "grid.yaml"
+    path.write_text(yaml.safe_dump(_spec(demo, broken)))
+    out = root / "out"
+    return path, out, run_grid(load_grid(path, out))
+
+
+def test_a_two_by_two_grid_completes_and_writes_its_table_and_chart(
+    grid: tuple[Path, Path, dict[str, Any]],
+) -> None:
+    _, out, result = grid
+    done = [r for r in result["cells"] if r["status"] == "done"]
+    assert len(result["cells"]) == 6 and len(done) == 4
+    assert {(r["vision"].endswith("clip"), r["pretrain"]) for r in done} == {
+        (True, "none"), (True, "frozen"), (False, "none"), (False, "frozen"),
+    }  # fmt: skip
+    for record in done:
+        assert (
+            set(record["scores"]) == {"coarse", "fine"}
+            and record["images"] == 2
+            and record["mode"] == "direct"
+        )
+        assert all(0 <= score <= 1 for score in record["scores"].values())
+        cell = out / "cells" / record["name"]
+        assert (cell / "finetune" / RUN_FILE).is_file() and (cell / "eval" / "predictions.jsonl").is_file()
+    table = (out / "results.md").read_text()
+    assert table.count("| part-llama |") == 6 and "| fine − coarse |" in table
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["status"] for row in rows].count("done") == 4 and {"coarse", "fine"} <= set(rows[0])
+    assert json.loads((out / "results.json").read_text()) == result["cells"]
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cells_share_their_composed_and_pretrained_models(grid: tuple[Path, Path, dict[str, Any]]) -> None:
+    """One composition per encoder x LLM, one pretraining per policy; frozen pretraining saves the projector
+    alone."""
+    _, out, _ = grid
+    assert sorted(p.name for p in (out / "models").iterdir()) == [
+        "part-clip__part-llama",
+        "part-siglip__part-llama",
+    ]
+    pretrained = sorted((out / "pretrained").iterdir())
+    assert [p.name for p in pretrained] == [
+        "part-clip__part-llama__frozen",
+        "part-siglip__part-llama__frozen",
+    ]
+    for folder in pretrained:
+        assert (folder / "model" / "config.json").is_file()
+        with safe_open(folder / "adapter" / "adapter_model.safetensors", "pt") as fh:
+            keys = list(fh.keys())
+        assert keys and all(".multi_modal_projector." in key for key in keys)
+
+
+def test_a_broken_cell_is_reported_and_the_others_finish(grid: tuple[Path, Path, dict[str, Any]]) -> None:
+    _, out, result = grid
+    failed = [r for r in result["cells"] if r["status"] != "done"]
+    assert result["failed"] == 2 and [r["pretrain"] for r in failed] == ["none", "frozen"]
+    for record in failed:
+        assert record["stage"] == "compose" and "'bert' is not a supported encoder" in record["error"]
+        assert "Traceback" in (out / "cells" / record["name"] / "error.log").read_text()
+    assert (out / "results.md").read_text().count("failed at compose: ") == 2
+
+
+def test_a_second_run_skips_finished_cells_and_retries_failed_ones(
+    grid: tuple[Path, Path, dict[str, Any]], capsys: pytest.CaptureFixture
+) -> None:
+    path, out, result = grid
+    finished = {
+        r["name"]: (out / "cells" / r["name"] / CELL_FILE).stat().st_mtime_ns for r in result["cells"]
+    }
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", str(path), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 1 and "2 of 6 cells failed" in captured.err
+    assert "| part-clip | part-llama | frozen | direct |" in captured.out
+    for record in result["cells"]:
+        stamp = (out / "cells" / record["name"] / CELL_FILE).stat().st_mtime_ns
+        assert (stamp == finished[record["name"]]) == (record["status"] == "done")
+
+
+def test_a_grid_folder_refuses_other_shared_settings(grid: tuple[Path, Path, dict[str, Any]]) -> None:
+    path, out, _ = grid
+    spec = yaml.safe_load(path.read_text())
+    spec["evaluation"]["limit"] = 3
+    other = path.with_name("other.yaml")
+    other.write_text(yaml.safe_dump(spec))
+    with pytest.raises(FinerError, match="holds a grid run with other evaluation"):
+        run_grid(load_grid(other, out))
+    assert json.loads((out / GRID_FILE).read_text())["evaluation"]["limit"] == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": "red"}, "unknown key 'colour'"),
+        ({"vision": []}, "`vision` is empty"),
+        ({"pretrain": ["half"]}, "pretrain must be a list of"),
+        ({"finetuning": {"model": "x"}}, "`finetuning` may not set model"),
+        ({"pretraining": {"train_llm": "full"}}, "`pretraining` may not set train_llm"),
+        ({"finetuning": {"lora_r": "big"}}, "lora_r must be int"),
+        ({"evaluation": {"mode": "choice"}}, "`evaluation` has unknown key(s) mode"),
+        ({"compose": {"dtype": 16}}, "dtype must be str"),
+        ({"llm": ["a/tiny", "b/tiny"]}, "two `llm` entries share a folder name"),
+    ],
+)
+def test_bad_grid_files_fail_in_one_line(change: dict[str, Any], message: str, tmp_path: Path) -> None:
+    spec = {"vision": ["openai/clip"], "llm": ["lmsys/vicuna"], "datasets": ["data/demo"], **change}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(FinerError) as info:
+        load_grid(path, tmp_path / "out")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_grid_needs_an_output_folder(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"vision": ["v"], "llm": ["l"], "datasets": ["d"]}))
+    with pytest.raises(FinerError, match="no output folder; pass --out DIR"):
+        load_grid(path)
+    assert load_grid(path, tmp_path / "out").out == str(tmp_path / "out")

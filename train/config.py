@@ -1,0 +1,101 @@
+"""Run configs filled from layered mappings (a recipe, then the command line), TRL style.
+
+A config is a dataclass whose field names are the recipe keys (and, dashed, the CLI options). Recipes are
+hand-written YAML, so a misspelt key or a value of the wrong type must fail in one line naming the key and
+the mapping it came from, before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Self
+
+from finer.errors import FinerError
+
+__all__ = ["SourcedConfig"]
+
+#: What `_fit` returns for a value that does not fit a type (None is a legitimate value).
+_MISMATCH = object()
+
+
+class SourcedConfig:
+    """Base of the training configs (`FinetuneConfig`, `GrpoConfig`, `CurriculumConfig`): `from_sources`."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The field names, in declaration order: the keys a recipe may set."""
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_sources(cls, *sources: dict[str, Any], origin: tuple[str, ...] = ()) -> Self:
+        """Defaults, then each mapping in turn (a recipe, then the command line); keys and types checked.
+
+        `origin[i]` names `sources[i]` in errors ("recipe x.yaml", "command line"); dashes in keys are
+        read as underscores.
+        """
+        values: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
+        for i, source in enumerate(sources):
+            where = origin[i] if i < len(origin) else "config"
+            for key, value in source.items():
+                name = key.replace("-", "_")
+                if name not in hints:
+                    raise FinerError(
+                        f"{where}: unknown key {key!r}; known keys: {', '.join(cls.field_names())}"
+                    )
+                values[name] = _checked(where, name, hints[name], value)
+        return cls(**values)
+
+
+def _checked(where: str, name: str, hint: Any, value: Any) -> Any:
+    """`value` if it fits the field's type (an int where a float goes is widened), else a one-line error."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        fitted = _fit(option, value)
+        if fitted is not _MISMATCH:
+            return fitted
+    expected = " or ".join(_type_name(o) for o in options)
+    raise FinerError(f"{where}: {name} must be {expected}, not {value!r}")
+
+
+def _fit(option: Any, value: Any) -> Any:
+    """`value` as a value of type `option` (recursing into lists and mappings), or `_MISMATCH`."""
+    origin, args = typing.get_origin(option), typing.get_args(option)
+    if option is Any:
+        return value
+    if option is type(None):
+        return None if value is None else _MISMATCH
+    if origin is Literal:
+        return value if value in args else _MISMATCH
+    if origin is list and isinstance(value, list):
+        items = [_fit(args[0], item) for item in value]
+        return _MISMATCH if any(item is _MISMATCH for item in items) else items
+    if origin is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        fitted = {k: _fit(args[1], v) for k, v in value.items()}
+        return _MISMATCH if any(v is _MISMATCH for v in fitted.values()) else fitted
+    if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if option in (int, str, bool) and type(value) is option:
+        return value
+    return _MISMATCH
+
+
+def _type_name(option: Any) -> str:
+    origin, args = typing.get_origin(option), typing.get_args(option)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is list:
+        return f"a list of {_plural(args[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_plural(args[1])}"
+    return "null" if option is type(None) else getattr(option, "__name__", str(option))
+
+
+def _plural(option: Any) -> str:
+    if option is Any:
+        return "values"
+    if typing.get_origin(option) is dict:
+        return "mappings"
+    return {str: "strings", float: "numbers", int: "integers", bool: "booleans"}.get(option, "values")
