@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib.resources
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -379,3 +382,20 @@ def test_cli_runs_the_demo_recipe_end_to_end(demo: Path, tmp_path: Path) -> None
     assert summary["eval"]["images"] == 8 and 0 <= summary["eval"]["fine_accuracy"] <= 1
     assert summary["family"] == "llava-1.5" and summary["modules_to_save"]
     shutil.rmtree(out)
+
+
+def test_two_cpu_processes_train_as_one_group(demo: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2` (what `accelerate launch` runs): one gloo group, each process a half
+    of every batch, one process writes the summary."""
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    model = str(tiny_vlm_path("llava"))
+    argv = [str(torchrun), "--nproc_per_node", "2", "-m", "finer", "finetune", "--model", model,
+            "--dataset", str(demo), "--output-dir", str(out), "--format", "direct", "--max-steps", "2",
+            "--batch-size", "4", "--lora-r", "4", "--lora-alpha", "8", "--set", "report_to=none"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2.0  # 8 conversations, 2 x 4 per step: one epoch a step (alone: half)
+    assert json.loads((out / RUN_FILE).read_text())["global_step"] == 2

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
 import time
 from collections import Counter
@@ -35,7 +34,7 @@ from .config import SourcedConfig
 from .data import load_split
 from .families import LlmPolicy, ProjectorPolicy, VisionPolicy, check_trainable, detect_family, plan_training
 from .rewards import DEFAULT_WEIGHTS, REWARDS, check_reward_weights
-from .sft import RUN_FILE, _load_model, _model_path, _on_gpu, _prepare_output_dir, _versions
+from .sft import _load_model, _model_path, _on_gpu, _prepare_output_dir, _versions, write_run_file
 
 __all__ = ["GrpoConfig", "GrpoFormat", "grpo_dataset", "run_grpo"]
 
@@ -231,6 +230,7 @@ def run_grpo(config: GrpoConfig) -> dict[str, Any]:
         save_total_limit=config.save_total_limit,
         seed=config.seed,
         bf16=bf16,
+        use_cpu=not gpu,
         gradient_checkpointing=checkpointing,
         reward_weights=[weights[name] for name in names],
         report_to=config.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else "none"),
@@ -276,7 +276,6 @@ def run_grpo(config: GrpoConfig) -> dict[str, Any]:
         "versions": _versions(),
     }
     summary["duration_s"] = round(time.perf_counter() - started, 2)
-    partial = Path(config.output_dir) / f".{RUN_FILE}.partial"
-    partial.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.rename(Path(config.output_dir) / RUN_FILE)
+    if trainer.is_world_process_zero():
+        write_run_file(config.output_dir, summary)
     return summary

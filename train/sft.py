@@ -52,6 +52,7 @@ __all__ = [
     "load_recipe",
     "recipe_names",
     "run_finetune",
+    "write_run_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def _prepare_output_dir(config: FinetuneConfig) -> Path:
             raise FinerError(
                 f"--output-dir {out} holds files that are not a finer run; choose another folder"
             )
-        shutil.rmtree(out)
+        shutil.rmtree(out, ignore_errors=True)  # every process of a multi-process launch clears it
     elif finished:
         raise FinerError(f"--output-dir {out} holds a finished run; pass --overwrite to replace it")
     elif checkpoint is None and not config.resume:
@@ -319,6 +320,7 @@ def build_trainer(config: FinetuneConfig) -> Prepared:
         save_total_limit=config.save_total_limit,
         seed=config.seed,
         bf16=bf16,
+        use_cpu=not gpu,  # also what makes a CPU multi-process launch (torchrun) train as one gloo group
         gradient_checkpointing=checkpointing,
         use_liger_kernel=config.use_liger_kernel,
         report_to=config.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else "none"),
@@ -399,7 +401,8 @@ def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "versions": _versions(),
     }
-    if config.eval_split:
+    main_process = trainer.is_world_process_zero()  # of a multi-process launch, one evaluates and writes
+    if config.eval_split and main_process:
         from .evaluate import evaluate_fine
 
         evaluation = evaluate_fine(
@@ -419,10 +422,16 @@ def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
         )
         summary["eval"] = {"split": config.eval_split, **evaluation}
     summary["duration_s"] = round(time.perf_counter() - started, 2)
-    partial = Path(config.output_dir) / f".{RUN_FILE}.partial"
-    partial.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.rename(Path(config.output_dir) / RUN_FILE)
+    if main_process:
+        write_run_file(config.output_dir, summary)
     return summary
+
+
+def write_run_file(output_dir: str | Path | None, summary: dict[str, Any]) -> None:
+    """The run summary, written last and atomically: only a finished run's folder has it."""
+    partial = Path(output_dir or "") / f".{RUN_FILE}.partial"
+    partial.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.rename(Path(output_dir or "") / RUN_FILE)
 
 
 def eval_rows(specs: Sequence[str], split: str, *, crop: bool = False) -> Any:
