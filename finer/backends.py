@@ -285,6 +285,29 @@ class HFBackend:
         return len(tokens) >= self.max_new_tokens and not self.eos_ids.intersection(tokens.tolist())
 
 
+class _One:
+    """A `Sink` for a single task."""
+
+    def __init__(self) -> None:
+        self.turns: list[Generation] = []
+        self.failure = ""
+
+    def done(self, task: Task, turns: list[Generation]) -> None:
+        self.turns = turns
+
+    def failed(self, task: Task, reason: str) -> None:
+        self.failure = reason
+
+
+def answer(backend: Backend, task: Task) -> list[Generation]:
+    """Every turn of `backend`'s answer to one task (`finer predict`); a failed call is a `FinerError`."""
+    sink = _One()
+    backend.run([task], sink)
+    if not sink.turns:
+        raise FinerError(f"no answer: {sink.failure or 'the backend returned nothing'}")
+    return sink.turns
+
+
 def _batches(items: Iterable[Task], size: int) -> Iterator[list[Task]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):

@@ -9,7 +9,7 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
@@ -88,10 +88,6 @@ def _root(
     ] = False,
 ) -> None:
     """Build image-attribute-label datasets, fine-tune VLMs with LoRA, evaluate at three granularities."""
-
-
-def _not_yet(command: str, what: str) -> NoReturn:
-    raise FinerError(f"finer {command} is not available yet: {what} lands in a later release")
 
 
 def _split_list(values: list[str] | None) -> list[str] | None:
@@ -471,6 +467,11 @@ class PredictLevel(StrEnum):
     fine = "fine"
 
 
+class PredictMode(StrEnum):
+    direct = "direct"
+    finer = "finer"
+
+
 @app.command()
 def predict(
     image: Annotated[Path, typer.Argument(help="An image file.")],
@@ -478,19 +479,30 @@ def predict(
         str | None, typer.Option(help="Model id or path (default with --adapter: the adapter's base).")
     ] = None,
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter id or path.")] = None,
-    level: Annotated[PredictLevel, typer.Option(help="Label level to ask for.")] = PredictLevel.fine,
+    level: Annotated[PredictLevel, typer.Option(help="Label level to ask for (--mode direct).")] = (
+        PredictLevel.fine
+    ),
+    mode: Annotated[
+        PredictMode, typer.Option(help="direct: one question; finer: the `--format finer` conversation.")
+    ] = PredictMode.direct,
+    superordinate: Annotated[
+        str | None, typer.Option(help='--mode finer: what the image shows in general ("Bird").')
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = 128,
     raw: Annotated[bool, typer.Option(help="Also print the whole generated text.")] = False,
 ) -> None:
-    """Name the object in one image (the `direct` prompt, greedy): prints the answer after "Answer:"."""
+    """Name the object in one image (greedy): prints the answer after "Answer:" (finer: group, attributes,
+    name)."""
     from PIL import Image, UnidentifiedImageError
 
-    from finer.backends import HFBackend
-    from finer.prompts import render
+    from finer.backends import HFBackend, answer
+    from finer.eval_tasks import EvalPlan
     from finer.scoring import extract_answer
 
     if model is None and adapter is None:
         raise FinerError("finer predict needs --model, --adapter, or both")
+    if (mode == PredictMode.finer) != (superordinate is not None):
+        raise FinerError('--mode finer asks about a --superordinate ("Bird"); --mode direct takes none')
     try:
         with Image.open(image) as opened:
             picture = opened.convert("RGB")
@@ -501,11 +513,17 @@ def predict(
 
         model = adapter_base(adapter)  # type: ignore[arg-type]
     backend = HFBackend(model, adapter, batch_size=1, max_new_tokens=max_new_tokens)
-    (generation,) = backend.generate([render("direct", level=level.value)], [picture])
-    typer.echo(extract_answer(generation.text))
+    row = {"image_id": str(image), "superordinate": superordinate or "", "coarse": [], "fine": []}
+    plan = EvalPlan(run={"mode": mode.value, "gold_parent": False}, concepts=[], images=lambda _: picture)
+    turns = answer(backend, plan.task(0, row, "fine" if mode == PredictMode.finer else level.value))
+    if mode == PredictMode.finer:
+        typer.echo(f"group: {extract_answer(turns[0].text)}")
+        typer.echo(f"attributes: {turns[1].text.split('Attributes:')[-1].strip()}")
+    typer.echo(extract_answer(turns[-1].text))
     if raw:
-        typer.echo(f"raw: {generation.text}")
-    if generation.truncated:
+        for turn in turns:
+            typer.echo(f"raw: {turn.text}")
+    if any(turn.truncated for turn in turns):
         typer.echo(f"warning: stopped at --max-new-tokens {max_new_tokens}", err=True)
 
 

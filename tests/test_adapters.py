@@ -161,6 +161,22 @@ def test_predict_prints_the_answer(adapter: tuple[Path, torch.Tensor, str], tmp_
     assert lines[1] == f"raw: {text}"
 
 
+def test_predict_replays_the_finer_conversation(
+    adapter: tuple[Path, torch.Tensor, str], tmp_path: Path
+) -> None:
+    folder, _, _ = adapter
+    image = tmp_path / "bird.png"
+    tiny_image(3).save(image)
+    args = ["predict", str(image), "--adapter", str(folder), "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    result = CliRunner().invoke(app, [*args, "--mode", "finer", "--superordinate", "Bird", "--raw"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("group: ") and lines[1].startswith("attributes: ")
+    assert len([line for line in lines if line.startswith("raw: ")]) == 3  # three turns, one conversation
+    with pytest.raises(FinerError, match="--superordinate"):
+        CliRunner().invoke(app, [*args, "--mode", "finer"], catch_exceptions=False)
+
+
 def test_predict_needs_a_model_or_adapter(tmp_path: Path) -> None:
     with pytest.raises(FinerError, match="--model, --adapter"):
         CliRunner().invoke(app, ["predict", str(tmp_path / "x.png")], catch_exceptions=False)
