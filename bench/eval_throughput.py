@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import datasets
 import torch
+from _common import fake_endpoint  # bench/_common.py: a script's own folder is on sys.path
 
 from finer.backends import HFBackend, OpenAIBackend
 from finer.build import BuildConfig, build
@@ -33,6 +32,11 @@ from finer.evaluation import EvalConfig, evaluate
 from finer.testing import build_tiny_vlm
 
 LATENCY_S = 0.2
+#: The fake endpoint's reply to every question (Python source: it runs in the endpoint's own process).
+ANSWER = """
+def answer(request):
+    return "Answer: Bird"
+"""
 
 
 def timed(config: EvalConfig, backend: HFBackend | OpenAIBackend) -> float:
@@ -63,18 +67,6 @@ def bench_hf(data: Path, model: Path, work: Path, rows: int, max_new_tokens: int
     return rates
 
 
-# The fake endpoint runs in its own process, as a real one would: its JSON and HTTP work must not take
-# the client's interpreter lock. It prints its URL, serves until stdin closes, then prints its peak load.
-SERVER = """
-import sys
-from finer.testing.fake_openai import FakeOpenAI
-with FakeOpenAI(lambda request: "Answer: Bird", delay=float(sys.argv[1])) as server:
-    print(server.url, flush=True)
-    sys.stdin.read()
-print(server.max_in_flight, flush=True)
-"""
-
-
 def replicate(data: Path, times: int, out: Path) -> Path:
     """The demo's test split ``times`` over, each copy with its own image ids: a split big enough for the
     concurrent run to reach its steady state, without rendering more demo images."""
@@ -91,16 +83,7 @@ def replicate(data: Path, times: int, out: Path) -> Path:
 def bench_openai(data: Path, work: Path, copies: int) -> dict[int, float]:
     big = replicate(data, copies, work / "demo-big")
     rates = {}
-    server = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(LATENCY_S)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    url = server.stdout.readline().strip()  # type: ignore[union-attr]
-    if not url.startswith("http://"):
-        raise SystemExit("the fake server did not start")
-    try:
+    with fake_endpoint(ANSWER, LATENCY_S) as endpoint:
         # 60 questions one at a time (12 s of waiting); every image of the big split, 32 at a time
         for concurrency, dataset, limit in ((1, data, 20), (32, big, None)):
             config = EvalConfig(
@@ -108,14 +91,13 @@ def bench_openai(data: Path, work: Path, copies: int) -> dict[int, float]:
                 out=work / f"openai-{concurrency}",
                 model="fake-vlm",
                 backend="openai",
-                base_url=url,
+                base_url=endpoint.url,
                 concurrency=concurrency,
                 limit=limit,
             )
-            rates[concurrency] = timed(config, OpenAIBackend("fake-vlm", url, concurrency=concurrency))
-    finally:
-        peak, _ = server.communicate("")
-    assert int(peak) <= 32, peak
+            backend = OpenAIBackend("fake-vlm", endpoint.url, concurrency=concurrency)
+            rates[concurrency] = timed(config, backend)
+    assert endpoint.peak is not None and endpoint.peak <= 32, endpoint.peak
     return rates
 
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import io
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import datasets
+from _common import fake_endpoint  # bench/_common.py: a script's own folder is on sys.path
 from PIL import Image
 
 from finer.grounding import GroundConfig, ground
@@ -31,19 +30,11 @@ from finer.schema import image_features
 LATENCY_S = 0.2
 ATTRIBUTES = ["black crown", "white wing bars", "yellow rump", "streaked breast"]
 
-# The fake endpoint prints its URL, serves until stdin closes, then prints its peak load.
-SERVER = """
-import sys
-from finer.testing.fake_openai import FakeOpenAI
-
+#: The fake endpoint's reply: every listed attribute visible (Python source: it runs in its own process).
+ANSWER = """
 def answer(request):
     schema = (request.get("response_format") or {}).get("json_schema", {}).get("schema", {})
     return {name: "visible" for name in schema.get("properties", {})}
-
-with FakeOpenAI(answer, delay=float(sys.argv[1])) as server:
-    print(server.url, flush=True)
-    sys.stdin.read()
-print(server.max_in_flight, flush=True)
 """
 
 
@@ -93,17 +84,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="finer-bench-ground-") as tmp:
         work = Path(tmp)
         data = write_dataset(work / "data", args.images)
-        server = subprocess.Popen(
-            [sys.executable, "-c", SERVER, str(LATENCY_S)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        url = server.stdout.readline().strip()  # type: ignore[union-attr]
-        if not url.startswith("http://"):
-            raise SystemExit("the fake server did not start")
         rates = {}
-        try:
+        with fake_endpoint(ANSWER, LATENCY_S) as endpoint:
+            url = endpoint.url
             # warm-up: imports, the first template render and dataset write
             warm = GroundConfig(str(data), work / "warm", "fake-vlm", base_url=url, limit=2, progress=False)
             warm.cache = work / "cache-warm"
@@ -119,9 +102,7 @@ def main() -> None:
                     progress=False,
                 )
                 rates[concurrency] = timed(config)
-        finally:
-            peak, _ = server.communicate("")
-    assert int(peak) <= args.concurrency, peak
+    assert endpoint.peak is not None and endpoint.peak <= args.concurrency, endpoint.peak
     gain = rates[args.concurrency] / rates[1]
     print(f"finer ground, {args.images} images, fake endpoint answering in {LATENCY_S * 1000:.0f} ms:")
     print(f"  concurrency 1: {rates[1]:7.2f} img/s ({args.images / rates[1]:6.1f} s)")
@@ -129,7 +110,7 @@ def main() -> None:
         f"  concurrency {args.concurrency}: {rates[args.concurrency]:7.2f} img/s "
         f"({args.images / rates[args.concurrency]:6.1f} s)   gain {gain:5.1f}x (goal >= 10x)"
     )
-    print(f"  peak requests in flight: {peak.strip()}")
+    print(f"  peak requests in flight: {endpoint.peak}")
     print("PASS" if gain >= 10 else "FAIL")
 
 

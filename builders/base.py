@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
@@ -97,3 +98,101 @@ def inside(root: Path, relative: str | Path) -> Path:
     if path != base and not path.startswith(base.rstrip(os.sep) + os.sep):
         raise LayoutError(f"refusing path {str(relative)!r}: it points outside the dataset root {base}")
     return Path(path)
+
+
+def check_split(source: Source, split: str) -> None:
+    """A one-line error for a split the source does not have (the engine passes user input through)."""
+    if split not in source.splits():
+        raise FinerError(f"{source.name} has no split {split!r}; choose from {', '.join(source.splits())}")
+
+
+# The list-file layout of CUB-200-2011, which NABirds reuses: `<id> <value…>` per line.
+
+#: `train_test_split.txt` flag -> split name (1 = train).
+SPLIT_FLAGS: dict[str, str] = {"1": "train", "0": "test"}
+
+
+def read_list(path: Path, columns: int) -> Iterator[list[str]]:
+    """Rows of a CUB-style list file; the last column takes the rest of the line (names with spaces)."""
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            row = line.strip().split(maxsplit=columns - 1)
+            if not row:
+                continue
+            if len(row) != columns:
+                raise LayoutError(f"{path}:{number}: expected {columns} fields, found {line.strip()!r}")
+            yield row
+
+
+def class_id(raw: str, width: int, path: Path) -> str:
+    """A class id zero-padded as the dataset numbers its folders ("1" -> "001"), so ids sort numerically."""
+    if not raw.isdigit():
+        raise LayoutError(f"{path}: class id {raw!r} is not a number")
+    return raw.zfill(width)
+
+
+def read_boxes(path: Path) -> dict[str, list[float]]:
+    """`<image id> <x> <y> <width> <height>` per line -> image id -> [x, y, w, h]."""
+    try:
+        return {image_id: [float(v) for v in values.split()] for image_id, values in read_list(path, 2)}
+    except ValueError as exc:
+        raise LayoutError(f"{path}: a box that is not four numbers ({exc})") from exc
+
+
+class ListFileSource(Source):
+    """A source in the CUB list-file layout: `folder/` (or `--root` itself) holding images.txt,
+    classes.txt, image_class_labels.txt, train_test_split.txt, an optional bounding_boxes.txt and images/.
+
+    Subclasses set `folder` and `id_width` (the digits of the class folders) and say which class ids are
+    concepts (`_concept_ids`); the train/test records, labels and boxes are read here.
+    """
+
+    folder: ClassVar[str]
+    id_width: ClassVar[int]
+
+    def __init__(self, root: Path | None) -> None:
+        super().__init__(root)
+        nested = self.root / self.folder
+        self.base = nested if nested.is_dir() else self.root
+        self.images_txt = self.file("images.txt", base=self.base)
+        self.classes_txt = self.file("classes.txt", base=self.base)
+        self.labels_txt = self.file("image_class_labels.txt", base=self.base)
+        self.split_txt = self.file("train_test_split.txt", base=self.base)
+        self.images_dir = self.file("images", base=self.base)
+
+    def splits(self) -> list[str]:
+        return ["train", "test"]
+
+    def _class_id(self, raw: str, path: Path) -> str:
+        return class_id(raw, self.id_width, path)
+
+    @cached_property
+    def _labels(self) -> dict[str, str]:
+        """Image id -> class id."""
+        return {image: self._class_id(raw, self.labels_txt) for image, raw in read_list(self.labels_txt, 2)}
+
+    @abstractmethod
+    def _concept_ids(self) -> Collection[str]:
+        """The class ids that are concepts (an image labelled with another is a layout error)."""
+
+    def records(self, split: str) -> Iterator[ImageRecord]:
+        check_split(self, split)
+        concepts = self._concept_ids()
+        flags = dict(read_list(self.split_txt, 2))
+        boxes_txt = self.base / "bounding_boxes.txt"
+        boxes = read_boxes(boxes_txt) if boxes_txt.exists() else {}
+        for image_id, relative in read_list(self.images_txt, 2):
+            flag = flags.get(image_id)
+            if flag not in SPLIT_FLAGS:
+                raise LayoutError(f"{self.split_txt}: image {image_id} has no 0/1 train flag")
+            if SPLIT_FLAGS[flag] != split:
+                continue
+            label = self._labels.get(image_id)
+            if label not in concepts:
+                raise LayoutError(f"{self.labels_txt}: image {image_id} has no class listed in classes.txt")
+            yield ImageRecord(
+                image_id=image_id,
+                concept_id=label,
+                path=inside(self.images_dir, relative),
+                bbox=boxes.get(image_id),
+            )

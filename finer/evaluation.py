@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from finer.backends import Backend, Generation, HFBackend, OpenAIBackend
+from finer.datasets_io import load_built, load_concepts, pick_split
 from finer.errors import FinerError
 from finer.eval_report import PREDICTIONS_FILE, write_report
 from finer.eval_tasks import MODE_TEMPLATES, MODES, EvalPlan, Task
@@ -31,7 +31,6 @@ __all__ = ["BACKENDS", "EvalConfig", "PredictionLog", "evaluate", "load_split"]
 BACKENDS: tuple[str, ...] = ("hf", "openai")
 #: Columns every mode reads; `image` and `attributes_required` are needed per mode.
 LABEL_COLUMNS: tuple[str, ...] = ("image_id", "superordinate", "coarse", "fine")
-_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass
@@ -80,50 +79,9 @@ def load_split(dataset: str, split: str, columns: list[str]) -> tuple[Any, list[
     `concepts` config of a Hub repo, else from the split's own rows. Raises a one-line `FinerError` when
     the split or a needed column is missing.
     """
-    import datasets
-
-    from finer.build import CONCEPTS_FILE, iter_concepts
-    from finer.cards import CONCEPTS_CONFIG, CONCEPTS_SPLIT
-
-    path = Path(dataset).expanduser()
-    concepts_file = path / CONCEPTS_FILE
-    hub_concepts: list[dict[str, Any]] = []
-    try:
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-            if not isinstance(loaded, datasets.DatasetDict):
-                raise FinerError(f"--dataset {dataset}: holds one split without a name; save a DatasetDict")
-            if split not in loaded:
-                raise FinerError(
-                    f"--dataset {dataset} has no split {split!r}; available: {', '.join(loaded) or 'none'}"
-                )
-            rows = loaded[split]
-        elif _REPO_ID.fullmatch(dataset) and not path.exists():
-            rows = datasets.load_dataset(dataset, split=split)
-            with contextlib.suppress(ValueError, OSError):  # a repo pushed by `finer build --push-to-hub`
-                table = datasets.load_dataset(dataset, CONCEPTS_CONFIG, split=CONCEPTS_SPLIT)
-                hub_concepts = table.select_columns(list(LABEL_COLUMNS[1:])).to_list()
-        else:
-            raise FinerError(f"--dataset {dataset}: no such folder (nor a Hub repo id like owner/name)")
-    except FinerError:
-        raise
-    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
-        message = " ".join(str(err).split())[:200]
-        raise FinerError(f"--dataset {dataset}: cannot load split {split!r} ({message})") from None
-    missing = [column for column in columns if column not in rows.column_names]
-    if missing:
-        raise FinerError(
-            f"--dataset {dataset} split {split!r} lacks column(s) {', '.join(missing)}; "
-            "build it with `finer build`"
-        )
-    if hub_concepts:
-        concepts = hub_concepts
-    elif concepts_file.is_file():
-        concepts = [
-            {"concept_id": c.concept_id, "superordinate": c.superordinate, "coarse": c.coarse, "fine": c.fine}
-            for c in iter_concepts(concepts_file)
-        ]
-    else:
+    rows = pick_split(load_built(dataset, "--dataset", split=split), split, "--dataset", dataset, columns)
+    concepts = load_concepts(dataset, LABEL_COLUMNS[1:])
+    if concepts is None:
         concepts = rows.select_columns(list(LABEL_COLUMNS[1:])).to_list()
     return rows, concepts
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 import finer
 from finer.attributes import cub_phrase
 from finer.cache import Cache, cache_key
+from finer.datasets_io import load_built, pick_split
 from finer.errors import FinerError
 from finer.llm import CallFailed, ChatClient, Usage, openai_messages, public_url, run_sync
 from finer.prompts import render, template_sha256
@@ -80,7 +81,6 @@ REPAIR_REQUEST = (
     "Your reply was not in the requested form. Reply again with one JSON object and nothing else, with "
     'each listed trait as a key and "visible", "not visible" or "unsure" as its value.'
 )
-_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass
@@ -264,28 +264,9 @@ def _prepare_out(config: GroundConfig) -> Path:
     return out
 
 
-def _load(dataset: str) -> datasets.DatasetDict:
-    """A built dataset: a `finer build` folder or a Hub repo id; one-line errors otherwise."""
-    path = Path(dataset).expanduser()
-    try:
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-        elif _REPO_ID.fullmatch(dataset) and not path.exists():
-            loaded = datasets.load_dataset(dataset)
-        else:
-            raise FinerError(f"DATASET {dataset}: no such folder (nor a Hub repo id like owner/name)")
-    except FinerError:
-        raise
-    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
-        message = " ".join(str(err).split())[:200]
-        raise FinerError(f"DATASET {dataset}: cannot load it ({message})") from None
-    if not isinstance(loaded, datasets.DatasetDict):
-        raise FinerError(f"DATASET {dataset}: holds one split without a name; save a DatasetDict")
-    return loaded
-
-
-def _pick(loaded: datasets.DatasetDict, config: GroundConfig) -> dict[str, datasets.Dataset]:
+def _pick(config: GroundConfig) -> dict[str, datasets.Dataset]:
     """The splits asked for, each cut to `--limit` rows, with the columns grounding needs."""
+    loaded = load_built(config.dataset, "DATASET")
     wanted = config.splits or list(loaded)
     unknown = [split for split in wanted if split not in loaded]
     if unknown:
@@ -293,12 +274,7 @@ def _pick(loaded: datasets.DatasetDict, config: GroundConfig) -> dict[str, datas
     needed = [*NEEDED, *(["source"] if config.check_cub else [])]
     picked = {}
     for split in wanted:
-        rows = loaded[split]
-        missing = [column for column in needed if column not in rows.column_names]
-        if missing:
-            raise FinerError(
-                f"DATASET split {split!r} lacks column(s) {', '.join(missing)}; build it with `finer build`"
-            )
+        rows = pick_split(loaded, split, "DATASET", config.dataset, needed)
         if config.limit is not None and config.limit < rows.num_rows:
             rows = rows.select(range(config.limit))
         picked[split] = rows
@@ -723,7 +699,7 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     started = time.perf_counter()
     _check(config)
     out = _prepare_out(config)
-    picked = _pick(_load(config.dataset), config)
+    picked = _pick(config)
     if config.check_cub is not None:
         _cub_files(config.check_cub)  # a wrong root fails before any call is paid for
     sha = template_sha256("ground_attributes", config.prompts_dir)

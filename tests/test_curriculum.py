@@ -229,6 +229,9 @@ def test_shipped_curricula_are_perception_then_reasoning(demo: Path, tmp_path: P
         assert (
             reasoning.config.model == str(perception.model_dir) and perception.config.model == recipe["model"]
         )
+        cropped = name == "demo-tiny"  # the built demo, cropped when read, in training and scoring alike
+        assert perception.config.crop_to_bbox == reasoning.config.crop_to_bbox == config.eval_crop_to_bbox
+        assert config.eval_crop_to_bbox == cropped
     assert not any(tmp_path.iterdir())
 
 

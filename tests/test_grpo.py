@@ -272,6 +272,21 @@ def test_grpo_rows(demo: Path) -> None:
         grpo_dataset([str(demo)], fmt="open", level="all")
 
 
+def _box_size(box: list[float]) -> tuple[int, int]:
+    """The size of an image cropped to `box` (x, y, w, h), as `crop_box` rounds it."""
+    x, y, w, h = box
+    return round(x + w) - round(x), round(y + h) - round(y)
+
+
+def test_grpo_rows_cropped_to_their_boxes_when_read(demo: Path) -> None:
+    whole, _ = grpo_dataset([str(demo)], fmt="open", level="fine")
+    cropped, samples = grpo_dataset([str(demo)], fmt="open", level="fine", crop=True)
+    assert samples == {"demo": {"rows": 8, "kept": 8}} and "bbox" not in whole.column_names
+    for row, original in zip(cropped, whole, strict=True):
+        assert row["image"].size == _box_size(row["bbox"]) != original["image"].size
+        assert row["prompt"] == original["prompt"] and row["fine"] == original["fine"]
+
+
 def _varying(prompts: list, completions: list, **kwargs: object) -> list[float]:
     """Rewards that differ within each group, so that the advantages, and the gradient, are not zero."""
     return [float(i % 2) for i in range(len(completions))]
@@ -316,6 +331,39 @@ def test_grpo_steps_train_lm_lora_only(demo: Path, tmp_path: Path, monkeypatch: 
         keys = list(f.keys())
         assert keys and all(".language_model." in k and ".lora_" in k for k in keys)
         assert any(f.get_tensor(k).abs().sum() > 0 for k in keys if ".lora_B." in k)  # it learned something
+
+
+@pytest.mark.skipif(LLAVA_MISSING is not None, reason=LLAVA_MISSING or "")
+def test_grpo_crop_to_bbox_shows_the_trainer_the_box(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images GRPOTrainer generates from (and hands the rewards) are the rows' boxes, not whole images."""
+    seen: list[tuple[tuple[int, int], tuple[int, int]]] = []
+
+    def recording(prompts: list, completions: list, image: list, bbox: list, **kwargs: object) -> list[float]:
+        seen.extend((picture.size, _box_size(box)) for picture, box in zip(image, bbox, strict=True))
+        return _varying(prompts, completions)
+
+    monkeypatch.setitem(rewards.REWARDS, "format", recording)
+    config = GrpoConfig.from_sources(
+        {
+            "model": str(tiny_vlm_path("llava")),
+            "datasets": [str(demo)],
+            "output_dir": str(tmp_path / "out"),
+            "crop_to_bbox": True,
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "max_steps": 1,
+            "batch_size": 2,
+            "num_generations": 2,
+            "max_completion_length": 4,
+            "report_to": "none",
+        }
+    )
+    summary = run_grpo(config)
+    assert summary["global_step"] == 1 and summary["config"]["crop_to_bbox"] is True
+    assert len(seen) == 2 and all(size == box for size, box in seen), seen
+    assert all(size != (192, 192) for size, _ in seen)  # the demo's whole images
 
 
 @pytest.mark.skipif(LLAVA_MISSING is not None, reason=LLAVA_MISSING or "")

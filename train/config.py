@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
 from finer.errors import FinerError
 
-__all__ = ["SourcedConfig"]
+from .families import LlmPolicy, ProjectorPolicy, VisionPolicy
+
+__all__ = ["SourcedConfig", "TrainerConfig"]
 
 #: What `_fit` returns for a value that does not fit a type (None is a legitimate value).
 _MISMATCH = object()
@@ -47,6 +50,48 @@ class SourcedConfig:
                     )
                 values[name] = _checked(where, name, hints[name], value)
         return cls(**values)
+
+
+@dataclass
+class TrainerConfig(SourcedConfig):
+    """What every training run sets (`FinetuneConfig`, `GrpoConfig` add their own): model, data, output
+    folder, trained parts and LoRA, optimisation, checkpoints and logging. The defaults are SFT's (the FINER
+    paper's LoRA recipe); `GrpoConfig` lowers the LoRA rank and learning rate.
+
+    `None` means "decide from the machine": bf16 where the CUDA GPU supports it, gradient checkpointing on
+    a CUDA GPU, TensorBoard logging when installed. `max_steps` `None` trains for `epochs`;
+    `save_total_limit` `None` keeps every checkpoint. `crop_to_bbox` trains (and evaluates) on each image's
+    annotated box, cropped when read (what `finer build --crop-to-bbox` would store). `tiny_model` names a
+    `finer.testing` family to build at `model` when that folder is missing (the demo recipes).
+    """
+
+    model: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    output_dir: str | None = None
+    split: str = "train"
+    prompts_dir: str | None = None
+    crop_to_bbox: bool = False
+    train_llm: LlmPolicy = "lora"
+    train_vision: VisionPolicy = "frozen"
+    train_projector: ProjectorPolicy = "frozen"
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    seed: int = 42
+    bf16: bool | None = None
+    gradient_checkpointing: bool | None = None
+    report_to: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    tiny_model: str | None = None
 
 
 def _checked(where: str, name: str, hint: Any, value: Any) -> Any:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import datasets
 
+from finer.datasets_io import load_built, pick_split
 from finer.errors import FinerError
 from finer.prompts import render
 
@@ -71,17 +72,9 @@ class Mixture:
 
 
 def load_split(spec: str, split: str) -> datasets.Dataset:
-    """One split of a `finer build` folder (or any `save_to_disk` folder), else of a Hub dataset repo."""
-    path = Path(spec).expanduser()
-    try:
-        loaded = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(spec)
-    except (FileNotFoundError, ValueError, ConnectionError) as err:
-        raise FinerError(f"cannot load dataset {spec!r}: {err}") from None
-    if isinstance(loaded, datasets.Dataset):
-        return loaded
-    if split not in loaded:
-        raise FinerError(f"dataset {spec!r} has no split {split!r} (it has: {', '.join(loaded)})")
-    return loaded[split]
+    """One split of a `finer build` folder (or any `save_to_disk` folder, a lone split whatever its name),
+    else of a Hub dataset repo."""
+    return pick_split(load_built(spec, "dataset", split=split, one_split=True), split, "dataset", spec)
 
 
 def attribute_column(ds: datasets.Dataset, mode: AttributeMode, name: str = "dataset") -> str:

@@ -8,13 +8,14 @@ folder rules and run summary are those of `finer finetune` (`finer.train.sft`, `
 Rows are prompt-only conversations as TRL's GRPO takes them for VLMs: `prompt` holds the rendered question
 with an `{"type": "image"}` slot and `image` the dataset's own image column, which TRL puts into the slot.
 The label columns ride along untouched for the rewards: `superordinate`, `coarse`, `fine`,
-`attributes_required`, plus `level`, and in `choice` form `gold_letter` and `options`.
+`attributes_required`, plus `level`, and in `choice` form `gold_letter` and `options`. With `crop_to_bbox`,
+`bbox` rides along too and each image is cropped to it when the trainer reads the row (`crop_to_boxes`, as
+in SFT; TRL's GRPO keeps every column, so the transform sees the box).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import time
 from collections import Counter
@@ -30,11 +31,18 @@ from finer.eval_tasks import LabelPool, choice_options, closed_list
 from finer.prompts import render
 from finer.scoring import LEVELS
 
-from .config import SourcedConfig
-from .data import load_split
-from .families import LlmPolicy, ProjectorPolicy, VisionPolicy, check_trainable, detect_family, plan_training
+from .config import TrainerConfig
+from .data import crop_to_boxes, load_split
+from .families import check_trainable
 from .rewards import DEFAULT_WEIGHTS, REWARDS, check_reward_weights
-from .sft import _load_model, _model_path, _on_gpu, _prepare_output_dir, _versions, write_run_file
+from .sft import (
+    _base_model,
+    _load_planned,
+    _prepare_output_dir,
+    _trainer_arguments,
+    _versions,
+    write_run_file,
+)
 
 __all__ = ["GrpoConfig", "GrpoFormat", "grpo_dataset", "run_grpo"]
 
@@ -45,46 +53,25 @@ _LABELS = ("superordinate", "coarse", "fine")
 
 
 @dataclass
-class GrpoConfig(SourcedConfig):
+class GrpoConfig(TrainerConfig):
     """One GRPO run. `format` "open" asks the `direct` prompt at `level`; "choice" a `choices`-way question
     (options seeded per image by `seed`, as `finer eval --mode choice` does). `reward_weights` name rewards of
     `finer.train.rewards.REWARDS` (accuracy, format, grounding). `batch_size` counts completions per device
-    step and must be a multiple of `num_generations`. `None` means "decide from the machine" (as in SFT)."""
+    step and must be a multiple of `num_generations`. The shared fields, and what their `None` means
+    ("decide from the machine", as in SFT), are `TrainerConfig`'s; GRPO's LoRA rank and learning rate are
+    lower than SFT's."""
 
-    model: str | None = None
-    datasets: list[str] = field(default_factory=list)
-    output_dir: str | None = None
     format: GrpoFormat = "open"
     level: str = "fine"
     choices: int = 5
-    split: str = "train"
-    prompts_dir: str | None = None
     reward_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    train_llm: LlmPolicy = "lora"
-    train_vision: VisionPolicy = "frozen"
-    train_projector: ProjectorPolicy = "frozen"
     lora_r: int = 64
     lora_alpha: int = 128
-    lora_dropout: float = 0.05
     learning_rate: float = 1e-5
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
     num_generations: int = 8
     max_completion_length: int = 64
     temperature: float = 1.0
     beta: float = 0.0
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    seed: int = 42
-    bf16: bool | None = None
-    gradient_checkpointing: bool | None = None
-    report_to: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    tiny_model: str | None = None
 
 
 def _canonical(labels: str | Sequence[str]) -> str:
@@ -101,11 +88,13 @@ def grpo_dataset(
     split: str = "train",
     prompts_dir: str | Path | None = None,
     need_attributes: bool = False,
+    crop: bool = False,
 ) -> tuple[datasets.Dataset, dict[str, dict[str, int]]]:
     """Prompt-only rows of `specs`' `split` for GRPO, and per source how many rows came in and were kept.
 
     Choice questions draw distractors from the labels of the dataset itself; a row without a label at
-    `level` cannot be asked as a choice and is skipped (counted).
+    `level` cannot be asked as a choice and is skipped (counted). With `crop`, the rows keep `bbox` and
+    their images are cropped to it when read (`crop_to_boxes`), nothing is rewritten.
     """
     if level not in LEVELS:
         raise FinerError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
@@ -122,6 +111,7 @@ def grpo_dataset(
             "image_id",
             *_LABELS,
             *(["attributes_required"] if need_attributes else []),
+            *(["bbox"] if crop else []),
         ]
         missing = [c for c in wanted if c not in ds.column_names]
         if missing:
@@ -156,7 +146,7 @@ def grpo_dataset(
                 options.append([])
             keep.append(i)
             counts[row["source"]]["kept"] += 1
-        part = ds.select_columns(["image", *columns])
+        part = ds.select_columns(["image", *(["bbox"] if crop else []), *columns])
         if not has_attributes:
             part = part.add_column("attributes_required", [[] for _ in range(len(part))])
         if len(keep) < len(part):
@@ -167,12 +157,12 @@ def grpo_dataset(
     if not len(dataset):
         raise FinerError(f"no row of the datasets can be asked at the {level} level")
     summary = {source: {"rows": c["rows"], "kept": c["kept"]} for source, c in sorted(counts.items())}
-    return dataset, summary
+    return (dataset.with_transform(crop_to_boxes) if crop else dataset), summary
 
 
 def run_grpo(config: GrpoConfig) -> dict[str, Any]:
     """Train with GRPO, save the adapter and processor, write `finer_run.json`; returns the run summary."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig, GRPOTrainer
 
@@ -185,12 +175,7 @@ def run_grpo(config: GrpoConfig) -> dict[str, Any]:
             f"--batch-size × --grad-accum ({config.batch_size * config.grad_accum}) must be a multiple of "
             f"--num-generations ({config.num_generations})"
         )
-    model_id = _model_path(config)  # type: ignore[arg-type]
-    try:
-        model_type = AutoConfig.from_pretrained(model_id).model_type
-    except (OSError, ValueError) as err:
-        raise FinerError(f"cannot read the config of model {model_id!r}: {err}".splitlines()[0]) from None
-    family = detect_family(model_type, model_id)
+    model_id, family = _base_model(config)
     dataset, samples = grpo_dataset(
         config.datasets,
         fmt=config.format,
@@ -200,40 +185,23 @@ def run_grpo(config: GrpoConfig) -> dict[str, Any]:
         split=config.split,
         prompts_dir=config.prompts_dir,
         need_attributes=bool(weights.get("grounding")),
+        crop=config.crop_to_bbox,
     )
-    output_dir = _prepare_output_dir(config)  # type: ignore[arg-type]
+    output_dir = _prepare_output_dir(config)
 
-    gpu, bf16_capable = _on_gpu()
-    bf16 = bf16_capable if config.bf16 is None else config.bf16
-    checkpointing = gpu if config.gradient_checkpointing is None else config.gradient_checkpointing
+    shared = _trainer_arguments(config, output_dir)
     processor = AutoProcessor.from_pretrained(model_id)
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"  # generation pads on the left
-    model = _load_model(model_id, bf16, False)
-    plan = plan_training(
-        model, family, llm=config.train_llm, vision=config.train_vision, projector=config.train_projector
-    )
+    model, plan = _load_planned(config, model_id, family, shared["bf16"])
     names = [name for name, weight in weights.items() if weight]
     args = GRPOConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
+        **shared,
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         temperature=config.temperature,
         beta=config.beta,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
-        logging_steps=config.logging_steps,
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        seed=config.seed,
-        bf16=bf16,
-        use_cpu=not gpu,
-        gradient_checkpointing=checkpointing,
         reward_weights=[weights[name] for name in names],
-        report_to=config.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else "none"),
     )
     trainer = GRPOTrainer(
         model=model,

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,11 @@ import yaml
 import finer
 from finer.errors import FinerError
 
-from .config import SourcedConfig
+from .config import TrainerConfig
 from .data import AttributeMode, Format, Mixture, crop_to_boxes, drop_too_long, load_mixture, load_split
 from .families import (
     Family,
-    LlmPolicy,
-    ProjectorPolicy,
     TrainPlan,
-    VisionPolicy,
     check_trainable,
     detect_family,
     plan_training,
@@ -62,60 +59,30 @@ RUN_FILE = "finer_run.json"
 
 
 @dataclass
-class FinetuneConfig(SourcedConfig):
+class FinetuneConfig(TrainerConfig):
     """Everything one fine-tuning run needs; field names are the recipe keys and (dashed) CLI options.
 
-    `None` means "decide from the machine": bf16 where the CUDA GPU supports it, gradient checkpointing on
-    a CUDA GPU, TensorBoard logging when installed. Liger kernels are opt-in (TRL deprecates them).
-    `crop_to_bbox` trains and evaluates on each image's annotated box, cropped when read (what `finer build
-    --crop-to-bbox` would store). `tiny_model` names a `finer.testing` family to build at `model` when that
-    folder is missing (the demo recipe). `eval_split`, when set, scores the trained model's generations on
-    that split at the fine level (see `finer.train.evaluate`). `instruction_data` mixes in general
-    LLaVA-style instruction conversations, `instruction_ratio` per fine-grained row (see
-    `finer.train.instruct`).
+    The shared fields, and what their `None` means, are `TrainerConfig`'s. Liger kernels are opt-in (TRL
+    deprecates them). `eval_split`, when set, scores the trained model's generations on that split at the
+    fine level (see `finer.train.evaluate`). `instruction_data` mixes in general LLaVA-style instruction
+    conversations, `instruction_ratio` per fine-grained row (see `finer.train.instruct`). `max_length`
+    `None` keeps every conversation however long.
     """
 
-    model: str | None = None
-    datasets: list[str] = field(default_factory=list)
-    output_dir: str | None = None
     format: Format = "finer"
     attributes: AttributeMode = "auto"
-    split: str = "train"
     hold_out: str | None = None
     instruction_data: str | None = None
     instruction_images: str | None = None
     instruction_ratio: float = 0.5
-    crop_to_bbox: bool = False
-    prompts_dir: str | None = None
     chat_template: str | None = None
-    train_llm: LlmPolicy = "lora"
-    train_vision: VisionPolicy = "frozen"
-    train_projector: ProjectorPolicy = "frozen"
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    learning_rate: float = 2e-4
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     max_length: int | None = 2048
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    seed: int = 42
-    bf16: bool | None = None
-    gradient_checkpointing: bool | None = None
     load_in_4bit: bool = False
     use_liger_kernel: bool = False
-    report_to: str | None = None
     dataloader_num_workers: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    tiny_model: str | None = None
     eval_split: str | None = None
     eval_batch_size: int = 16
 
@@ -160,6 +127,36 @@ def _on_gpu() -> tuple[bool, bool]:
     return gpu, gpu and torch.cuda.is_bf16_supported()
 
 
+def _trainer_arguments(config: TrainerConfig, output_dir: Path) -> dict[str, Any]:
+    """The `TrainingArguments` that SFT and GRPO share, with the config's `None`s decided from the machine.
+
+    `use_cpu` without a GPU is also what makes a CPU multi-process launch (torchrun) train as one gloo
+    group. Columns are never pruned: the rows carry what the trainer ignores but the crop transform
+    (`bbox`) and the rewards (the labels) read.
+    """
+    gpu, bf16_capable = _on_gpu()
+    bf16 = bf16_capable if config.bf16 is None else config.bf16
+    checkpointing = gpu if config.gradient_checkpointing is None else config.gradient_checkpointing
+    report_to = config.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else "none")
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "learning_rate": config.learning_rate,
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps or -1,
+        "logging_steps": config.logging_steps,
+        "save_steps": config.save_steps,
+        "save_total_limit": config.save_total_limit,
+        "seed": config.seed,
+        "bf16": bf16,
+        "use_cpu": not gpu,
+        "gradient_checkpointing": checkpointing,
+        "report_to": report_to,
+        "remove_unused_columns": False,
+    }
+
+
 @contextlib.contextmanager
 def _cpu_threads(config: FinetuneConfig) -> Iterator[None]:
     """On a CPU with data workers, leave the workers their cores for the run, then restore the thread count:
@@ -182,7 +179,7 @@ def _cpu_threads(config: FinetuneConfig) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _prepare_output_dir(config: FinetuneConfig) -> Path:
+def _prepare_output_dir(config: TrainerConfig) -> Path:
     """Refuse to clobber a finished or unrelated folder; with `overwrite`, clear an earlier run."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -209,7 +206,7 @@ def _prepare_output_dir(config: FinetuneConfig) -> Path:
     return out
 
 
-def _model_path(config: FinetuneConfig) -> str:
+def _model_path(config: TrainerConfig) -> str:
     """The base model; the demo recipe's tiny model is built on first use (in a sibling, then moved)."""
     if not config.model:
         raise FinerError("no model: pass --model ID|PATH or a --config recipe that sets one")
@@ -224,6 +221,18 @@ def _model_path(config: FinetuneConfig) -> str:
         shutil.rmtree(path, ignore_errors=True)
         partial.rename(path)
     return config.model
+
+
+def _base_model(config: TrainerConfig) -> tuple[str, Family]:
+    """The model to train (the demo's tiny one built first) and its family, read from its config alone."""
+    from transformers import AutoConfig
+
+    model_id = _model_path(config)
+    try:
+        model_type = AutoConfig.from_pretrained(model_id).model_type
+    except (OSError, ValueError) as err:
+        raise FinerError(f"cannot read the config of model {model_id!r}: {err}".splitlines()[0]) from None
+    return model_id, detect_family(model_type, model_id)
 
 
 def _load_model(model_id: str, bf16: bool, load_in_4bit: bool) -> Any:
@@ -247,6 +256,17 @@ def _load_model(model_id: str, bf16: bool, load_in_4bit: bool) -> Any:
     return AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
 
 
+def _load_planned(
+    config: TrainerConfig, model_id: str, family: Family, bf16: bool, load_in_4bit: bool = False
+) -> tuple[Any, TrainPlan]:
+    """The model, and which of its parts train how (`train_llm`, `train_vision`, `train_projector`)."""
+    model = _load_model(model_id, bf16, load_in_4bit)
+    plan = plan_training(
+        model, family, llm=config.train_llm, vision=config.train_vision, projector=config.train_projector
+    )
+    return model, plan
+
+
 @dataclass
 class Prepared:
     """A trainer ready to `train()`, and what went into it (for the log and the run summary)."""
@@ -264,17 +284,12 @@ def build_trainer(config: FinetuneConfig) -> Prepared:
 
     User errors surface before anything is written, so a failed start leaves nothing that looks like a run.
     """
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
     if not config.output_dir:
         raise FinerError("no output folder: pass --output-dir DIR or a --config recipe that sets one")
-    model_id = _model_path(config)
-    try:
-        model_type = AutoConfig.from_pretrained(model_id).model_type
-    except (OSError, ValueError) as err:
-        raise FinerError(f"cannot read the config of model {model_id!r}: {err}".splitlines()[0]) from None
-    family = detect_family(model_type, model_id)
+    model_id, family = _base_model(config)
     mixture = load_mixture(
         config.datasets,
         fmt=config.format,
@@ -294,40 +309,21 @@ def build_trainer(config: FinetuneConfig) -> Prepared:
         )
     output_dir = _prepare_output_dir(config)
 
-    gpu, bf16_capable = _on_gpu()
-    bf16 = bf16_capable if config.bf16 is None else config.bf16
-    checkpointing = gpu if config.gradient_checkpointing is None else config.gradient_checkpointing
+    shared = _trainer_arguments(config, output_dir)
     processor = AutoProcessor.from_pretrained(model_id)
     template = resolve_chat_template(family, processor, config.chat_template)
-    model = _load_model(model_id, bf16, config.load_in_4bit)
-    plan = plan_training(
-        model, family, llm=config.train_llm, vision=config.train_vision, projector=config.train_projector
-    )
+    model, plan = _load_planned(config, model_id, family, shared["bf16"], config.load_in_4bit)
+    # The rows are already what TRL's collator reads (messages, image) plus what it ignores (source, and bbox
+    # for the crop transform, which TRL's column pruning, off in `shared`, would drop before it is read).
     args = SFTConfig(
-        output_dir=str(output_dir),
+        **shared,
         assistant_only_loss=True,
         max_length=None,  # drop_too_long below: TRL would truncate, image tokens included
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,  # a fraction of the steps when below 1
         weight_decay=config.weight_decay,
-        logging_steps=config.logging_steps,
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        seed=config.seed,
-        bf16=bf16,
-        use_cpu=not gpu,  # also what makes a CPU multi-process launch (torchrun) train as one gloo group
-        gradient_checkpointing=checkpointing,
         use_liger_kernel=config.use_liger_kernel,
-        report_to=config.report_to or ("tensorboard" if importlib.util.find_spec("tensorboard") else "none"),
         dataloader_num_workers=config.dataloader_num_workers,
-        # The rows are already what TRL's collator reads (messages, image) plus what it ignores (source, and
-        # bbox for the crop transform); TRL would drop bbox before the transform reads it.
-        remove_unused_columns=False,
     )
     trainer = SFTTrainer(
         model=model,
