@@ -9,7 +9,7 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -242,6 +242,19 @@ def _log_progress() -> None:
         log.setLevel(logging.INFO)
 
 
+def _set_values(items: list[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` options as config values (each VALUE read as YAML: 3, 1e-4, true, [a, b])."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FinerError(f"--set {item!r}: expected KEY=VALUE")
+        values[key.strip()] = yaml.safe_load(value)
+    return values
+
+
 @app.command()
 def finetune(
     model: Annotated[str | None, typer.Option(help="Base model id or path.")] = None,
@@ -307,7 +320,6 @@ def finetune(
     private: Annotated[bool, typer.Option(help="With --push-to-hub: create a private repo.")] = False,
 ) -> None:
     """Fine-tune a VLM with LoRA on built datasets (TRL SFTTrainer + PEFT); recipe values, then options."""
-    import yaml
 
     from finer.train.sft import FinetuneConfig, load_recipe, run_finetune
 
@@ -350,11 +362,7 @@ def finetune(
     given = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in options.items() if v is not None}
     if model is not None:
         given["tiny_model"] = None  # a recipe's tiny model is built only at the recipe's own model path
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise FinerError(f"--set {item!r}: expected KEY=VALUE")
-        given[key.strip()] = yaml.safe_load(value)
+    given.update(_set_values(set_))
     recipe = load_recipe(config) if config else {}
     settings = FinetuneConfig.from_sources(recipe, given, origin=(f"recipe {config}", "command line"))
     summary = run_finetune(settings)
@@ -745,8 +753,14 @@ def grpo(
     seed: Annotated[int | None, typer.Option()] = None,
     prompts_dir: Annotated[str | None, typer.Option(help="Folder overriding the prompt templates.")] = None,
     report_to: Annotated[str | None, typer.Option(help="Trainer logging: none, tensorboard, ...")] = None,
+    crop_to_bbox: Annotated[
+        bool | None, typer.Option(help="Show each image cropped to its box (default: no).")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the output folder's last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --output-dir.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Any other config field: KEY=VALUE (YAML value).")
+    ] = None,
 ) -> None:
     """GRPO with verifiable rewards (TRL GRPOTrainer + PEFT): modified EM or option letter, plus format."""
     from finer.train.grpo import GrpoConfig, run_grpo
@@ -777,12 +791,14 @@ def grpo(
         "max_completion_length": max_completion_length,
         "seed": seed,
         "report_to": report_to,
+        "crop_to_bbox": crop_to_bbox,
         "resume": resume or None,
         "overwrite": overwrite or None,
     }
     given = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in options.items() if v is not None}
     if model is not None:
         given["tiny_model"] = None  # a recipe's tiny model is built only at the recipe's own model path
+    given.update(_set_values(set_))
     recipe = load_recipe(config) if config else {}
     settings = GrpoConfig.from_sources(recipe, given, origin=(f"recipe {config}", "command line"))
     summary = run_grpo(settings)

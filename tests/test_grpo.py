@@ -391,11 +391,13 @@ def test_grpo_cli_choice(demo: Path, tmp_path: Path) -> None:
         "4",
     ]
     args += ["--lora-r", "4", "--lora-alpha", "8", "--report-to", "none"]
+    args += ["--crop-to-bbox", "--set", "beta=0.01"]
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 0
     summary = json.loads((out / "finer_run.json").read_text())
     assert summary["config"]["format"] == "choice" and summary["samples"] == {"demo": {"rows": 8, "kept": 8}}
+    assert summary["config"]["crop_to_bbox"] is True and summary["config"]["beta"] == 0.01
     assert summary["reward_weights"] == {"accuracy": 0.9, "format": 0.1}
     assert (out / "adapter_model.safetensors").is_file()
 
