@@ -242,6 +242,18 @@ def _log_progress() -> None:
         log.setLevel(logging.INFO)
 
 
+def _trainer_settings(kind: Any, recipe: str | None, options: dict[str, Any], items: list[str] | None) -> Any:
+    """A trainer config (`kind`): the recipe's values, then the options given, then `--set` ones, checked."""
+    from finer.train.sft import load_recipe
+
+    given = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in options.items() if v is not None}
+    if options.get("model") is not None:
+        given["tiny_model"] = None  # a recipe's tiny model is built only at the recipe's own model path
+    given.update(_set_values(items))
+    values = load_recipe(recipe) if recipe else {}
+    return kind.from_sources(values, given, origin=(f"recipe {recipe}", "command line"))
+
+
 def _set_values(items: list[str] | None) -> dict[str, Any]:
     """`--set KEY=VALUE` options as config values (each VALUE read as YAML: 3, 1e-4, true, [a, b])."""
     import yaml
@@ -321,7 +333,7 @@ def finetune(
 ) -> None:
     """Fine-tune a VLM with LoRA on built datasets (TRL SFTTrainer + PEFT); recipe values, then options."""
 
-    from finer.train.sft import FinetuneConfig, load_recipe, run_finetune
+    from finer.train.sft import FinetuneConfig, run_finetune
 
     if push_to_hub:
         from huggingface_hub import get_token
@@ -359,12 +371,7 @@ def finetune(
         "resume": resume or None,
         "overwrite": overwrite or None,
     }
-    given = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in options.items() if v is not None}
-    if model is not None:
-        given["tiny_model"] = None  # a recipe's tiny model is built only at the recipe's own model path
-    given.update(_set_values(set_))
-    recipe = load_recipe(config) if config else {}
-    settings = FinetuneConfig.from_sources(recipe, given, origin=(f"recipe {config}", "command line"))
+    settings = _trainer_settings(FinetuneConfig, config, options, set_)
     summary = run_finetune(settings)
     trained = sum(count["trained"] for count in summary["samples"].values())
     typer.echo(
@@ -765,7 +772,6 @@ def grpo(
     """GRPO with verifiable rewards (TRL GRPOTrainer + PEFT): modified EM or option letter, plus format."""
     from finer.train.grpo import GrpoConfig, run_grpo
     from finer.train.rewards import parse_reward_weights
-    from finer.train.sft import load_recipe
 
     options = {
         "model": model,
@@ -795,12 +801,7 @@ def grpo(
         "resume": resume or None,
         "overwrite": overwrite or None,
     }
-    given = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in options.items() if v is not None}
-    if model is not None:
-        given["tiny_model"] = None  # a recipe's tiny model is built only at the recipe's own model path
-    given.update(_set_values(set_))
-    recipe = load_recipe(config) if config else {}
-    settings = GrpoConfig.from_sources(recipe, given, origin=(f"recipe {config}", "command line"))
+    settings = _trainer_settings(GrpoConfig, config, options, set_)
     summary = run_grpo(settings)
     rewards = summary["rewards"]
     last = f"{rewards[-1]:.3f}" if rewards else "n/a"
