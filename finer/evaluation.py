@@ -9,8 +9,6 @@ mode evaluated into the same folder all end in one consistent report.
 
 from __future__ import annotations
 
-import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
+from finer.appendlog import AppendLog
 from finer.backends import Backend, Generation, HFBackend, OpenAIBackend
 from finer.datasets_io import load_built, load_concepts, pick_split
 from finer.errors import FinerError
@@ -86,36 +85,16 @@ def load_split(dataset: str, split: str, columns: list[str]) -> tuple[Any, list[
     return rows, concepts
 
 
-def _answered(path: Path) -> tuple[set[str], int]:
-    """The keys a predictions file holds, and the length of its complete lines (a crash may tear the last)."""
-    keys: set[str] = set()
-    complete = 0
-    if path.exists():
-        with open(path, "rb") as fh:
-            for line in fh:
-                if not line.endswith(b"\n"):
-                    break
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    keys.add(json.loads(line)["key"])
-                complete += len(line)
-    return keys, complete
-
-
 class PredictionLog:
     """``predictions.jsonl``: append-only, one flushed line per answer; a `Sink` for the backends.
 
-    Opening it cuts off a last line torn by a crash (``complete`` is the length of the whole lines), so
-    that the next append starts on a fresh line.
+    A last line torn by a crash is cut off before the first append (`finer.appendlog`).
     """
 
-    def __init__(self, path: Path, complete: int) -> None:
-        self.path = path
+    def __init__(self, log: AppendLog) -> None:
+        self.log = log
         self.answered = 0
         self.failures: list[str] = []
-        if path.exists():
-            with open(path, "r+b") as fh:
-                fh.truncate(complete)
-        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._bar: tqdm | None = None
 
     def start(self, total: int) -> None:
@@ -129,8 +108,7 @@ class PredictionLog:
             record.update(attributes=said.text, attributes_truncated=said.truncated)
         if len(turns) > 2:  # the finer replay: the group the model named first
             record.update(turns=[turn.text for turn in turns[:-1]])
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._fh.flush()
+        self.log.write(record)
         self.answered += 1
         if self._bar is not None:
             self._bar.update()
@@ -144,7 +122,7 @@ class PredictionLog:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        self._fh.close()
+        self.log.close()
 
 
 def _make_backend(config: EvalConfig, template_hash: str) -> Backend:
@@ -233,7 +211,8 @@ def evaluate(config: EvalConfig, backend: Backend | None = None) -> dict[str, An
     out = Path(config.out).expanduser()
     if out.exists() and not out.is_dir():
         raise FinerError(f"--out {out} is a file; pass a folder")
-    done, complete = _answered(out / PREDICTIONS_FILE)
+    answers = AppendLog(out / PREDICTIONS_FILE)
+    done = {record.get("key") for record in answers.records()}
     pending: dict[str, tuple[int, str]] = {}
     for index, row in enumerate(rows):
         for level in levels:
@@ -242,7 +221,7 @@ def evaluate(config: EvalConfig, backend: Backend | None = None) -> dict[str, An
     if pending and backend is None:
         backend = _make_backend(config, template_hash)  # loads the model: only when there is work
     out.mkdir(parents=True, exist_ok=True)
-    log = PredictionLog(out / PREDICTIONS_FILE, complete)
+    log = PredictionLog(answers)
     try:
         if pending:
             log.start(len(pending))

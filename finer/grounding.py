@@ -18,7 +18,6 @@ finished. `--check-cub` measures the verdicts against CUB-200-2011's per-image a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 import finer
+from finer.appendlog import AppendLog
 from finer.attributes import cub_phrase
 from finer.cache import Cache, cache_key
 from finer.datasets_io import load_built, pick_split
@@ -314,44 +314,6 @@ def _plan(
     return items, rows
 
 
-# --- the append-only results file -------------------------------------------------------------------
-
-
-def _read_results(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
-    """The results a file holds by key, and the length of its whole lines (a kill may tear the last)."""
-    results: dict[str, dict[str, Any]] = {}
-    complete = 0
-    if path.exists():
-        with open(path, "rb") as fh:
-            for line in fh:
-                if not line.endswith(b"\n"):
-                    break
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    record = json.loads(line)
-                    results[record["key"]] = record
-                complete += len(line)
-    return results, complete
-
-
-class _ResultLog:
-    """`grounding.jsonl`: one flushed line per finished image; opening cuts a line torn by a kill."""
-
-    def __init__(self, path: Path, complete: int) -> None:
-        if path.exists():
-            with open(path, "r+b") as fh:
-                fh.truncate(complete)
-        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.records: dict[str, dict[str, Any]] = {}
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._fh.flush()
-        self.records[record["key"]] = record
-
-    def close(self) -> None:
-        self._fh.close()
-
-
 # --- asking -----------------------------------------------------------------------------------------
 
 
@@ -450,7 +412,7 @@ async def _ask_all(
     cells: dict[str, datasets.Dataset],
     config: GroundConfig,
     sha: str,
-    log: _ResultLog,
+    log: AppendLog,
     usage: Usage,
     run: _Run,
 ) -> None:
@@ -716,10 +678,10 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     partial = out.with_name(f".{out.name}.partial")
     _clear_partial(partial)
     results_path = partial / RESULTS_FILE
-    done, complete = _read_results(results_path)
+    log = AppendLog(results_path)
+    done = {record["key"]: record for record in log.records() if "key" in record}
     pending = [item for item in items if item.key not in done]
     usage, run = Usage(), _Run()
-    log = _ResultLog(results_path, complete)
     try:
         if pending:
             cells = {
@@ -730,7 +692,7 @@ def ground(config: GroundConfig) -> dict[str, Any]:
         log.close()
     if pending and len(run.failed) == len(pending):
         raise FinerError(f"every request failed, e.g. {run.failed[0]['reason']}; nothing was written")
-    results = {**done, **log.records}
+    results = {record["key"]: record for record in log.records() if "key" in record}
 
     counts: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
