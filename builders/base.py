@@ -133,10 +133,16 @@ def class_id(raw: str, width: int, path: Path) -> str:
 
 def read_boxes(path: Path) -> dict[str, list[float]]:
     """`<image id> <x> <y> <width> <height>` per line -> image id -> [x, y, w, h]."""
-    try:
-        return {image_id: [float(v) for v in values.split()] for image_id, values in read_list(path, 2)}
-    except ValueError as exc:
-        raise LayoutError(f"{path}: a box that is not four numbers ({exc})") from exc
+    boxes = {}
+    for image_id, values in read_list(path, 2):
+        try:
+            box = [float(v) for v in values.split()]
+        except ValueError:
+            box = []
+        if len(box) != 4:
+            raise LayoutError(f"{path}: image {image_id}: box {values!r} is not four numbers (x y w h)")
+        boxes[image_id] = box
+    return boxes
 
 
 class ListFileSource(Source):

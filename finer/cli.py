@@ -6,6 +6,7 @@ Every user-fixable problem is a `FinerError`: `main()` prints its one line and e
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -373,6 +374,8 @@ def finetune(
     }
     settings = _trainer_settings(FinetuneConfig, config, options, set_)
     summary = run_finetune(settings)
+    if os.environ.get("RANK", "0") != "0":  # a multi-process launch: the first process reports
+        return
     trained = sum(count["trained"] for count in summary["samples"].values())
     typer.echo(
         f"wrote {settings.output_dir}: {summary['global_step']} steps on {trained} conversations "
@@ -820,7 +823,10 @@ def curriculum(
     ] = None,
     dataset: Annotated[
         list[str] | None,
-        typer.Option(help="Train every stage on these datasets (the recipe's top-level `datasets`); repeat."),
+        typer.Option(
+            help="Replace the recipe's top-level `datasets`: the data of every stage that sets none itself "
+            "(nor under `defaults`), and the evaluation data unless `eval_datasets` is set; repeat."
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Re-run the stages whose settings changed since they ran, and those after.")

@@ -68,11 +68,20 @@ PRICES: dict[str, tuple[float, float]] = {
     "o4-mini": (1.10, 4.40),
 }
 #: Request parameters an endpoint may not support, and the words its 400 uses to say so: JSON-schema
-#: structured output (older vLLM, Ollama, most proxies) and temperature (reasoning models).
+#: structured output (older vLLM, Ollama, most proxies), temperature (reasoning models), and max_tokens
+#: (OpenAI's reasoning models take `max_completion_tokens` instead, which is then sent). A 400 that merely
+#: names max_tokens ("too large for the context") is a failed call, not a refusal.
 OPTIONAL_PARAMETERS: dict[str, tuple[str, ...]] = {
     "response_format": ("response_format", "json_schema"),
     "temperature": ("temperature",),
-    "max_tokens": ("max_tokens",),
+    "max_tokens": (
+        "Unsupported parameter: 'max_tokens'",
+        "Unrecognized request argument supplied: max_tokens",
+    ),
+    "max_completion_tokens": (
+        "Unsupported parameter: 'max_completion_tokens'",
+        "Unrecognized request argument supplied: max_completion_tokens",
+    ),
 }
 _SNAPSHOT = re.compile(r"(.+?)(?:-\d{4}-\d{2}-\d{2})?")
 _SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_-]{2})[A-Za-z0-9_-]+|(Bearer\s+)\S+")
@@ -316,6 +325,9 @@ class ChatClient:
         drops it for the rest of the run, and the request goes again without it."""
         while True:
             sent = {name: value for name, value in request.items() if name not in self.refused}
+            limits = self.refused & {"max_tokens", "max_completion_tokens"}
+            if "max_tokens" in request and limits == {"max_tokens"}:  # the newer name, once
+                sent["max_completion_tokens"] = request["max_tokens"]
             try:
                 response = await self._call(sent)
             except openai.BadRequestError as err:

@@ -87,6 +87,13 @@ def test_cub_without_box_file_has_no_boxes(cub: Path) -> None:
     assert {r.bbox for r in Cub200Source(cub).records("test")} == {None}
 
 
+@pytest.mark.parametrize("box", ["1 2 3", "1 2 3 4 5", "1 2 three 4"])
+def test_a_box_that_is_not_four_numbers_names_the_image(cub: Path, box: str) -> None:
+    (cub / "bounding_boxes.txt").write_text(f"1 {box}\n")
+    with pytest.raises(LayoutError, match=r"bounding_boxes.txt: image 1: box .* is not four numbers"):
+        list(Cub200Source(cub).records("train"))
+
+
 @pytest.mark.parametrize("given", ["folder", "parent"])
 def test_cub_root_may_be_the_folder_or_its_parent(cub: Path, given: str) -> None:
     source = Cub200Source(cub if given == "folder" else cub.parent)

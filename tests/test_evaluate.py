@@ -573,3 +573,30 @@ def test_openai_answers_cut_at_the_token_limit_are_flagged(demo: Path, tmp_path:
         long_enough = tmp_path / "long"
         evaluate(EvalConfig(**{**config.__dict__, "out": long_enough}))  # the default limit, 128
     assert not any(r["truncated"] for r in records(long_enough))
+
+
+def test_openai_max_tokens_becomes_max_completion_tokens_where_refused(demo: Path, tmp_path: Path) -> None:
+    def reasoning_model(request: dict[str, Any]) -> Any:
+        if "max_tokens" in request:
+            message = "Unsupported parameter: 'max_tokens' is not supported with this model."
+            return Fault(status=400, message=f"{message} Use 'max_completion_tokens' instead.")
+        return "Let me think about the plumage first. Answer: Bird"
+
+    with FakeOpenAI(reasoning_model) as server:
+        config = EvalConfig(dataset=str(demo), out=tmp_path, model="m", base_url=server.url, limit=2)
+        result = evaluate(EvalConfig(**{**config.__dict__, "backend": "openai", "max_new_tokens": 5}))
+        sent = [r["json"] for r in server.requests]
+    asked = [r for r in sent if "max_tokens" not in r]  # those in flight before the first refusal: again
+    assert result["failed"] == 0 and "max_tokens" in sent[0] and len(asked) == result["answered"] == 6
+    assert all(r.get("max_completion_tokens") == 5 for r in asked)
+    assert all(r["truncated"] for r in records(tmp_path))
+
+    def context_full(request: dict[str, Any]) -> Any:  # names max_tokens, refuses nothing
+        return Fault(status=400, message="'max_tokens' is too large: 5. This model's maximum context is 4")
+
+    with FakeOpenAI(context_full) as server:
+        config = EvalConfig(dataset=str(demo), out=tmp_path / "full", model="m", backend="openai", limit=1)
+        config.base_url, config.level, config.max_new_tokens = server.url, "fine", 5
+        with pytest.raises(FinerError, match="every request failed"):
+            evaluate(config)
+        assert all("max_tokens" in r["json"] for r in server.requests)

@@ -385,17 +385,18 @@ def test_cli_runs_the_demo_recipe_end_to_end(demo: Path, tmp_path: Path) -> None
 
 
 def test_two_cpu_processes_train_as_one_group(demo: Path, tmp_path: Path) -> None:
-    """`torchrun --nproc_per_node 2` (what `accelerate launch` runs): one gloo group, each process a half
-    of every batch, one process writes the summary."""
-    out = tmp_path / "ddp"
+    """The README's `torchrun --nproc_per_node 2 -m finer finetune --config demo-tiny` (what `accelerate
+    launch` runs) from a fresh folder: the first process builds the tiny model while the other waits, one
+    gloo group trains (each process half of every batch), one process writes the summary."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    model = str(tiny_vlm_path("llava"))
-    argv = [str(torchrun), "--nproc_per_node", "2", "-m", "finer", "finetune", "--model", model,
-            "--dataset", str(demo), "--output-dir", str(out), "--format", "direct", "--max-steps", "2",
-            "--batch-size", "4", "--lora-r", "4", "--lora-alpha", "8", "--set", "report_to=none"]  # fmt: skip
+    argv = [str(torchrun), "--nproc_per_node", "2", "-m", "finer", "finetune", "--config", "demo-tiny",
+            "--dataset", str(demo), "--max-steps", "2", "--batch-size", "4",
+            "--set", "eval_split=null"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "runs" / "demo-lora"
+    assert done.stdout.count("wrote runs/demo-lora") == 1
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["epoch"] == 2.0  # 8 conversations, 2 x 4 per step: one epoch a step (alone: half)
     assert json.loads((out / RUN_FILE).read_text())["global_step"] == 2

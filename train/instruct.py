@@ -12,9 +12,10 @@ conversation becomes a training row like the fine-grained ones (`messages` with 
 `<image>` stood, `image`, `source` = "instruction"), so TRL masks it the same way: loss on the answers only.
 
 `--instruction-ratio R` draws round(R x fine-grained rows) conversations, seeded, without replacement (all of
-them, with a warning, when the file holds fewer). Every conversation is accounted for in the run summary:
-`rows` read, `not_sampled`, `skipped` (no image, a missing or unreadable image file, no `<image>` slot or
-several, a turn that is not human/gpt in turn), `too_long`, `trained`.
+them, with a warning, when the file holds fewer); only the drawn images are opened. Every conversation is
+accounted for in the run summary: `rows` read, `not_sampled`, `skipped` (no image, a missing or unreadable
+image file among those drawn, no `<image>` slot or several, a turn that is not human/gpt in turn),
+`too_long`, `trained`.
 """
 
 from __future__ import annotations
@@ -96,13 +97,19 @@ def _readable(path: Path) -> bool:
     return True
 
 
-def load_instructions(path: str | Path, images: str | Path | None = None) -> tuple[list[dict], Counter[str]]:
-    """The well-formed conversations of a LLaVA-style file as rows (`messages`, image path), and the counts
-    of what was read and skipped."""
+def load_instructions(
+    path: str | Path, wanted: int, images: str | Path | None = None, seed: int = 0
+) -> tuple[list[dict], Counter[str]]:
+    """`wanted` usable conversations of a LLaVA-style file, drawn at random (`seed`), as rows (`messages`,
+    image path), and the counts of what was read, skipped and not sampled.
+
+    Every record's shape and image path are checked; only the drawn images are opened (a 665k-record file
+    mixed in at a few thousand rows opens a few thousand), and one that fails is replaced by the next draw.
+    """
     path = Path(path).expanduser()
     root = Path(images).expanduser() if images else path.parent
     counts: Counter[str] = Counter()
-    rows, reasons = [], Counter()
+    candidates, reasons = [], Counter()
     for record in _records(path):
         counts["rows"] += 1
         messages = _messages(record)
@@ -113,11 +120,20 @@ def load_instructions(path: str | Path, images: str | Path | None = None) -> tup
             reasons["malformed conversation"] += 1
         elif (file := _inside(root, image)) is None:
             reasons["image path outside --instruction-images"] += 1
-        elif not _readable(file):
-            reasons["missing or unreadable image"] += 1
         else:
-            rows.append({"messages": messages, "image": str(file)})
+            candidates.append({"messages": messages, "image": str(file)})
+    random.Random(seed).shuffle(candidates)
+    rows, drawn = [], 0
+    for row in candidates:
+        if len(rows) == wanted:
+            break
+        drawn += 1
+        if _readable(Path(row["image"])):
+            rows.append(row)
+        else:
+            reasons["missing or unreadable image"] += 1
     counts["skipped"] = sum(reasons.values())
+    counts["not_sampled"] = len(candidates) - drawn
     if reasons:
         logger.warning(
             "instruction data: skipped %d of %d conversations (%s)",
@@ -134,20 +150,18 @@ def mix_instructions(
     """Add round(`ratio` x the mixture's rows) instruction conversations to `mixture`, counted per row."""
     if ratio <= 0:
         raise FinerError(f"--instruction-ratio must be above 0, not {ratio}")
-    rows, counts = load_instructions(path, images)
     wanted = round(ratio * len(mixture.dataset))
-    if len(rows) < wanted:
+    chosen, counts = load_instructions(path, wanted, images, seed)
+    if not chosen:
+        raise FinerError(f"--instruction-data {path}: no usable conversation (see the warning above)")
+    if len(chosen) < wanted:
         logger.warning(
             "instruction data: ratio %.2f asks for %d conversations, %s holds %d usable; taking them all",
             ratio,
             wanted,
             path,
-            len(rows),
+            len(chosen),
         )
-    chosen = random.Random(seed).sample(rows, min(wanted, len(rows)))
-    if not chosen:
-        raise FinerError(f"--instruction-data {path}: no usable conversation (see the warning above)")
-    counts["not_sampled"] = len(rows) - len(chosen)
     part = datasets.Dataset.from_list([{**row, "source": INSTRUCTION_SOURCE} for row in chosen])
     part = part.cast_column("image", datasets.Image())
     if "bbox" in mixture.dataset.column_names:

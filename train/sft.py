@@ -212,6 +212,9 @@ def _model_path(config: TrainerConfig) -> str:
         raise FinerError("no model: pass --model ID|PATH or a --config recipe that sets one")
     path = Path(config.model).expanduser()
     if config.tiny_model and not (path / "config.json").is_file():
+        if os.environ.get("LOCAL_RANK", "0") != "0":  # a multi-process launch: the first process builds it
+            _wait_for(path / "config.json")
+            return config.model
         from finer.testing import build_tiny_vlm
 
         partial = path.with_name(f".{path.name}.partial")
@@ -221,6 +224,14 @@ def _model_path(config: TrainerConfig) -> str:
         shutil.rmtree(path, ignore_errors=True)
         partial.rename(path)
     return config.model
+
+
+def _wait_for(file: Path, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not file.is_file():
+        if time.monotonic() > deadline:
+            raise FinerError(f"{file} did not appear in {timeout_s:.0f} s (built by the first process)")
+        time.sleep(0.5)
 
 
 def _base_model(config: TrainerConfig) -> tuple[str, Family]:
