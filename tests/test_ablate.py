@@ -12,11 +12,12 @@ import pytest
 import yaml
 from safetensors import safe_open
 
+from finer.backends import HFBackend
 from finer.build import BuildConfig, build
 from finer.cli import main
 from finer.errors import FinerError
 from finer.testing import tiny_part_path
-from finer.train.ablate import CELL_FILE, GRID_FILE, load_grid, run_grid
+from finer.train.ablate import CELL_FILE, GRID_FILE, SOURCE_FILE, Cell, _Runner, load_grid, run_grid
 from finer.train.sft import RUN_FILE
 
 
@@ -143,6 +144,86 @@ def test_a_grid_folder_refuses_other_shared_settings(grid: tuple[Path, Path, dic
 
 
 @pytest.mark.parametrize(
+    ("axis", "index", "refused"),
+    [
+        ("llm", 0, "models"),  # the composed model
+        ("vision", 0, "models"),
+        ("vision", 2, "cells"),  # the broken encoder composed nothing: its failed cells
+    ],
+)
+def test_a_grid_folder_refuses_models_of_the_same_name_from_elsewhere(
+    grid: tuple[Path, Path, dict[str, Any]], axis: str, index: int, refused: str, tmp_path: Path
+) -> None:
+    """`openai/x` and `me/x` share a folder name: a later run may not reuse what the other one made."""
+    path, out, _ = grid
+    spec = yaml.safe_load(path.read_text())
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    elsewhere = str(tmp_path / "elsewhere" / Path(spec[axis][index]).name)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**spec, axis: [elsewhere]}))
+    with pytest.raises(FinerError) as info:
+        run_grid(load_grid(other, out))
+    made = {"vision": spec["vision"][0], "llm": spec["llm"][0], axis: spec[axis][index]}
+    wanted = {**made, axis: elsewhere}
+    message = str(info.value)
+    assert message.startswith(str(out / refused)) and "\n" not in message
+    assert (
+        f"made from vision {made['vision']} + llm {made['llm']}, not {wanted['vision']} + {wanted['llm']}"
+        in message
+    )
+    assert "choose another --out" in message
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == stamps  # nothing ran
+
+
+def test_a_pretraining_records_its_models_and_is_not_reused_for_others(
+    grid: tuple[Path, Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    path, out, _ = grid
+    spec = yaml.safe_load(path.read_text())
+    name = "part-clip__part-llama__frozen"
+    source = json.loads((out / "pretrained" / name / SOURCE_FILE).read_text())
+    assert source == {"vision": spec["vision"][0], "llm": spec["llm"][0], "pretrain": "frozen"}
+    # A folder holding that pretraining alone (its composed model deleted), made with another LLM.
+    copy = tmp_path / "out"
+    (copy / "pretrained" / name).mkdir(parents=True)
+    (copy / GRID_FILE).write_text((out / GRID_FILE).read_text())
+    (copy / "pretrained" / name / SOURCE_FILE).write_text(json.dumps({**source, "llm": "me/part-llama"}))
+    with pytest.raises(
+        FinerError, match=rf"pretrained/{name} was made from vision .* \+ llm me/part-llama, not"
+    ):
+        run_grid(load_grid(path, copy))
+    assert sorted(p.name for p in copy.iterdir()) == [GRID_FILE, "pretrained"]
+
+
+def test_a_finer_cell_asks_each_group_question_once_and_direct_asks_two_levels(
+    grid: tuple[Path, Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mode finer's coarse and fine tasks share their first (group) question when asked in one run; the
+    direct cells ask coarse and fine only, never the superordinate the table does not show."""
+    path, out, result = grid
+    done = next(r for r in result["cells"] if r["status"] == "done" and r["pretrain"] == "none")
+    predictions = (out / "cells" / done["name"] / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["level"] for line in predictions) == ["coarse", "coarse", "fine", "fine"]
+    firsts: list[list[dict]] = []
+    generate = HFBackend.generate
+
+    def spy(self: HFBackend, conversations: list[list[dict]], images: list) -> list:
+        firsts.extend(c for c in conversations if len(c) == 1)
+        return generate(self, conversations, images)
+
+    monkeypatch.setattr(HFBackend, "generate", spy)
+    cell = Cell(
+        done["vision"], done["llm"], "none", "finer"
+    )  # the direct cell's adapter, asked in finer mode
+    finetune = out / "cells" / done["name"] / "finetune"
+    scores = _Runner(load_grid(path, out), out).evaluate(
+        cell, str(out / "models" / cell.pair), str(finetune), tmp_path / "eval"
+    )
+    assert scores["mode"] == "finer" and set(scores["scores"]) == {"coarse", "fine"} and scores["images"] == 2
+    assert len(firsts) == 2  # one group question per image, its answer shared by both levels
+
+
+@pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"colour": "red"}, "unknown key 'colour'"),
@@ -153,6 +234,7 @@ def test_a_grid_folder_refuses_other_shared_settings(grid: tuple[Path, Path, dic
         ({"finetuning": {"lora_r": "big"}}, "lora_r must be int"),
         ({"evaluation": {"mode": "choice"}}, "`evaluation` has unknown key(s) mode"),
         ({"compose": {"dtype": 16}}, "dtype must be str"),
+        ({"compose": {"dtype": "bf16"}}, "`compose` dtype 'bf16': choose one of auto, bfloat16, float16"),
         ({"llm": ["a/tiny", "b/tiny"]}, "two `llm` entries share a folder name"),
     ],
 )

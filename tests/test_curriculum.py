@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 from finer.build import BuildConfig, build
@@ -197,6 +198,20 @@ def test_two_stages_carry_weights_forward_freeze_evaluate_and_resume(
     assert [s["status"] for s in redone["stages"]] == ["skipped", "trained"]
     assert json.loads((second / "train" / RUN_FILE).read_text())["config"]["learning_rate"] == 1e-3
 
+    # An adapter whose trained weights do not load (other module names) is refused, not merged as the
+    # starting weights carried forward unchanged (DESIGN §5).
+    adapter_file = second / "train" / "adapter_model.safetensors"
+    saved = load_file(adapter_file)
+    save_file(
+        {k.replace(".layers.", ".renamed."): v for k, v in saved.items()}, adapter_file, {"format": "pt"}
+    )
+    shutil.rmtree(second / "model")
+    with pytest.raises(
+        FinerError, match=r"adapter stage 2 \(reasoning\): \d+ of \d+ LoRA B matrices are all zero"
+    ):
+        run_curriculum(CurriculumConfig.from_sources(changed))
+    assert not (second / "model").exists()
+
 
 @needs_llava
 def test_cli_prints_the_table(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -233,6 +248,37 @@ def test_shipped_curricula_are_perception_then_reasoning(demo: Path, tmp_path: P
         assert perception.config.crop_to_bbox == reasoning.config.crop_to_bbox == config.eval_crop_to_bbox
         assert config.eval_crop_to_bbox == cropped
     assert not any(tmp_path.iterdir())
+
+
+def test_each_stage_is_scored_with_its_own_prompts(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage's `prompts_dir` reaches its evaluation (as `finer finetune` scores its run) and eval.json."""
+    prompts = str(tmp_path / "prompts")
+    recipe = _recipe(demo, tmp_path / "o")
+    recipe["stages"][1]["prompts_dir"] = prompts
+    stages = plan_stages(CurriculumConfig.from_sources(recipe))
+    asked: list[object] = []
+
+    def scored(model: object, processor: object, rows: object, fmt: str, **options: object) -> dict:
+        asked.append(options.get("prompts_dir"))
+        return {"fine_accuracy": 0.5, "images": 8, "chance": 0.125}
+
+    monkeypatch.setattr(evaluate, "evaluate_fine", scored)
+    settings = {
+        "split": "test",
+        "datasets": [str(demo)],
+        "format": "finer",
+        "crop_to_bbox": False,
+        "batch_size": 8,
+        "max_new_tokens": 8,
+    }
+    for stage in stages:
+        stage.folder.mkdir(parents=True)
+        curriculum._evaluate(stage, settings, object(), None)
+    assert asked == [None, prompts]
+    stored = [json.loads((stage.folder / "eval.json").read_text())["settings"] for stage in stages]
+    assert stored == [settings, {**settings, "prompts_dir": prompts}]
 
 
 GOOD_STAGE = {"trainer": "sft", "max_steps": 1}

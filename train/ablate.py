@@ -8,9 +8,13 @@ pair, one pretraining per pair x policy.
 
     OUT/grid.json                       the shared settings (a later run of the same OUT must match them)
     OUT/models/V__L/                    composed models
-    OUT/pretrained/V__L__P/adapter/     the pretraining run; model/ its merged weights
+    OUT/pretrained/V__L__P/adapter/     the pretraining run; model/ its merged weights; source.json its models
     OUT/cells/V__L__P__F/finetune/      the fine-tuning run; eval/ the evaluation; cell.json the result
     OUT/results.{md,csv,json,png}       the table and the chart, rewritten after every cell
+
+Folders are named by the last component of each model id, so every one records the full ids it was made
+from (compose.json, source.json, cell.json), and a run refuses a folder made from other ids under the same
+names (`openai/x` and `me/x`) before anything runs.
 
 A cell whose cell.json says done is not run again, so growing an axis runs only the new cells. A failed cell
 is reported (stage and one-line error in the table, traceback in its error.log), the grid goes on, and the
@@ -37,7 +41,7 @@ import yaml
 
 from finer.errors import FinerError
 
-from .compose import COMPOSE_FILE, ComposeConfig, compose
+from .compose import COMPOSE_FILE, DTYPES, ComposeConfig, compose
 from .config import SourcedConfig
 from .sft import RUN_FILE, FinetuneConfig, load_recipe, run_finetune
 
@@ -47,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 GRID_FILE = "grid.json"
 CELL_FILE = "cell.json"
+#: In a pretraining folder: the vision and language model ids it pretrains (written before training).
+SOURCE_FILE = "source.json"
 RESULTS = "results"  # .md, .csv, .json, .png
 LEVELS = ("coarse", "fine")
 PretrainPolicy = Literal["none", "frozen", "lora", "full"]
@@ -88,8 +94,12 @@ class Cell:
         return f"{_label(self.vision)}__{_label(self.llm)}"
 
     @property
+    def pretrained(self) -> str:
+        return f"{self.pair}__{self.pretrain}"
+
+    @property
     def name(self) -> str:
-        return f"{self.pair}__{self.pretrain}__{self.format}"
+        return f"{self.pretrained}__{self.format}"
 
 
 @dataclass
@@ -97,8 +107,8 @@ class GridConfig(SourcedConfig):
     """A grid file. The four axes span the cells; `datasets` are fine-tuned on (and pretrained on, unless
     `pretrain_datasets` says otherwise); `compose` holds `finer compose` options, `pretraining` and
     `finetuning` FinetuneConfig keys for every cell's two training runs (the recipe `pretrain` and projector
-    trained in full are the defaults), `evaluation` EvalConfig keys (`dataset` defaults to the first of
-    `datasets`, `split` to test, `crop_to_bbox` to fine-tuning's)."""
+    trained in full are the defaults), `evaluation` the EvalConfig keys in `EVAL_KEYS` (`dataset` defaults to
+    the first of `datasets`, `split` to test, `crop_to_bbox` and `prompts_dir` to fine-tuning's)."""
 
     vision: list[str] = field(default_factory=list)
     llm: list[str] = field(default_factory=list)
@@ -137,7 +147,13 @@ class GridConfig(SourcedConfig):
             if len(set(labels)) < len(labels):
                 raise FinerError(f"{where}: two `{axis}` entries share a folder name ({', '.join(labels)})")
         _keys(where, "compose", self.compose, COMPOSE_KEYS)
-        ComposeConfig.from_sources({"vision": "", "llm": "", "out": ""}, self.compose, origin=("", where))
+        composed = ComposeConfig.from_sources(
+            {"vision": "", "llm": "", "out": ""}, self.compose, origin=("", where)
+        )
+        if composed.dtype not in DTYPES:
+            raise FinerError(
+                f"{where}: `compose` dtype {composed.dtype!r}: choose one of {', '.join(DTYPES)}"
+            )
         for name, managed in (("pretraining", (*MANAGED, "train_llm")), ("finetuning", MANAGED)):
             mapping = getattr(self, name)
             bad = [key for key in mapping if key.replace("-", "_") in managed]
@@ -209,6 +225,26 @@ def _claim(out: Path, settings: dict[str, Any]) -> None:
     _write_json(path, settings)
 
 
+def _check_sources(out: Path, cells: list[Cell]) -> None:
+    """Refuse, before anything runs, a folder that a cell would reuse but that was made from other full model
+    ids with the same last component (its name): its model, pretraining and scores are not this cell's."""
+    for cell in cells:
+        for path in (
+            out / "models" / cell.pair / COMPOSE_FILE,
+            out / "pretrained" / cell.pretrained / SOURCE_FILE,
+            out / "cells" / cell.name / CELL_FILE,
+        ):
+            if not path.is_file():
+                continue
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            made = (recorded.get("vision"), recorded.get("llm"))
+            if made != (cell.vision, cell.llm):
+                raise FinerError(
+                    f"{path.parent} was made from vision {made[0]} + llm {made[1]}, not {cell.vision} + "
+                    f"{cell.llm} (same folder name); choose another --out (or delete that folder)"
+                )
+
+
 def _train(config: FinetuneConfig) -> None:
     """Run `config` unless its folder holds a finished run; resume an unfinished one from its checkpoint."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -253,6 +289,11 @@ class _Runner:
         merged = folder / "model"
         if (merged / "config.json").is_file():
             return str(merged)
+        if not (folder / SOURCE_FILE).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_json(
+                folder / SOURCE_FILE, {"vision": cell.vision, "llm": cell.llm, "pretrain": cell.pretrain}
+            )
         run = {
             "model": base,
             "datasets": self.grid.pretrain_datasets or self.grid.datasets,
@@ -286,19 +327,23 @@ class _Runner:
     def evaluate(self, cell: Cell, base: str, adapter: str, folder: Path) -> dict[str, Any]:
         """Coarse and fine modified EM of the fine-tuned cell, one model load for both levels."""
         from finer.backends import HFBackend
-        from finer.eval_tasks import MODES
         from finer.evaluation import EvalConfig, evaluate
 
         settings = dict(self.grid.evaluation)
         dataset = settings.pop("dataset", self.grid.datasets[0])
         settings.setdefault("crop_to_bbox", self.grid.finetuning.get("crop_to_bbox", False))  # as trained
-        # The finer format is asked as it was trained where the harness can replay it; else directly.
-        mode = "finer" if cell.format == "finer" and "finer" in MODES else "direct"
+        if self.grid.finetuning.get("prompts_dir"):  # asked in the words it was trained with
+            settings["prompts_dir"] = Path(self.grid.finetuning["prompts_dir"])
+        # The finer format is asked as it was trained (the conversation replayed), the direct one directly.
+        mode = "finer" if cell.format == "finer" else "direct"
+        # Mode finer's "all" is coarse and fine in one run, so both levels of an image share its first (group)
+        # question; direct's "all" would add the superordinate, so it asks the two levels one at a time.
+        levels = ["all"] if mode == "finer" else list(LEVELS)
         configs = [
             EvalConfig(
                 dataset=dataset, out=folder, model=base, adapter=adapter, mode=mode, level=lv, **settings
             )
-            for lv in LEVELS
+            for lv in levels
         ]
         first = configs[0]
         backend = HFBackend(
@@ -326,13 +371,14 @@ class _Runner:
         began = time.perf_counter()
         record: dict[str, Any] = {**dataclasses.asdict(cell), "name": cell.name, "status": "done"}
         record.update(stage=None, error=None, mode=None, scores={}, images=0)
+        _write_json(folder / CELL_FILE, {**record, "status": "running"})  # the ids, before anything is made
         stage = "compose"
         try:
             composed = self.shared(self.out / "models" / cell.pair, lambda f: self.compose(cell, f))
             model = composed
             if cell.pretrain != "none":
                 stage = "pretrain"
-                pretrained = self.out / "pretrained" / f"{cell.pair}__{cell.pretrain}"
+                pretrained = self.out / "pretrained" / cell.pretrained
                 model = self.shared(pretrained, lambda f: self.pretrain(cell, composed, f))
             stage = "finetune"
             adapter = self.finetune(cell, model, folder / "finetune")
@@ -355,8 +401,9 @@ def run_grid(grid: GridConfig) -> dict[str, Any]:
     out = Path(grid.out or "").expanduser().absolute()
     grid.check()
     _claim(out, grid.settings())
-    runner = _Runner(grid, out)
     cells = grid.cells()
+    _check_sources(out, cells)
+    runner = _Runner(grid, out)
     records: list[dict[str, Any]] = []
     for index, cell in enumerate(cells, 1):
         path = out / "cells" / cell.name / CELL_FILE

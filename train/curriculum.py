@@ -315,12 +315,16 @@ def _merge(stage: Stage) -> tuple[Any, Any]:
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from finer.adapters import check_lora_loaded
     from finer.backends import pick_device
 
     start = stage.config.model
     logger.info("%s: merging its adapter into %s -> %s", stage.label, start, stage.model_dir)
     base = AutoModelForImageTextToText.from_pretrained(start, dtype="auto", device_map=pick_device()[0])
-    model = PeftModel.from_pretrained(base, str(stage.train_dir)).merge_and_unload()
+    peft_model = PeftModel.from_pretrained(base, str(stage.train_dir))
+    # An adapter that silently failed to load would carry the starting weights forward (DESIGN §5).
+    check_lora_loaded(peft_model, stage.label, stage.train_dir)
+    model = peft_model.merge_and_unload()
     model.config._name_or_path = str(stage.model_dir)
     processor = AutoProcessor.from_pretrained(stage.train_dir)  # the processor the stage trained with
     # GRPO saves its tokenizer padding on the left (for generation); a later SFT stage trains as the base did.
@@ -334,9 +338,12 @@ def _merge(stage: Stage) -> tuple[Any, Any]:
 
 
 def _evaluate(stage: Stage, settings: dict[str, Any], model: Any, processor: Any) -> dict[str, Any]:
-    """Scores of the stage's model on the eval split; kept in eval.json and reused while settings agree."""
+    """Scores of the stage's model on the eval split, asked with the stage's own prompts (as `finer finetune`
+    scores its run); kept in eval.json and reused while settings agree."""
     from .evaluate import evaluate_fine
 
+    if stage.config.prompts_dir:  # only when set, so that eval.json files written without it still agree
+        settings = {**settings, "prompts_dir": stage.config.prompts_dir}
     path = stage.folder / "eval.json"
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
@@ -358,6 +365,7 @@ def _evaluate(stage: Stage, settings: dict[str, Any], model: Any, processor: Any
         settings["format"],
         batch_size=settings["batch_size"],
         max_new_tokens=settings["max_new_tokens"],
+        prompts_dir=settings.get("prompts_dir"),
     )
     scores = {"split": settings["split"], **scores}
     logger.info(
