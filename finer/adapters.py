@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finer.errors import FinerError
+from finer.errors import FinerError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -28,10 +28,6 @@ __all__ = ["adapter_base", "adapter_dir", "check_lora_loaded", "load_adapter", "
 ADAPTER_CONFIG = "adapter_config.json"
 #: Any of these in the adapter folder means the processor was saved with it.
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200]
 
 
 def adapter_dir(repo_id_or_path: str | Path) -> Path:
@@ -50,7 +46,7 @@ def adapter_dir(repo_id_or_path: str | Path) -> Path:
         folder = Path(snapshot_download(name, repo_type="model"))
     except Exception as err:  # offline without a cached copy, no such repo, no access: one line
         raise FinerError(
-            f"adapter {name}: cannot fetch it from the Hub or the cache ({_one_line(err)})"
+            f"adapter {name}: cannot fetch it from the Hub or the cache ({one_line(err)})"
         ) from None
     if not (folder / ADAPTER_CONFIG).is_file():
         raise FinerError(f"adapter {name}: the repo has no {ADAPTER_CONFIG}; is it a PEFT adapter?")
@@ -61,7 +57,7 @@ def _adapter_config(folder: Path, name: str) -> dict[str, Any]:
     try:
         return json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise FinerError(f"adapter {name}: unreadable {ADAPTER_CONFIG} ({_one_line(err)})") from None
+        raise FinerError(f"adapter {name}: unreadable {ADAPTER_CONFIG} ({one_line(err)})") from None
 
 
 def adapter_base(repo_id_or_path: str | Path) -> str:
@@ -146,18 +142,17 @@ def load_adapter(
         processor = AutoProcessor.from_pretrained(str(folder) if has_processor else base)
     except (OSError, ValueError) as err:
         where = f"adapter {name}" if has_processor else f"base model {base}"
-        raise FinerError(f"{where}: cannot load the processor ({_one_line(err)})") from None
+        raise FinerError(f"{where}: cannot load the processor ({one_line(err)})") from None
     try:
         model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, device_map=device)
     except (OSError, ValueError) as err:
         raise FinerError(
-            f"adapter {name}: cannot load its base model {base} ({_one_line(err)}); "
-            "pass the base with --model"
+            f"adapter {name}: cannot load its base model {base} ({one_line(err)}); pass the base with --model"
         ) from None
     try:
         model = PeftModel.from_pretrained(model, str(folder))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise FinerError(f"adapter {name}: cannot apply it to {base} ({_one_line(err)})") from None
+        raise FinerError(f"adapter {name}: cannot apply it to {base} ({one_line(err)})") from None
     check_lora_loaded(model, name, folder)
     model.eval()
     return model, processor

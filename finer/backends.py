@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from PIL import Image
 
 from finer.cache import Cache
-from finer.errors import FinerError
+from finer.errors import FinerError, one_line
 from finer.eval_tasks import Task
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def check_adapter_base(model: str, adapter: str) -> None:
     try:
         base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
     except (OSError, ValueError) as err:
-        raise FinerError(f"--adapter {adapter}: not a PEFT adapter ({_one_line(err)})") from None
+        raise FinerError(f"--adapter {adapter}: not a PEFT adapter ({one_line(err)})") from None
     if not base or _identity(base) == _identity(model):
         return
     base_config = _config_without_names(base)
@@ -158,13 +158,9 @@ def load_model(model: str, adapter: str | None = None) -> tuple[PreTrainedModel,
         processor = AutoProcessor.from_pretrained(model)
         loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device)
     except (OSError, ValueError) as err:
-        raise FinerError(f"--model {model}: cannot load a vision-language model ({_one_line(err)})") from None
+        raise FinerError(f"--model {model}: cannot load a vision-language model ({one_line(err)})") from None
     loaded.eval()
     return loaded, processor
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200]
 
 
 class HFBackend:

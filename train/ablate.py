@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gc
 import json
 import logging
 import re
@@ -39,10 +38,11 @@ from typing import Any, Literal
 
 import yaml
 
-from finer.errors import FinerError
+from finer.errors import FinerError, one_line
 
 from .compose import COMPOSE_FILE, DTYPES, ComposeConfig, compose
 from .config import SourcedConfig
+from .runs import release_memory, write_json
 from .sft import RUN_FILE, FinetuneConfig, load_recipe, run_finetune
 
 __all__ = ["CELL_FILE", "GRID_FILE", "Cell", "GridConfig", "load_grid", "run_grid", "write_results"]
@@ -177,7 +177,7 @@ def load_grid(path: str | Path, out: str | Path | None = None) -> GridConfig:
     try:
         mapping = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise FinerError(f"{where}: cannot read it ({_one_line(err)})") from None
+        raise FinerError(f"{where}: cannot read it ({one_line(err)})") from None
     if not isinstance(mapping, dict):
         raise FinerError(f"{where}: expected a mapping of grid keys, got {type(mapping).__name__}")
     grid = GridConfig.from_sources(mapping, {"out": str(out)} if out else {}, origin=(where, ""))
@@ -185,26 +185,6 @@ def load_grid(path: str | Path, out: str | Path | None = None) -> GridConfig:
         raise FinerError(f"{where}: no output folder; pass --out DIR or set `out` in the file")
     grid.check(where)
     return grid
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:300] or type(err).__name__
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """Write beside, then rename: a reader never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.rename(path)
-
-
-def _release() -> None:
-    """Give a finished stage's memory back before the next one loads a model."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _claim(out: Path, settings: dict[str, Any]) -> None:
@@ -222,7 +202,7 @@ def _claim(out: Path, settings: dict[str, Any]) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FinerError(f"--out {out} exists and is not a grid folder; choose another")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(path, settings)
+    write_json(path, settings)
 
 
 def _check_sources(out: Path, cells: list[Cell]) -> None:
@@ -256,7 +236,7 @@ def _train(config: FinetuneConfig) -> None:
     if folder.is_dir() and not resume:
         shutil.rmtree(folder)
     run_finetune(dataclasses.replace(config, resume=resume))
-    _release()
+    release_memory()
 
 
 class _Runner:
@@ -272,14 +252,14 @@ class _Runner:
         try:
             return make(folder)
         except Exception as err:
-            self.failed[folder] = _one_line(err)
+            self.failed[folder] = one_line(err, 300)
             raise
 
     def compose(self, cell: Cell, folder: Path) -> str:
         if not (folder / COMPOSE_FILE).is_file():
             settings = {"vision": cell.vision, "llm": cell.llm, "out": str(folder), "overwrite": True}
             compose(ComposeConfig.from_sources(settings, self.grid.compose))
-            _release()
+            release_memory()
         return str(folder)
 
     def pretrain(self, cell: Cell, base: str, folder: Path) -> str:
@@ -291,7 +271,7 @@ class _Runner:
             return str(merged)
         if not (folder / SOURCE_FILE).is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            _write_json(
+            write_json(
                 folder / SOURCE_FILE, {"vision": cell.vision, "llm": cell.llm, "pretrain": cell.pretrain}
             )
         run = {
@@ -311,7 +291,7 @@ class _Runner:
         shutil.rmtree(partial, ignore_errors=True)
         merge_adapter(folder / "adapter", partial)
         partial.rename(merged)
-        _release()
+        release_memory()
         return str(merged)
 
     def finetune(self, cell: Cell, base: str, folder: Path) -> str:
@@ -371,7 +351,7 @@ class _Runner:
         began = time.perf_counter()
         record: dict[str, Any] = {**dataclasses.asdict(cell), "name": cell.name, "status": "done"}
         record.update(stage=None, error=None, mode=None, scores={}, images=0)
-        _write_json(folder / CELL_FILE, {**record, "status": "running"})  # the ids, before anything is made
+        write_json(folder / CELL_FILE, {**record, "status": "running"})  # the ids, before anything is made
         stage = "compose"
         try:
             composed = self.shared(self.out / "models" / cell.pair, lambda f: self.compose(cell, f))
@@ -386,13 +366,13 @@ class _Runner:
             record.update(self.evaluate(cell, model, adapter, folder / "eval"))
             (folder / "error.log").unlink(missing_ok=True)
         except Exception as err:
-            record.update(status="failed", stage=stage, error=_one_line(err))
+            record.update(status="failed", stage=stage, error=one_line(err, 300))
             (folder / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
             logger.error("%s failed at %s: %s", cell.name, stage, record["error"])
         finally:
-            _release()
+            release_memory()
         record["duration_s"] = round(time.perf_counter() - began, 1)
-        _write_json(folder / CELL_FILE, record)
+        write_json(folder / CELL_FILE, record)
         return record
 
 
@@ -488,6 +468,6 @@ def write_results(out: Path, records: list[dict[str, Any]]) -> dict[str, Path]:
         writer = csv.DictWriter(fh, fieldnames=_COLUMNS)
         writer.writeheader()
         writer.writerows(_row(r) for r in records)
-    _write_json(files["json"], records)
+    write_json(files["json"], records)
     _plot(records, files["png"])
     return files

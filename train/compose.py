@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from finer.errors import FinerError
+from finer.errors import FinerError, one_line
 
 from .config import SourcedConfig
 
@@ -73,10 +73,6 @@ class ComposeConfig(SourcedConfig):
     seed: int = 0
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200]
-
-
 def _encoder(model_type: str, spec: str) -> Encoder:
     for encoder in ENCODERS:
         if model_type in encoder.model_types:
@@ -119,7 +115,7 @@ def _vision_config(spec: str, feature_layer: int) -> tuple[Any, Encoder]:
     try:
         config = AutoConfig.from_pretrained(spec)
     except (OSError, ValueError) as err:
-        raise FinerError(f"--vision {spec}: cannot read its config ({_one_line(err)})") from None
+        raise FinerError(f"--vision {spec}: cannot read its config ({one_line(err)})") from None
     encoder = _encoder(config.model_type, spec)
     vision_config = getattr(config, "vision_config", None) or config
     layers = vision_config.num_hidden_layers
@@ -143,7 +139,7 @@ def _load_vision(spec: str, vision_config: Any, encoder: Encoder, dtype: Any) ->
         tower = getattr(transformers, encoder.loader).from_pretrained(spec, config=vision_config, dtype=dtype)
         image_processor = AutoImageProcessor.from_pretrained(spec)
     except (OSError, ValueError) as err:
-        raise FinerError(f"--vision {spec}: cannot load it ({_one_line(err)})") from None
+        raise FinerError(f"--vision {spec}: cannot load it ({one_line(err)})") from None
     finally:
         transformers.utils.logging.set_verbosity(level)
     return tower, image_processor
@@ -160,7 +156,7 @@ def _load_llm(spec: str, dtype: str) -> tuple[Any, Any]:
             spec, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
         )
     except (OSError, ValueError) as err:
-        raise FinerError(f"--llm {spec}: cannot load a causal language model ({_one_line(err)})") from None
+        raise FinerError(f"--llm {spec}: cannot load a causal language model ({one_line(err)})") from None
     return lm, tokenizer
 
 

@@ -24,7 +24,6 @@ since it ran is refused unless `overwrite`.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -41,6 +40,7 @@ from finer.errors import FinerError
 from .config import SourcedConfig
 from .data import Format, load_split
 from .grpo import GrpoConfig, run_grpo
+from .runs import release_memory, write_json
 from .sft import RUN_FILE, FinetuneConfig, _versions, eval_rows, run_finetune
 
 __all__ = [
@@ -242,7 +242,7 @@ def run_curriculum(config: CurriculumConfig, where: str = "curriculum") -> dict[
         "duration_s": round(time.perf_counter() - started, 2),
         "versions": _versions(),
     }
-    _write_json(out / SUMMARY_FILE, summary)
+    write_json(out / SUMMARY_FILE, summary)
     return summary
 
 
@@ -264,7 +264,7 @@ def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> di
         logger.info("%s: %s with %s from %s", stage.label, status, stage.trainer, stage.config.model)
         stage.folder.mkdir(parents=True, exist_ok=True)
         state = {"name": stage.name, "trainer": stage.trainer, "hash": stage.hash}
-        _write_json(stage.folder / "stage.json", {**state, "config": dataclasses.asdict(stage.config)})
+        write_json(stage.folder / "stage.json", {**state, "config": dataclasses.asdict(stage.config)})
         _, run = TRAINERS[stage.trainer]
         try:
             run(dataclasses.replace(stage.config, resume=resume))
@@ -274,14 +274,14 @@ def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> di
                 if not any(out.iterdir()):
                     out.rmdir()
             raise
-        _release()
+        release_memory()
     record = json.loads(run_file.read_text(encoding="utf-8"))
     model = processor = None
     if not (stage.model_dir / "config.json").is_file():
         model, processor = _merge(stage)
     scores = _evaluate(stage, evaluation, model, processor) if evaluation else None
     del model
-    _release()
+    release_memory()
     losses, rewards = record.get("losses") or [], record.get("rewards") or []
     config = stage.config
     return {
@@ -376,24 +376,8 @@ def _evaluate(stage: Stage, settings: dict[str, Any], model: Any, processor: Any
         settings["split"],
         scores["chance"],
     )
-    _write_json(path, {"settings": settings, "scores": scores})
+    write_json(path, {"settings": settings, "scores": scores})
     return scores
-
-
-def _release() -> None:
-    """Give a finished stage's memory back before the next one loads a model."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    """Write beside, then rename: a reader never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.rename(path)
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -14,7 +14,6 @@ import dataclasses
 import importlib.metadata
 import importlib.resources
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -40,6 +39,7 @@ from .families import (
     resolve_chat_template,
 )
 from .instruct import mix_instructions
+from .runs import write_json
 
 __all__ = [
     "RUN_FILE",
@@ -436,9 +436,7 @@ def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
 
 def write_run_file(output_dir: str | Path | None, summary: dict[str, Any]) -> None:
     """The run summary, written last and atomically: only a finished run's folder has it."""
-    partial = Path(output_dir or "") / f".{RUN_FILE}.partial"
-    partial.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.rename(Path(output_dir or "") / RUN_FILE)
+    write_json(Path(output_dir or "") / RUN_FILE, summary)
 
 
 def eval_rows(specs: Sequence[str], split: str, *, crop: bool = False) -> Any:
