@@ -8,7 +8,7 @@
   split (960 by default) 32 at a time, so the fixed costs of a run do not hide the steady state.
   Goal: >= 20x the questions per second.
 
-Each measurement is a whole `finer.evaluation.evaluate` call into a fresh folder (prompts, images, the
+Each measurement is a whole `finer.eval.engine.evaluate` call into a fresh folder (prompts, images, the
 predictions file, the report), with the model loaded and everything imported beforehand.
 
     .venv/bin/python bench/eval_throughput.py [--rows N] [--max-new-tokens N] [--threads N] [--copies N]
@@ -26,9 +26,9 @@ import datasets
 import torch
 from _common import fake_endpoint  # bench/_common.py: a script's own folder is on sys.path
 
-from finer.backends import HFBackend, OpenAIBackend
-from finer.build import BuildConfig, build
-from finer.evaluation import EvalConfig, evaluate
+from finer.data.build import BuildConfig, build
+from finer.eval.engine import EvalConfig, evaluate
+from finer.models.backends import HFBackend, OpenAIBackend
 from finer.testing import build_tiny_vlm
 
 LATENCY_S = 0.2

@@ -150,7 +150,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from finer.build import BuildConfig, build
+    from finer.data.build import BuildConfig, build
     from finer.testing import build_tiny_vlm
 
     with tempfile.TemporaryDirectory() as work:

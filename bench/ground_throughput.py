@@ -5,7 +5,7 @@ verdict for every listed attribute. The dataset has `--images` rows (1,000 by de
 images, four attributes each, so no two requests share a cache key; each run gets a fresh cache and a fresh
 `--out`, so every image costs one call. Goal: concurrency 16 grounds >= 10x the images per second.
 
-Each measurement is a whole `finer.grounding.ground` call: planning, image decoding and encoding, the
+Each measurement is a whole `finer.data.grounding.ground` call: planning, image decoding and encoding, the
 calls, the append-only results file, writing the new dataset and grounding.json.
 
     .venv/bin/python bench/ground_throughput.py [--images N] [--concurrency N]
@@ -24,7 +24,7 @@ import datasets
 from _common import fake_endpoint  # bench/_common.py: a script's own folder is on sys.path
 from PIL import Image
 
-from finer.grounding import GroundConfig, ground
+from finer.data.grounding import GroundConfig, ground
 from finer.schema import image_features
 
 LATENCY_S = 0.2
@@ -39,7 +39,8 @@ def answer(request):
 
 
 def write_dataset(out: Path, images: int) -> Path:
-    """A built-dataset folder (the DESIGN §3 columns) with `images` embedded PNGs of seeded noise (distinct
+    """A built-dataset folder (the docs/design.md §3 columns) with `images` embedded PNGs of seeded noise
+    (distinct
     after JPEG encoding, unlike flat colours a shade apart) in one split."""
     rows = []
     for n in range(images):

@@ -1,6 +1,6 @@
 """Attribute extraction throughput: 200 concepts against a fake LLM server answering in 200 ms.
 
-Runs `finer.attributes.extract_attributes` (the build's LLM path) at concurrency 1 and 16, each with a
+Runs `finer.data.attributes.extract_attributes` (the build's LLM path) at concurrency 1 and 16, each with a
 fresh cache, then once more on the warm cache. Goals (issue 4): concurrency 16 takes at most a tenth of
 the sequential wall time; the re-run takes under 2 s with zero calls.
 
@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from finer.attributes import extract_attributes
 from finer.cache import Cache
+from finer.data.attributes import extract_attributes
 from finer.schema import Concept, Knowledge
 from finer.testing.fake_openai import FakeOpenAI
 

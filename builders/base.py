@@ -1,7 +1,7 @@
 """The one small interface every source builder implements, and the path rules they share.
 
 A source reads one dataset's *official* on-disk layout and yields concepts and image records; the build
-engine (`finer.build`) does everything else (limits, coarse labels, image checks, writing, export).
+engine (`finer.data.build`) does everything else (limits, coarse labels, image checks, writing, export).
 """
 
 from __future__ import annotations

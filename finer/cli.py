@@ -1,4 +1,4 @@
-"""`finer` command line (DESIGN §4): thin wrappers that parse options and call the engines.
+"""`finer` command line (docs/design.md §4): thin wrappers that parse options and call the engines.
 
 Every user-fixable problem is a `FinerError`: `main()` prints its one line and exits with status 2.
 """
@@ -145,10 +145,10 @@ def build(
     push_to_hub: Annotated[str | None, typer.Option(help="Publish to this Hub dataset repo.")] = None,
     private: Annotated[bool, typer.Option(help="Make the Hub repo private.")] = False,
 ) -> None:
-    """Turn a fine-grained dataset on disk into image-attribute-label rows (DESIGN §3)."""
-    from finer.build import BuildConfig
-    from finer.build import build as run_build
-    from finer.knowledge import KnowledgeOptions
+    """Turn a fine-grained dataset on disk into image-attribute-label rows."""
+    from finer.data.build import BuildConfig
+    from finer.data.build import build as run_build
+    from finer.data.knowledge import KnowledgeOptions
 
     if knowledge is False and (extractor is not None or model or wiki_api):
         raise FinerError("--extractor, --model and --wiki-api shape the knowledge step: drop --no-knowledge")
@@ -191,7 +191,7 @@ def build(
     for warning in summary["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
     if push_to_hub:
-        from finer.hub import push_dataset
+        from finer.hub.datasets import push_dataset
 
         typer.echo(f"published {push_dataset(out, push_to_hub, private=private)}")
 
@@ -204,7 +204,7 @@ def info(
     from rich.console import Console
     from rich.table import Table
 
-    from finer.build import BUILD_FILE, CONCEPTS_FILE, iter_concepts
+    from finer.data.build import BUILD_FILE, CONCEPTS_FILE, iter_concepts
 
     if not (dataset / BUILD_FILE).is_file() or not (dataset / CONCEPTS_FILE).is_file():
         raise FinerError(
@@ -382,7 +382,7 @@ def finetune(
         f"(mean loss {summary['train_loss']:.3f}, {summary['duration_s']} s)"
     )
     if push_to_hub:
-        from finer.model_cards import push_adapter
+        from finer.hub.model_cards import push_adapter
 
         typer.echo(f"published {push_adapter(settings.output_dir, push_to_hub, private)}")
 
@@ -425,8 +425,8 @@ def evaluate(
     ] = False,
 ) -> None:
     """Evaluate a model at superordinate, coarse and fine granularity (resumable; writes a report)."""
-    from finer.evaluation import EvalConfig
-    from finer.evaluation import evaluate as run_eval
+    from finer.eval.engine import EvalConfig
+    from finer.eval.engine import evaluate as run_eval
 
     result = run_eval(
         EvalConfig(
@@ -471,7 +471,7 @@ def compare(
     out: Annotated[Path | None, typer.Option(help="Also write the table (markdown) to this file.")] = None,
 ) -> None:
     """Put the runs of several evaluation folders side by side (direct vs attrseek, base vs adapter)."""
-    from finer.eval_report import compare as compare_runs
+    from finer.eval.report import compare as compare_runs
 
     table = compare_runs(dirs)
     typer.echo(table, nl=False)
@@ -513,9 +513,9 @@ def predict(
     name)."""
     from PIL import Image, UnidentifiedImageError
 
-    from finer.backends import HFBackend, answer
-    from finer.eval_tasks import EvalPlan
-    from finer.scoring import extract_answer
+    from finer.eval.scoring import extract_answer
+    from finer.eval.tasks import EvalPlan
+    from finer.models.backends import HFBackend, answer
 
     if model is None and adapter is None:
         raise FinerError("finer predict needs --model, --adapter, or both")
@@ -527,7 +527,7 @@ def predict(
     except (OSError, UnidentifiedImageError) as err:
         raise FinerError(f"{image}: cannot read the image ({' '.join(str(err).split())[:200]})") from None
     if model is None:
-        from finer.adapters import adapter_base
+        from finer.models.loading import adapter_base
 
         model = adapter_base(adapter)  # type: ignore[arg-type]
     backend = HFBackend(model, adapter, batch_size=1, max_new_tokens=max_new_tokens)
@@ -570,8 +570,8 @@ def ground(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Mark which of each concept's attributes a VLM sees in each image (column attributes_visible)."""
-    from finer.grounding import GroundConfig
-    from finer.grounding import ground as run_ground
+    from finer.data.grounding import GroundConfig
+    from finer.data.grounding import ground as run_ground
 
     summary = run_ground(
         GroundConfig(
@@ -623,8 +623,8 @@ def probe_features(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
 ) -> None:
     """Linear probes on vision-tower vs post-projector features: does the projector lose fine detail?"""
-    from finer.probe_features import FEATURES, ProbeConfig
-    from finer.probe_features import probe_features as run_probes
+    from finer.eval.probes import FEATURES, ProbeConfig
+    from finer.eval.probes import probe_features as run_probes
 
     run = run_probes(
         ProbeConfig(
@@ -672,8 +672,8 @@ def export_lmms_eval(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = 128,
 ) -> None:
     """Write an lmms-eval task that asks our prompts and scores with our scorer."""
-    from finer.lmms_eval_export import ExportConfig
-    from finer.lmms_eval_export import export_lmms_eval as run_export
+    from finer.eval.lmms_eval import ExportConfig
+    from finer.eval.lmms_eval import export_lmms_eval as run_export
 
     paths = run_export(
         ExportConfig(
@@ -705,12 +705,12 @@ def merge(
     ] = "auto",
 ) -> None:
     """Merge an adapter into its base model (safetensors + processor), e.g. for serving with vLLM."""
-    from finer.adapters import merge_adapter
+    from finer.models.loading import merge_adapter
 
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise FinerError(f"--dtype {dtype}: choose auto, bfloat16, float16 or float32")
     if model is not None:
-        from finer.backends import check_adapter_base
+        from finer.models.loading import check_adapter_base
 
         check_adapter_base(model, adapter)
     typer.echo(f"wrote merged model to {merge_adapter(adapter, out, dtype=dtype, base_model=model)}")

@@ -1,7 +1,8 @@
-"""The data contract (DESIGN §3): concept rows, image-row features, and the three label levels.
+"""The data contract (docs/design.md §3): concept rows, image-row features, and the three label levels.
 
 Every builder produces `Concept`s and image rows in this shape; every later step (knowledge, training,
-evaluation) reads only this shape. Coarse labels come from `finer.coarse`; everything else about a concept
+evaluation) reads only this shape. Coarse labels come from `finer.data.coarse`; everything else about a
+concept
 comes from its source builder.
 """
 

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from finer.backends import HFBackend
-from finer.build import BuildConfig, build
 from finer.cli import main
+from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
+from finer.models.backends import HFBackend
 from finer.testing import tiny_part_path
 from finer.train.ablate import CELL_FILE, GRID_FILE, SOURCE_FILE, Cell, _Runner, load_grid, run_grid
 from finer.train.sft import RUN_FILE

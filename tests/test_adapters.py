@@ -25,13 +25,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from typer.testing import CliRunner
 
 import finer
-from finer.adapters import adapter_base, load_adapter
-from finer.backends import load_model
 from finer.cli import app
 from finer.errors import FinerError
-from finer.model_cards import push_adapter
+from finer.eval.scoring import extract_answer
+from finer.hub.model_cards import push_adapter
+from finer.models.loading import adapter_base, load_adapter, load_model
 from finer.prompts import render
-from finer.scoring import extract_answer
 from finer.testing import tiny_image, tiny_vlm_path
 
 MAX_NEW_TOKENS = 6

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from finer.attributes import (
+from finer.cache import Cache
+from finer.data.attributes import (
     REPAIR_REQUEST,
     LlmCoarseLabeller,
     clean_attributes,
@@ -28,9 +29,8 @@ from finer.attributes import (
     parse_attribute_reply,
     rule_attributes,
 )
-from finer.cache import Cache
 from finer.errors import FinerError
-from finer.llm import CallFailed, ChatClient, EndpointError, estimate_cost, openai_messages
+from finer.models.client import CallFailed, ChatClient, EndpointError, estimate_cost, openai_messages
 from finer.prompts import template_sha256, template_source
 from finer.schema import Concept, Knowledge
 from finer.testing.fake_openai import FakeOpenAI, Fault

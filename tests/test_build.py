@@ -11,9 +11,9 @@ import datasets
 import pytest
 from PIL import Image
 
-import finer.build as build_module
-from finer.build import BuildConfig, build, iter_concepts
+import finer.data.build as build_module
 from finer.builders import ImageRecord, Source
+from finer.data.build import BuildConfig, build, iter_concepts
 from finer.errors import FinerError
 from finer.schema import Concept, image_features
 

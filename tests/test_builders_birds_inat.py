@@ -10,12 +10,12 @@ import datasets
 import pytest
 
 import finer.builders.inat2021 as inat_module
-from finer.build import BuildConfig, build, iter_concepts
 from finer.builders import LayoutError, Source, get_source
 from finer.builders.cub200 import Cub200Source
 from finer.builders.imagefolder import ImageFolderSource
 from finer.builders.inat2021 import INat2021Source
 from finer.builders.nabirds import NABirdsSource, split_group
+from finer.data.build import BuildConfig, build, iter_concepts
 from finer.errors import FinerError
 from tests.layouts import (
     CUB_ATTRIBUTES,

@@ -73,7 +73,7 @@ def test_build_demo_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_no_top_level_builders_or_train_module(tmp_path: Path) -> None:
-    """builders/ and train/ install only as finer.builders and finer.train (DESIGN §2)."""
+    """builders/ and train/ install only as finer.builders and finer.train (docs/design.md §2)."""
     code = (
         "import importlib.util as u, finer.builders, finer.train;"
         "print(u.find_spec('builders') is None, u.find_spec('train') is None)"

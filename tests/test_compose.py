@@ -12,13 +12,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, CLIPVisionModel
 
-from finer.build import BuildConfig, build
 from finer.cli import main
+from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
+from finer.models.families import detect_family, trainable_by_part
 from finer.testing import tiny_image, tiny_part_path
 from finer.train.compose import COMPOSE_FILE, ComposeConfig, compose
 from finer.train.data import load_mixture
-from finer.train.families import detect_family, trainable_by_part
 from finer.train.sft import FinetuneConfig, build_trainer, load_recipe
 
 PAIRS = [("clip", "llama"), ("siglip", "qwen2"), ("dinov2", "llama")]

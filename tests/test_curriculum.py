@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
-from finer.build import BuildConfig, build
 from finer.cli import main
+from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.train import curriculum, evaluate, rewards
@@ -199,7 +199,7 @@ def test_two_stages_carry_weights_forward_freeze_evaluate_and_resume(
     assert json.loads((second / "train" / RUN_FILE).read_text())["config"]["learning_rate"] == 1e-3
 
     # An adapter whose trained weights do not load (other module names) is refused, not merged as the
-    # starting weights carried forward unchanged (DESIGN §5).
+    # starting weights carried forward unchanged (docs/design.md §5).
     adapter_file = second / "train" / "adapter_model.safetensors"
     saved = load_file(adapter_file)
     save_file(

@@ -1,4 +1,5 @@
-"""Reading a built dataset back (`finer.datasets_io`), as `finer eval`, `finer ground` and the trainers do:
+"""Reading a built dataset back (`finer.data.datasets_io`), as `finer eval`, `finer ground` and the trainers
+do:
 a folder, a Hub repo id (through a stand-in for `datasets.load_dataset`), its concepts, one-line errors."""
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from typing import Any
 import datasets
 import pytest
 
-from finer.datasets_io import load_built, load_concepts, pick_split
+from finer.data.datasets_io import load_built, load_concepts, pick_split
 from finer.errors import FinerError
-from finer.evaluation import load_split as eval_split
+from finer.eval.engine import load_split as eval_split
 from finer.train.data import load_split as train_split
 
 ROWS = {

@@ -17,12 +17,13 @@ from typing import Any
 import datasets
 import pytest
 
-from finer.backends import Generation, HFBackend, OpenAIBackend, image_data_url
-from finer.build import BuildConfig, build
 from finer.cli import main
+from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
-from finer.eval_tasks import EvalPlan, choice_options
-from finer.evaluation import EvalConfig, evaluate
+from finer.eval.engine import EvalConfig, evaluate
+from finer.eval.tasks import EvalPlan, choice_options
+from finer.models.backends import Generation, HFBackend, OpenAIBackend
+from finer.models.images import image_data_url
 from finer.prompts import render
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.testing.fake_openai import FakeOpenAI, Fault

@@ -18,14 +18,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
-from finer.build import BuildConfig, build
 from finer.cli import main
+from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
-from finer.prompts import render
-from finer.testing import TINY_FAMILIES, tiny_vlm_path, unavailable_reason
-from finer.testing.tiny_vlm import LLAVA_CHAT_TEMPLATE
-from finer.train.data import load_mixture
-from finer.train.families import (
+from finer.models.families import (
     FAMILIES,
     Family,
     check_trainable,
@@ -34,6 +30,10 @@ from finer.train.families import (
     plan_training,
     resolve_chat_template,
 )
+from finer.prompts import render
+from finer.testing import TINY_FAMILIES, tiny_vlm_path, unavailable_reason
+from finer.testing.tiny_vlm import LLAVA_CHAT_TEMPLATE
+from finer.train.data import load_mixture
 from finer.train.sft import RUN_FILE, FinetuneConfig, build_trainer, load_recipe, run_finetune
 
 TINY = [
@@ -260,7 +260,7 @@ def test_unknown_family_is_one_line_with_the_known_ones(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'bert'" in err
-    assert all(f.name in err for f in FAMILIES) and "finer/train/families.py" in err
+    assert all(f.name in err for f in FAMILIES) and "finer/models/families.py" in err
     assert not out.exists()
 
 

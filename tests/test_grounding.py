@@ -21,11 +21,11 @@ import pytest
 from layouts import GARBAGE
 from PIL import Image, ImageStat
 
-from finer.build import BuildConfig, build, iter_concepts
 from finer.builders import ImageRecord, Source
 from finer.cli import main
-from finer.grounding import GroundConfig, ground, parse_grounding_reply
-from finer.knowledge import Exemplars, KnowledgeOptions
+from finer.data.build import BuildConfig, build, iter_concepts
+from finer.data.grounding import GroundConfig, ground, parse_grounding_reply
+from finer.data.knowledge import Exemplars, KnowledgeOptions
 from finer.schema import Concept
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage
 from finer.testing.fake_openai import FakeOpenAI

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from finer.build import BuildConfig, build
 from finer.cli import main
+from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.train import rewards

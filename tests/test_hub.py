@@ -28,10 +28,10 @@ from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, Rep
 from huggingface_hub.hf_api import CommitInfo, RepoFile, RepoFolder, RepoUrl
 from PIL import Image
 
-from finer.build import BuildConfig, build
-from finer.cards import TERMS, UNKNOWN_TERMS, dataset_card, size_category
+from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
-from finer.hub import concept_dataset, push_dataset
+from finer.hub.cards import TERMS, UNKNOWN_TERMS, dataset_card, size_category
+from finer.hub.datasets import concept_dataset, push_dataset
 from finer.schema import Concept, Knowledge, image_features
 
 ENDPOINT = "https://huggingface.co"

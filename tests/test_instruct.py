@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from finer.build import BuildConfig, build
 from finer.cli import main
+from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.testing import tiny_image, tiny_vlm_path
 from finer.train.data import load_mixture

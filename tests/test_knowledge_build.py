@@ -15,8 +15,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from finer.build import BuildConfig, build, iter_concepts
-from finer.knowledge import KnowledgeOptions
+from finer.data.build import BuildConfig, build, iter_concepts
+from finer.data.knowledge import KnowledgeOptions
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage
 from finer.testing.fake_openai import FakeOpenAI
 

@@ -13,14 +13,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from finer.build import BuildConfig, build
 from finer.cli import main
+from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
-from finer.eval_tasks import choice_options
-from finer.evaluation import load_split
-from finer.lmms_eval_export import METRICS, ExportConfig, export_lmms_eval
+from finer.eval.engine import load_split
+from finer.eval.lmms_eval import METRICS, ExportConfig, export_lmms_eval
+from finer.eval.scoring import score
+from finer.eval.tasks import choice_options
 from finer.prompts import render
-from finer.scoring import score
 
 # TaskConfig's fields in lmms-eval (lmms_eval/api/task.py): a key outside them fails TaskConfig(**config).
 TASK_CONFIG_FIELDS = {
@@ -160,7 +160,7 @@ def test_hub_repo_is_loaded_by_name(
     demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     local = load_split(str(demo), "test", ["image"])
-    monkeypatch.setattr("finer.evaluation.load_split", lambda dataset, split, columns: local)
+    monkeypatch.setattr("finer.eval.engine.load_split", lambda dataset, split, columns: local)
     code, out, _ = run_cli(
         ["export-lmms-eval", "--dataset", "someone/finer-demo", "--out", str(tmp_path)], capsys
     )

@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from finer.build import BuildConfig, build
 from finer.cli import main
+from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
-from finer.probe_features import PROBE_FILE, PROBE_REPORT, ProbeConfig, image_features, probe_features
+from finer.eval.probes import PROBE_FILE, PROBE_REPORT, ProbeConfig, image_features, probe_features
+from finer.models.families import detect_family
 from finer.testing import TINY_FAMILIES, tiny_image, tiny_vlm_path, unavailable_reason
-from finer.train.families import detect_family
 
 CLASSES = 8  # the demo's species
 PER_CLASS = 4

@@ -1,11 +1,13 @@
-"""Scoring rules (DESIGN §1): our modified EM, FINER's original rules, hierarchical credit, choice letters."""
+"""Scoring rules (docs/design.md §1): our modified EM, FINER's original rules, hierarchical credit, choice
+letters."""
 
 from __future__ import annotations
 
 import pytest
 
-from finer import schema, scoring
-from finer.scoring import (
+from finer import schema
+from finer.eval import scoring
+from finer.eval.scoring import (
     Score,
     accepted_labels,
     extract_answer,

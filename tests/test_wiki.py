@@ -1,4 +1,4 @@
-"""The Wikipedia knowledge step against a local MediaWiki-compatible server (no network, DESIGN §6).
+"""The Wikipedia knowledge step against a local MediaWiki-compatible server (no network, docs/design.md §6).
 
 The production path is the one tested: `fetch_knowledge` talks HTTP to `FakeMediaWiki` through its
 ordinary `api_url`; only the far end of the wire is fake.
@@ -15,10 +15,10 @@ import pytest
 
 import finer
 from finer.cache import Cache
+from finer.data.wiki import WikiStats, _retry_after, fetch_knowledge
 from finer.errors import FinerError
 from finer.schema import Concept
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage, Fault
-from finer.wiki import WikiStats, _retry_after, fetch_knowledge
 
 WARBLER = FakePage.article(
     "The cerulean warbler is a small songbird of the New World warbler family.",

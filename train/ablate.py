@@ -1,4 +1,5 @@
-"""`finer ablate GRID.yaml`: the "eyes vs brain" study (DESIGN §1, Ghosh et al.) as one resumable grid.
+"""`finer ablate GRID.yaml`: the "eyes vs brain" study (docs/design.md §1, Ghosh et al.) as one resumable
+grid.
 
 Every cell, a vision encoder x a language model x a pretraining policy x a training format, is composed
 (`finer compose`), pretrained on image -> caption with the language model frozen, LoRA-adapted or trained in
@@ -264,7 +265,7 @@ class _Runner:
 
     def pretrain(self, cell: Cell, base: str, folder: Path) -> str:
         """Pretrain the composed `base` with the cell's policy and merge the result into new weights."""
-        from finer.adapters import merge_adapter
+        from finer.models.loading import merge_adapter
 
         merged = folder / "model"
         if (merged / "config.json").is_file():
@@ -306,8 +307,8 @@ class _Runner:
 
     def evaluate(self, cell: Cell, base: str, adapter: str, folder: Path) -> dict[str, Any]:
         """Coarse and fine modified EM of the fine-tuned cell, one model load for both levels."""
-        from finer.backends import HFBackend
-        from finer.evaluation import EvalConfig, evaluate
+        from finer.eval.engine import EvalConfig, evaluate
+        from finer.models.backends import HFBackend
 
         settings = dict(self.grid.evaluation)
         dataset = settings.pop("dataset", self.grid.datasets[0])

@@ -1,6 +1,7 @@
 """`finer compose`: a LLaVA-style VLM from any CLIP / SigLIP / DINOv2 vision encoder and any causal LM.
 
-The "eyes vs brain" study (DESIGN §1, Ghosh et al.) swaps the vision encoder and the language model of one
+The "eyes vs brain" study (docs/design.md §1, Ghosh et al.) swaps the vision encoder and the language model
+of one
 architecture. transformers' LLaVA classes already are that architecture: a vision tower read at one hidden
 layer, a new two-layer GELU projector (`LlavaMultiModalProjector`), any `AutoModel` language model. So a
 composed model is a plain `LlavaForConditionalGeneration` checkpoint with a `LlavaProcessor`: it loads with
@@ -173,7 +174,7 @@ def _add_image_token(tokenizer: Any, token: str) -> int:
 
 def _chat_template() -> str:
     """LLaVA-1.5's marked training template, as the family registry names it."""
-    from .families import OURS, detect_family
+    from finer.models.families import OURS, detect_family
 
     file = detect_family("llava").template.removeprefix(OURS)
     folder = importlib.resources.files("finer.prompt_templates") / "chat_templates"

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
 from finer.errors import FinerError
-
-from .families import LlmPolicy, ProjectorPolicy, VisionPolicy
+from finer.models.families import LlmPolicy, ProjectorPolicy, VisionPolicy
 
 __all__ = ["SourcedConfig", "TrainerConfig"]
 

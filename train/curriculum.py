@@ -1,4 +1,4 @@
-"""`finer curriculum`: staged post-training ("From Seeing to Thinking", DESIGN §1), resumable.
+"""`finer curriculum`: staged post-training ("From Seeing to Thinking", docs/design.md §1), resumable.
 
 A recipe lists stages in order, e.g. perception (SFT with the vision tower trainable) then reasoning (GRPO
 with it frozen). Each stage runs `finer finetune` (`sft`) or `finer grpo` (`grpo`) with its own data, format,
@@ -309,20 +309,19 @@ def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> di
 def _merge(stage: Stage) -> tuple[Any, Any]:
     """Fold the stage's adapter into its starting weights and save them as model/ (complete or absent).
 
-    Not `finer.adapters.merge_adapter`: the merged model stays in memory for the stage's evaluation, and the
-    processor is the one the stage trained with, its padding side restored to the base's.
+    Not `finer.models.loading.merge_adapter`: the merged model stays in memory for the stage's evaluation,
+    and the processor is the one the stage trained with, its padding side restored to the base's.
     """
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from finer.adapters import check_lora_loaded
-    from finer.backends import pick_device
+    from finer.models.loading import check_lora_loaded, pick_device
 
     start = stage.config.model
     logger.info("%s: merging its adapter into %s -> %s", stage.label, start, stage.model_dir)
     base = AutoModelForImageTextToText.from_pretrained(start, dtype="auto", device_map=pick_device()[0])
     peft_model = PeftModel.from_pretrained(base, str(stage.train_dir))
-    # An adapter that silently failed to load would carry the starting weights forward (DESIGN §5).
+    # An adapter that silently failed to load would carry the starting weights forward (docs/design.md §5).
     check_lora_loaded(peft_model, stage.label, stage.train_dir)
     model = peft_model.merge_and_unload()
     model.config._name_or_path = str(stage.model_dir)
@@ -352,7 +351,7 @@ def _evaluate(stage: Stage, settings: dict[str, Any], model: Any, processor: Any
     if model is None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from finer.backends import pick_device
+        from finer.models.loading import pick_device
 
         device = pick_device()[0]
         model = AutoModelForImageTextToText.from_pretrained(stage.model_dir, dtype="auto", device_map=device)

@@ -23,15 +23,15 @@ from typing import Any, Literal
 
 import datasets
 
-from finer.datasets_io import load_built, pick_split
+from finer.data.datasets_io import load_built, pick_split
 from finer.errors import FinerError
+from finer.models.images import crop_box
 from finer.prompts import render
 
 __all__ = [
     "Mixture",
     "attribute_column",
     "conversations",
-    "crop_box",
     "crop_to_boxes",
     "drop_too_long",
     "load_mixture",
@@ -103,14 +103,6 @@ def crop_to_boxes(batch: dict[str, list]) -> dict[str, list]:
         pairs = zip(batch["image"], batch["bbox"], strict=True)
         batch["image"] = [crop_box(image, box) for image, box in pairs]
     return batch
-
-
-def crop_box(image: Any, box: list[float] | None) -> Any:
-    """`image` cropped to `box` (x, y, w, h), or as it is without one."""
-    if not box:
-        return image
-    x, y, w, h = box
-    return image.crop((round(x), round(y), round(x + w), round(y + h)))
 
 
 def conversations(

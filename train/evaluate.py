@@ -1,11 +1,12 @@
 """A quick check that a fine-tuned model really learned, on the evaluation harness's own path.
 
-The questions and the generation are those of `finer eval` (`finer.eval_tasks.EvalPlan`, `finer.backends.
+The questions and the generation are those of `finer eval` (`finer.eval.tasks.EvalPlan`,
+`finer.models.backends.
 HFBackend`), run on the model still in memory: `--format finer` is scored with `finer eval --mode finer` (the
 training conversation replayed: the model names the group, lists attributes of *its* group, then names the
 species), `--format direct` with `finer eval --mode direct --level fine`. Nothing of the gold coarse or fine
 label reaches the prompt, so the accuracy measures what the model reads from the image. Scoring is
-`finer.scoring.score` (modified EM) at the fine level, and at the coarse level for the first FINER turn.
+`finer.eval.scoring.score` (modified EM) at the fine level, and at the coarse level for the first FINER turn.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 
 import datasets
 
-from finer.backends import Generation, HFBackend
-from finer.eval_tasks import FINER_LEVELS, EvalPlan, Task
-from finer.scoring import score
+from finer.eval.scoring import score
+from finer.eval.tasks import FINER_LEVELS, EvalPlan, Task
+from finer.models.backends import Generation, HFBackend
 
 __all__ = ["evaluate_fine"]
 
@@ -25,7 +26,7 @@ _COLUMNS = ("image_id", "source", "superordinate", "coarse", "fine")
 
 
 class _Answers:
-    """A `finer.backends.Sink` that keeps every answer in memory, by task key."""
+    """A `finer.models.backends.Sink` that keeps every answer in memory, by task key."""
 
     def __init__(self) -> None:
         self.turns: dict[str, list[Generation]] = {}

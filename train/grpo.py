@@ -1,9 +1,10 @@
-"""`finer grpo`: GRPO with verifiable rewards (DESIGN §1, "From Seeing to Thinking") on built datasets.
+"""`finer grpo`: GRPO with verifiable rewards (docs/design.md §1, "From Seeing to Thinking") on built
+datasets.
 
 TRL's `GRPOTrainer` samples `num_generations` answers per image, scores each with the rewards of
 `finer.train.rewards` (modified EM or the option letter, plus format, optionally attribute grounding) and
 reinforces the better ones. The model, LoRA plan (`--train-llm / --train-vision / --train-projector`), output
-folder rules and run summary are those of `finer finetune` (`finer.train.sft`, `finer.train.families`).
+folder rules and run summary are those of `finer finetune` (`finer.train.sft`, `finer.models.families`).
 
 Rows are prompt-only conversations as TRL's GRPO takes them for VLMs: `prompt` holds the rendered question
 with an `{"type": "image"}` slot and `image` the dataset's own image column, which TRL puts into the slot.
@@ -27,13 +28,13 @@ from typing import Any, Literal
 import datasets
 
 from finer.errors import FinerError
-from finer.eval_tasks import LabelPool, choice_options, closed_list
+from finer.eval.scoring import LEVELS
+from finer.eval.tasks import LabelPool, choice_options, closed_list
+from finer.models.families import check_trainable
 from finer.prompts import render
-from finer.scoring import LEVELS
 
 from .config import TrainerConfig
 from .data import crop_to_boxes, load_split
-from .families import check_trainable
 from .rewards import DEFAULT_WEIGHTS, REWARDS, check_reward_weights
 from .sft import (
     _base_model,

@@ -1,4 +1,4 @@
-"""Verifiable rewards for GRPO on fine-grained recognition, built on `finer.scoring` (DESIGN §1).
+"""Verifiable rewards for GRPO on fine-grained recognition, built on `finer.eval.scoring` (docs/design.md §1).
 
 Every function has TRL's reward signature: `GRPOTrainer` calls it with `prompts`, `completions` and every
 other dataset column as keyword lists (one value per completion), and it returns one float per completion.
@@ -11,7 +11,7 @@ and `options` (the k option strings; k is their number). A row whose `gold_lette
 question.
 
 * `accuracy_reward`: modified EM of the answer against the accepted labels of the asked level (hierarchical
-  credit, `finer.scoring.score`); in choice form, the parsed letter against `gold_letter`.
+  credit, `finer.eval.scoring.score`); in choice form, the parsed letter against `gold_letter`.
 * `format_reward`: 1.0 when the output is well formed: exactly one "Answer:" marker, a non-empty answer of at
   most `MAX_ANSWER_WORDS` words (a parseable option letter in choice form), at most `MAX_COMPLETION_WORDS`
   words in all; else 0.0.
@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from finer.errors import FinerError
-from finer.scoring import (
+from finer.eval.scoring import (
     MAX_ANSWER_WORDS,
     extract_answer,
     normalize_variants,
@@ -57,7 +57,7 @@ MAX_COMPLETION_WORDS = 256
 
 _MARKER_RE = re.compile(r"answer:", re.IGNORECASE)
 _LAST_MARKER_RE = re.compile(r".*answer:", re.IGNORECASE | re.DOTALL)
-#: Attribute lists say "none" when nothing fits (DESIGN §1); that is no attribute to name.
+#: Attribute lists say "none" when nothing fits (docs/design.md §1); that is no attribute to name.
 _NO_ATTRIBUTE = frozenset({"", "none", "n/a"})
 
 

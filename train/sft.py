@@ -27,10 +27,7 @@ import yaml
 
 import finer
 from finer.errors import FinerError
-
-from .config import TrainerConfig
-from .data import AttributeMode, Format, Mixture, crop_to_boxes, drop_too_long, load_mixture, load_split
-from .families import (
+from finer.models.families import (
     Family,
     TrainPlan,
     check_trainable,
@@ -38,6 +35,9 @@ from .families import (
     plan_training,
     resolve_chat_template,
 )
+
+from .config import TrainerConfig
+from .data import AttributeMode, Format, Mixture, crop_to_boxes, drop_too_long, load_mixture, load_split
 from .instruct import mix_instructions
 from .runs import write_json
 

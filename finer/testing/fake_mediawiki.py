@@ -1,6 +1,7 @@
-"""A MediaWiki-compatible `api.php` on 127.0.0.1, so knowledge tests run offline (DESIGN §6).
+"""A MediaWiki-compatible `api.php` on 127.0.0.1, so knowledge tests run offline (docs/design.md §6).
 
-It answers what `finer.wiki` sends through `wikipedia-api` — `list=search`, `prop=info|pageprops|extracts`
+It answers what `finer.data.wiki` sends through `wikipedia-api` — `list=search`,
+`prop=info|pageprops|extracts`
 (`inprop=url`, `ppprop`, `explaintext` with `exsectionformat=wiki|plain`, `exintro`), title normalisation
 and `redirects` — in the JSON shape of the real API (formatversion 1). Anything else gets a MediaWiki-style
 `{"error": …}` reply: a client change the fake does not cover then fails a test instead of passing against

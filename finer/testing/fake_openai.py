@@ -1,4 +1,4 @@
-"""A local OpenAI-compatible chat server for tests (DESIGN §6: only the far end of the wire is fake).
+"""A local OpenAI-compatible chat server for tests (docs/design.md §6: only the far end of the wire is fake).
 
 The production code reaches it through its ordinary configuration (`base_url=server.url`), so the real
 `openai` client, its retries, timeouts and error types are what the tests exercise. A `responder` sees

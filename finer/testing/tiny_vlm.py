@@ -24,7 +24,7 @@ import atexit
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -34,6 +34,10 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPImageProcessorPil,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
     GenerationConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -41,18 +45,44 @@ from transformers import (
     Idefics3Processor,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 from transformers.utils import is_torchvision_available
 
-TINY_FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "idefics3")
+#: One tiny model per family of the registry (`finer.models.families.FAMILIES`), named by the `model_type` of
+#: its config; `TINY_FOR_FAMILY` maps each registry family to its tiny model.
+TINY_FAMILIES: tuple[str, ...] = (
+    "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "gemma3",
+)  # fmt: skip
+#: Registry family name (`Family.name`) -> tiny model. A test fails when a registry family is missing here.
+TINY_FOR_FAMILY: dict[str, str] = {
+    "llava-1.5": "llava",
+    "llava-next": "llava_next",
+    "qwen2-vl": "qwen2_vl",
+    "qwen2.5-vl": "qwen2_5_vl",
+    "qwen3-vl": "qwen3_vl",
+    "idefics3": "idefics3",
+    "gemma3": "gemma3",
+}
+#: The families whose transformers processor loads a video processor, which needs torchvision.
+NEEDS_TORCHVISION: frozenset[str] = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 
 # The families' published templates, byte for byte: TRL recognises a model by exact equality of its chat
 # template (trl/chat_template_utils.py, get_training_chat_template), so any drift would take the tiny models
@@ -102,10 +132,209 @@ SMOLVLM_CHAT_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+#: llava-hf/llava-v1.6-mistral-7b-hf (TRL's llava_next.jinja): Mistral's [INST] turns, no generation prompt.
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n"
+    "' + message['content'][0]['text'] + '\n"
+    '<</SYS>>\n'
+    '\n'
+    "' }}{% elif message['role'] == 'user' %}{{ '[INST] ' }}{# Render all images first #}{% for"
+    " content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n"
+    "' }}{% endfor %}{# Render all text next #}{% for content in message['content'] |"
+    " selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{{' [/INST]' }}{%"
+    " elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}{%"
+    " else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{%"
+    ' endfor %}'
+)
+#: Qwen/Qwen2.5-VL-*-Instruct: the same bytes as Qwen2-VL's.
+QWEN2_5_VL_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE
+#: Qwen/Qwen3-VL-*-Instruct (TRL's qwen3_vl.jinja): no default system turn, tool calls.
+QWEN3_VL_CHAT_TEMPLATE = (
+    '{%- if tools %}\n'
+    "    {{- '<|im_start|>system\\n' }}\n"
+    "    {%- if messages[0].role == 'system' %}\n"
+    '        {%- if messages[0].content is string %}\n'
+    '            {{- messages[0].content }}\n'
+    '        {%- else %}\n'
+    '            {%- for content in messages[0].content %}\n'
+    "                {%- if 'text' in content %}\n"
+    '                    {{- content.text }}\n'
+    '                {%- endif %}\n'
+    '            {%- endfor %}\n'
+    '        {%- endif %}\n'
+    "        {{- '\\n\\n' }}\n"
+    '    {%- endif %}\n'
+    '    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou'
+    ' are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
+    '    {%- for tool in tools %}\n'
+    '        {{- "\\n" }}\n'
+    '        {{- tool | tojson }}\n'
+    '    {%- endfor %}\n'
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and'
+    ' arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>,'
+    ' \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
+    '{%- else %}\n'
+    "    {%- if messages[0].role == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' }}\n"
+    '        {%- if messages[0].content is string %}\n'
+    '            {{- messages[0].content }}\n'
+    '        {%- else %}\n'
+    '            {%- for content in messages[0].content %}\n'
+    "                {%- if 'text' in content %}\n"
+    '                    {{- content.text }}\n'
+    '                {%- endif %}\n'
+    '            {%- endfor %}\n'
+    '        {%- endif %}\n'
+    "        {{- '<|im_end|>\\n' }}\n"
+    '    {%- endif %}\n'
+    '{%- endif %}\n'
+    '{%- set image_count = namespace(value=0) %}\n'
+    '{%- set video_count = namespace(value=0) %}\n'
+    '{%- for message in messages %}\n'
+    '    {%- if message.role == "user" %}\n'
+    "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
+    '        {%- if message.content is string %}\n'
+    '            {{- message.content }}\n'
+    '        {%- else %}\n'
+    '            {%- for content in message.content %}\n'
+    "                {%- if content.type == 'image' or 'image' in content or 'image_url' in content"
+    ' %}\n'
+    '                    {%- set image_count.value = image_count.value + 1 %}\n'
+    '                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n'
+    '                    <|vision_start|><|image_pad|><|vision_end|>\n'
+    "                {%- elif content.type == 'video' or 'video' in content %}\n"
+    '                    {%- set video_count.value = video_count.value + 1 %}\n'
+    '                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n'
+    '                    <|vision_start|><|video_pad|><|vision_end|>\n'
+    "                {%- elif 'text' in content %}\n"
+    '                    {{- content.text }}\n'
+    '                {%- endif %}\n'
+    '            {%- endfor %}\n'
+    '        {%- endif %}\n'
+    "        {{- '<|im_end|>\\n' }}\n"
+    '    {%- elif message.role == "assistant" %}\n'
+    "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
+    '        {%- if message.content is string %}\n'
+    '            {{- message.content }}\n'
+    '        {%- else %}\n'
+    '            {%- for content_item in message.content %}\n'
+    "                {%- if 'text' in content_item %}\n"
+    '                    {{- content_item.text }}\n'
+    '                {%- endif %}\n'
+    '            {%- endfor %}\n'
+    '        {%- endif %}\n'
+    '        {%- if message.tool_calls %}\n'
+    '            {%- for tool_call in message.tool_calls %}\n'
+    '                {%- if (loop.first and message.content) or (not loop.first) %}\n'
+    "                    {{- '\\n' }}\n"
+    '                {%- endif %}\n'
+    '                {%- if tool_call.function %}\n'
+    '                    {%- set tool_call = tool_call.function %}\n'
+    '                {%- endif %}\n'
+    '                {{- \'<tool_call>\\n{"name": "\' }}\n'
+    '                {{- tool_call.name }}\n'
+    '                {{- \'", "arguments": \' }}\n'
+    '                {%- if tool_call.arguments is string %}\n'
+    '                    {{- tool_call.arguments }}\n'
+    '                {%- else %}\n'
+    '                    {{- tool_call.arguments | tojson }}\n'
+    '                {%- endif %}\n'
+    "                {{- '}\\n</tool_call>' }}\n"
+    '            {%- endfor %}\n'
+    '        {%- endif %}\n'
+    "        {{- '<|im_end|>\\n' }}\n"
+    '    {%- elif message.role == "tool" %}\n'
+    '        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}\n'
+    "            {{- '<|im_start|>user' }}\n"
+    '        {%- endif %}\n'
+    "        {{- '\\n<tool_response>\\n' }}\n"
+    '        {%- if message.content is string %}\n'
+    '            {{- message.content }}\n'
+    '        {%- else %}\n'
+    '            {%- for content in message.content %}\n'
+    "                {%- if content.type == 'image' or 'image' in content or 'image_url' in content"
+    ' %}\n'
+    '                    {%- set image_count.value = image_count.value + 1 %}\n'
+    '                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n'
+    '                    <|vision_start|><|image_pad|><|vision_end|>\n'
+    "                {%- elif content.type == 'video' or 'video' in content %}\n"
+    '                    {%- set video_count.value = video_count.value + 1 %}\n'
+    '                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n'
+    '                    <|vision_start|><|video_pad|><|vision_end|>\n'
+    "                {%- elif 'text' in content %}\n"
+    '                    {{- content.text }}\n'
+    '                {%- endif %}\n'
+    '            {%- endfor %}\n'
+    '        {%- endif %}\n'
+    "        {{- '\\n</tool_response>' }}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
+    "            {{- '<|im_end|>\\n' }}\n"
+    '        {%- endif %}\n'
+    '    {%- endif %}\n'
+    '{%- endfor %}\n'
+    '{%- if add_generation_prompt %}\n'
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    '{%- endif %}\n'
+)
+#: google/gemma-3-*-it (TRL's gemma3.jinja): renders BOS itself, the assistant's role is "model".
+GEMMA3_CHAT_TEMPLATE = (
+    '{{ bos_token }}\n'
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n"
+    '\n'
+    "' -%}\n"
+    '    {%- else -%}\n'
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n"
+    '\n'
+    "' -%}\n"
+    '    {%- endif -%}\n'
+    '    {%- set loop_messages = messages[1:] -%}\n'
+    '{%- else -%}\n'
+    '    {%- set first_user_prefix = "" -%}\n'
+    '    {%- set loop_messages = messages -%}\n'
+    '{%- endif -%}\n'
+    '{%- for message in loop_messages -%}\n'
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate'
+    ' user/assistant/user/assistant/...") }}\n'
+    '    {%- endif -%}\n'
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    '    {%- else -%}\n'
+    "        {%- set role = message['role'] -%}\n"
+    '    {%- endif -%}\n'
+    "    {{ '<start_of_turn>' + role + '\n"
+    '\' + (first_user_prefix if loop.first else "") }}\n'
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    '            {%- endif -%}\n'
+    '        {%- endfor -%}\n'
+    '    {%- else -%}\n'
+    '        {{ raise_exception("Invalid content type") }}\n'
+    '    {%- endif -%}\n'
+    "    {{ '<end_of_turn>\n"
+    "' }}\n"
+    '{%- endfor -%}\n'
+    '{%- if add_generation_prompt -%}\n'
+    "    {{'<start_of_turn>model\n"
+    "'}}\n"
+    '{%- endif -%}\n'
+)
 CHAT_TEMPLATES: dict[str, str] = {
     "llava": LLAVA_CHAT_TEMPLATE,
+    "llava_next": LLAVA_NEXT_CHAT_TEMPLATE,
     "qwen2_vl": QWEN2_VL_CHAT_TEMPLATE,
+    "qwen2_5_vl": QWEN2_5_VL_CHAT_TEMPLATE,
+    "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE,
     "idefics3": SMOLVLM_CHAT_TEMPLATE,
+    "gemma3": GEMMA3_CHAT_TEMPLATE,
 }
 
 _VOCAB_SIZE = 1024

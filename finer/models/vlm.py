@@ -3,80 +3,23 @@
 The exemplar extractor (`finer build --extractor vlm`) and per-image grounding (`finer ground`) both send
 images as bounded-size base64 JPEG data URLs inside chat messages, so a reply's cache key covers the exact
 pixels sent, and both treat an endpoint's 400 about images as "this model takes no images". `HFChat` puts
-a local transformers VLM behind the same `complete()` as `finer.llm.ChatClient`, gathering concurrent calls
+a local transformers VLM behind the same `complete()` as `finer.models.client.ChatClient`, gathering
+concurrent calls
 into left-padded batches, so every step has one code path whichever backend answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
-import re
-from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from finer.errors import FinerError
-from finer.llm import CallFailed, Usage
+from finer.models.client import Usage
+from finer.models.images import decode_data_url
 
-__all__ = [
-    "DEFAULT_MAX_IMAGE_SIDE",
-    "UNREADABLE",
-    "HFChat",
-    "ImagesRefused",
-    "decode_data_url",
-    "encode_image",
-    "open_image",
-    "refuses_images",
-]
-
-DEFAULT_MAX_IMAGE_SIDE = 768
-#: What opening a broken or missing image raises.
-UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
-# A 400 that names images: the model or server takes no image input (OpenAI, vLLM and Ollama say so).
-_REFUSES_IMAGES = re.compile(r"HTTP 400.*\b(image|images|image_url|multimodal|multi-modal|vision)\b", re.I)
-
-
-class ImagesRefused(FinerError):
-    """The endpoint answers text but refuses images: no call that carries one can succeed."""
-
-
-def refuses_images(err: CallFailed) -> bool:
-    """Whether a failed call was refused because it carried an image (a text-only model)."""
-    return bool(_REFUSES_IMAGES.search(str(err)))
-
-
-def open_image(path: str | Path | None = None, data: bytes | None = None) -> Image.Image:
-    """An image from a file or bytes, fully decoded (a truncated file fails here, not later) in RGB."""
-    if data is None and path is None:
-        raise ValueError("neither a path nor image bytes")
-    with Image.open(io.BytesIO(data) if data is not None else path) as image:
-        return image.convert("RGB")
-
-
-def encode_image(image: Image.Image, max_side: int = DEFAULT_MAX_IMAGE_SIDE) -> str:
-    """A JPEG data URL of the image, its longer side cut to `max_side`: bounded request size and cost.
-
-    Deterministic for the same pixels, so the same image always makes the same cache key.
-    """
-    from finer.backends import image_data_url
-
-    if max_side < 1:
-        raise FinerError("--max-image-side must be at least 1")
-    if max(image.size) > max_side:
-        image = image.copy()
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return image_data_url(image)
-
-
-def decode_data_url(url: str) -> Image.Image:
-    """The image inside a base64 data URL (what a local model is given in place of a remote server)."""
-    header, sep, payload = url.partition(",")
-    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
-        raise ValueError("not a base64 data URL")
-    return open_image(data=base64.b64decode(payload))
+__all__ = ["HFChat"]
 
 
 def _hf_conversation(messages: list[dict]) -> tuple[list[dict], list[Image.Image]]:
@@ -116,7 +59,7 @@ class HFChat:
         max_new_tokens: int = 256,
         linger_s: float = 0.05,
     ) -> None:
-        from finer.backends import HFBackend
+        from finer.models.backends import HFBackend
 
         if batch_size < 1:
             raise FinerError("--concurrency (the batch size of --backend hf) must be at least 1")
@@ -178,29 +121,11 @@ class HFChat:
                         future.set_result(reply)
 
     def _generate(self, group: list[tuple[list[dict], list[Image.Image], asyncio.Future[str]]]) -> list[str]:
-        """One left-padded batch through the model (runs in a worker thread); records tokens, at no cost."""
-        import torch
-
-        backend = self._backend
-        processor = backend.processor
-        texts = [
-            processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            for conversation, _, _ in group
-        ]
-        images = [images for _, images, _ in group]
-        inputs = processor(
-            text=texts, images=images if images[0] else None, padding=True, return_tensors="pt"
+        """One left-padded batch through `HFBackend.generate` (in a worker thread); records tokens, free."""
+        answers = self._backend.generate(
+            [conversation for conversation, _, _ in group], [i for _, i, _ in group]
         )
-        inputs = inputs.to(backend.model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(backend.model.dtype)
-        with torch.inference_mode():
-            output = backend.model.generate(**inputs, generation_config=backend.generation_config)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        pad = backend.generation_config.pad_token_id
         self.usage.calls += len(group)
-        self.usage.prompt_tokens += int(inputs["attention_mask"].sum())
-        self.usage.completion_tokens += (
-            int((new_tokens != pad).sum()) if pad is not None else new_tokens.numel()
-        )
-        return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        self.usage.prompt_tokens += sum(a.prompt_tokens for a in answers)
+        self.usage.completion_tokens += sum(a.new_tokens for a in answers)
+        return [a.text for a in answers]

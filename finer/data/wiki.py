@@ -1,4 +1,4 @@
-"""Wikipedia knowledge for fine concepts (DESIGN §1, "Knowledge").
+"""Wikipedia knowledge for fine concepts (docs/design.md §1, "Knowledge").
 
 For each distinct fine name: search, take the top hit — and when that is a disambiguation page or there is
 none, search again with the superordinate appended ("Chihuahua dog") —, follow redirects, keep the

@@ -1,6 +1,6 @@
 """The knowledge step of `finer build`: Wikipedia text, then attributes, and the coarse labeller to use.
 
-Order per DESIGN §1: each concept's description comes from Wikipedia (or is bundled with the source),
+Order per docs/design.md §1: each concept's description comes from Wikipedia (or is bundled with the source),
 then an extractor reads the visible attributes from it. Which extractor runs, and which coarse labeller
 fills the concepts the taxonomy leaves unlabelled, is decided here and nowhere else.
 
@@ -19,15 +19,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from finer.attributes import ExtractionStats, LlmCoarseLabeller, default_extractor, extract_attributes
+from finer.data.attributes import ExtractionStats, LlmCoarseLabeller, default_extractor, extract_attributes
 from finer.builders import ImageRecord, Source
 from finer.cache import Cache
-from finer.coarse import CoarseLabeller, RuleCoarseLabeller
+from finer.data.coarse import CoarseLabeller, RuleCoarseLabeller
 from finer.errors import FinerError
-from finer.llm import endpoint_configured
+from finer.models.client import endpoint_configured
 from finer.schema import Concept
-from finer.vlm import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, HFChat, ImagesRefused, encode_image, open_image
-from finer.wiki import fetch_knowledge
+from finer.models.images import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, encode_image, open_image
+from finer.models.client import ImagesRefused
+from finer.models.vlm import HFChat
+from finer.data.wiki import fetch_knowledge
 
 EXTRACTORS = ("llm", "vlm", "rules", "cub-annotations")
 BACKENDS = ("openai", "hf")
@@ -35,7 +37,7 @@ BACKENDS = ("openai", "hf")
 
 @dataclass
 class KnowledgeOptions:
-    """Where knowledge and attributes come from (the `finer build` options of DESIGN §4)."""
+    """Where knowledge and attributes come from (the `finer build` options of docs/design.md §4)."""
 
     extractor: str | None = None  # None: "llm" when an endpoint is configured, else "rules"
     model: str | None = None

@@ -9,7 +9,7 @@ row's `attributes_visible`, in a new dataset (the input is never touched), with 
 
 Same machinery as the knowledge step: the shared `ChatClient` (bounded concurrency, the `openai` client's
 retries honouring `Retry-After`, the content-addressed cache, so a re-run makes no calls) or a local model
-batched with left padding (`finer.vlm.HFChat`). Resumable after SIGKILL: each image's result is appended
+batched with left padding (`finer.models.vlm.HFChat`). Resumable after SIGKILL: each image's result is appended
 and flushed to `grounding.jsonl` in the partial folder beside `--out` the moment it exists, keyed by all it
 depends on; a re-run asks only for the keys missing, then writes the dataset. `--out` appears only when
 finished. `--check-cub` measures the verdicts against CUB-200-2011's per-image attribute annotations.
@@ -37,21 +37,23 @@ from tqdm.auto import tqdm
 
 import finer
 from finer.appendlog import AppendLog
-from finer.attributes import cub_phrase
+from finer.data.attributes import cub_phrase
 from finer.cache import Cache, cache_key
-from finer.datasets_io import load_built, pick_split
+from finer.data.datasets_io import load_built, pick_split
 from finer.errors import FinerError
-from finer.llm import CallFailed, ChatClient, Usage, openai_messages, public_url, run_sync
-from finer.prompts import render, template_sha256
-from finer.vlm import (
-    DEFAULT_MAX_IMAGE_SIDE,
-    UNREADABLE,
-    HFChat,
+from finer.models.client import (
+    CallFailed,
+    ChatClient,
     ImagesRefused,
-    encode_image,
-    open_image,
+    Usage,
+    openai_messages,
+    public_url,
     refuses_images,
+    run_sync,
 )
+from finer.prompts import render, template_sha256
+from finer.models.images import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, encode_image, open_image
+from finer.models.vlm import HFChat
 
 __all__ = [
     "COLUMN",
@@ -85,7 +87,7 @@ REPAIR_REQUEST = (
 
 @dataclass
 class GroundConfig:
-    """Everything `finer ground` was asked to do (DESIGN §4); recorded in grounding.json."""
+    """Everything `finer ground` was asked to do (docs/design.md §4); recorded in grounding.json."""
 
     dataset: str
     out: Path
@@ -566,7 +568,7 @@ def check_cub(root: Path, grounded: list[tuple[str, list[str], list[str]]]) -> d
     """Precision and recall of "visible" against CUB's per-image `is_present`, overall and per group.
 
     `grounded` holds (CUB image id, attributes asked, attributes answered visible). An attribute phrase is
-    checked where it corresponds to one of CUB's 312 attribute names (`finer.attributes.cub_phrase`; exact
+    checked where it corresponds to one of CUB's 312 attribute names (`finer.data.attributes.cub_phrase`; exact
     for the `cub-annotations` extractor); a pair counts positive when the image has any of the CUB
     attributes the phrase stands for.
     """

@@ -1,4 +1,4 @@
-"""What to ask about each image in each evaluation mode (DESIGN §1, "Prompts"), and how it is keyed.
+"""What to ask about each image in each evaluation mode (docs/design.md §1, "Prompts"), and how it is keyed.
 
 `EvalPlan` turns one image row and one label level into a `Task`: the rendered first turn, the later
 turns built from the model's own earlier answers (attribute seeking; the `finer` replay of the training
@@ -21,8 +21,8 @@ from PIL import Image
 
 from finer.cache import cache_key
 from finer.errors import FinerError
+from finer.eval.scoring import LEVELS, extract_answer, strict_em
 from finer.prompts import render
-from finer.scoring import LEVELS, extract_answer, strict_em
 
 __all__ = [
     "CLOSED_LIST_SOURCES",
@@ -41,7 +41,7 @@ MODES: tuple[str, ...] = ("direct", "attrseek", "probe", "choice", "finer")
 MODE_TEMPLATES: dict[str, str] = {"finer": "train_finer"}
 #: Levels the `finer` replay asks: its first question names the superordinate.
 FINER_LEVELS: tuple[str, ...] = ("coarse", "fine")
-#: Sources whose coarse level is asked as a closed list (DESIGN §1): manufacturers, car body types.
+#: Sources whose coarse level is asked as a closed list (docs/design.md §1): manufacturers, car body types.
 CLOSED_LIST_SOURCES = frozenset({"fgvc-aircraft", "stanford-cars"})
 
 

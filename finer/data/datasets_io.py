@@ -83,8 +83,8 @@ def load_concepts(dataset: str, fields: Sequence[str]) -> list[dict[str, Any]] |
     A folder keeps them in concepts.jsonl; a Hub repo pushed by `finer build --push-to-hub` in its
     `concepts` config.
     """
-    from finer.build import CONCEPTS_FILE, iter_concepts
-    from finer.cards import CONCEPTS_CONFIG, CONCEPTS_SPLIT
+    from finer.data.build import CONCEPTS_FILE, iter_concepts
+    from finer.hub.cards import CONCEPTS_CONFIG, CONCEPTS_SPLIT
 
     concepts_file = Path(dataset).expanduser() / CONCEPTS_FILE
     if concepts_file.is_file():

@@ -1,4 +1,4 @@
-"""Scoring of free-text and multiple-choice answers (DESIGN §1, "Scoring").
+"""Scoring of free-text and multiple-choice answers (docs/design.md §1, "Scoring").
 
 Two rule sets share one API. Ours (the default) compares whole words under four normalisations, so that
 spelling variants of a label match ("Bewick’s Wren" ≡ "Bewicks Wren", "737-800" ≡ "737800") while pieces

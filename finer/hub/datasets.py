@@ -22,9 +22,9 @@ import datasets
 from huggingface_hub import HfApi, RepoUrl, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from finer.build import BUILD_FILE, CONCEPTS_FILE, iter_concepts
-from finer.cards import CONCEPTS_CONFIG, CONCEPTS_SPLIT, dataset_card, terms_for
+from finer.data.build import BUILD_FILE, CONCEPTS_FILE, iter_concepts
 from finer.errors import FinerError
+from finer.hub.cards import CONCEPTS_CONFIG, CONCEPTS_SPLIT, dataset_card, terms_for
 from finer.schema import Concept
 
 __all__ = ["concept_dataset", "push_dataset"]

@@ -6,7 +6,7 @@ the prompt format, the trained parts, the versions of transformers / peft / trl 
 adapter saved by a newer transformers may not load on an older one) and the evaluation numbers when there
 are some. Checkpoints, logs and pickles (`training_args.bin`) stay local.
 
-The token goes to `huggingface_hub` and nowhere else (the same rules as `finer.hub.push_dataset`).
+The token goes to `huggingface_hub` and nowhere else (the same rules as `finer.hub.datasets.push_dataset`).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def push_adapter(
     """Publish a finished `finer finetune` output folder as a Hub model repository; returns its URL."""
     from huggingface_hub import CommitOperationAdd
 
-    from finer.hub import _reason, _scrub, open_repo, require_token
+    from finer.hub.datasets import _reason, _scrub, open_repo, require_token
 
     folder = Path(output_dir).expanduser()
     run = _read_run(folder)

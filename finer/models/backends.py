@@ -1,6 +1,6 @@
 """Where evaluation answers come from: a local transformers model, or an OpenAI-compatible endpoint.
 
-Both backends take the same `Task`s (`finer.eval_tasks`) and hand every finished one to a `Sink` the moment
+Both backends take the same `Task`s (`finer.eval.tasks`) and hand every finished one to a `Sink` the moment
 its answer exists, so the caller can append it to disk at once and a crash loses at most what was in flight.
 In multi-turn modes (attribute seeking, the `finer` replay of the training conversation) each later turn is
 built from the model's own earlier answers; tasks that share a first turn (the same image and question at
@@ -8,35 +8,34 @@ several levels) ask it once, so every level sees the same first answer.
 
 - `HFBackend`: `AutoModelForImageTextToText` with its processor, batched generation with left padding
   (greedy by default, so batch size never changes an answer), bf16 on a GPU and fp32 on a CPU.
-- `OpenAIBackend`: the shared `finer.llm.ChatClient` (its retries honour `Retry-After`), images as base64
+- `OpenAIBackend`: the shared `finer.models.client.ChatClient` (its retries honour `Retry-After`), images as
+base64
   JPEG data URLs, a fixed pool of workers so at most `concurrency` images are encoded and in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
-import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from PIL import Image
 
 from finer.cache import Cache
-from finer.errors import FinerError, one_line
-from finer.eval_tasks import Task
+from finer.errors import FinerError
+from finer.eval.tasks import Task
+from finer.models.images import image_data_url
+from finer.models.loading import load_model
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, ProcessorMixin
 
-    from finer.llm import ChatClient, Usage
+    from finer.models.client import ChatClient, Usage
 
 __all__ = [
     "Backend",
@@ -44,24 +43,22 @@ __all__ = [
     "HFBackend",
     "OpenAIBackend",
     "Sink",
-    "check_adapter_base",
-    "image_data_url",
-    "load_model",
-    "pick_device",
 ]
 
 T = TypeVar("T")
 
-#: JPEG quality of images sent to endpoints: visually lossless, a fraction of PNG's size.
-JPEG_QUALITY = 90
-
 
 @dataclass(frozen=True)
 class Generation:
-    """One answer; ``truncated`` when it stopped at the token limit instead of ending by itself."""
+    """One answer; ``truncated`` when it stopped at the token limit instead of ending by itself.
+
+    A local model also counts its prompt tokens (padding excluded) and the new tokens it generated.
+    """
 
     text: str
     truncated: bool = False
+    prompt_tokens: int = 0
+    new_tokens: int = 0
 
 
 class Sink(Protocol):
@@ -89,78 +86,6 @@ def _first_turn_key(task: Task) -> str:
 
 
 # --- local models -----------------------------------------------------------------------------------
-
-
-def pick_device() -> tuple[str, str]:
-    """(device, dtype name): a GPU in bf16 (fp16 where bf16 is missing), else the CPU in fp32."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "cpu", "float32"
-
-
-def _identity(name: str) -> str:
-    """A model reference that two spellings of the same local folder share."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
-
-
-def _config_without_names(name: str) -> dict[str, Any] | None:
-    """A model's architecture config (local folder or cached Hub id), or None when it cannot be read."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name).to_dict()
-    except (OSError, ValueError):
-        return None
-    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
-        config.pop(volatile, None)
-    return config
-
-
-def check_adapter_base(model: str, adapter: str) -> None:
-    """Refuse an adapter trained on another base model than ``model`` (one line, before any loading).
-
-    Equal when the names are, when both name the same folder, or when both configs can be read and agree
-    (a local copy of a Hub model).
-    """
-    from peft import PeftConfig
-
-    try:
-        base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
-    except (OSError, ValueError) as err:
-        raise FinerError(f"--adapter {adapter}: not a PEFT adapter ({one_line(err)})") from None
-    if not base or _identity(base) == _identity(model):
-        return
-    base_config = _config_without_names(base)
-    if base_config is not None and base_config == _config_without_names(model):
-        return
-    raise FinerError(
-        f"--adapter {adapter} was trained on {base}, not on --model {model}; pass --model {base}"
-    )
-
-
-def load_model(model: str, adapter: str | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """The model (with its PEFT adapter, if any) on the best device, in eval mode, and its processor.
-
-    With an adapter, `finer.load_adapter` does the loading (and checks the LoRA weights really loaded).
-    """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    if adapter:
-        from finer.adapters import load_adapter
-
-        check_adapter_base(model, adapter)
-        return load_adapter(adapter, base_model=model)
-    device, dtype = pick_device()
-    try:
-        processor = AutoProcessor.from_pretrained(model)
-        loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device)
-    except (OSError, ValueError) as err:
-        raise FinerError(f"--model {model}: cannot load a vision-language model ({one_line(err)})") from None
-    loaded.eval()
-    return loaded, processor
 
 
 class HFBackend:
@@ -221,7 +146,7 @@ class HFBackend:
             for task in batch:
                 if _image_key(task) not in pictures:
                     pictures[_image_key(task)] = task.image() if task.image else None
-            images = {id(task): pictures[_image_key(task)] for task in batch}
+            images = {id(task): _listed(pictures[_image_key(task)]) for task in batch}
             keys = {id(task): _first_turn_key(task) for task in batch}
             ask = {keys[id(task)]: task for task in batch if keys[id(task)] not in previous}
             firsts = {key: previous[key] for key in keys.values() if key in previous}
@@ -243,15 +168,19 @@ class HFBackend:
                 sink.done(task, turns[id(task)])
             previous = firsts
 
-    def generate(self, conversations: list[list[dict]], images: list[Image.Image | None]) -> list[Generation]:
-        """Answer one batch of conversations; each has at most one image, all or none of them."""
+    def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]]) -> list[Generation]:
+        """Answer one batch of conversations, each with its own images (all have some, or none has).
+
+        The one local-generation path: evaluation, grounding and the VLM extractor (`finer.models.vlm`)
+        all come here, so the chat template, the BOS guard and the padding side are decided once.
+        """
         import torch
 
         texts = [
             self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             for messages in conversations
         ]
-        pictures = [[image.convert("RGB")] for image in images if image is not None]
+        pictures = [[image.convert("RGB") for image in own] for own in images if own]
         if pictures and len(pictures) != len(texts):
             raise ValueError("a batch mixes conversations with and without an image")
         # A template that writes the BOS token itself must not get a second one from the tokenizer (what
@@ -271,9 +200,15 @@ class HFBackend:
             output = self.model.generate(**inputs, generation_config=self.generation_config)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        pad = self.generation_config.pad_token_id
         return [
-            Generation(text.strip(), self._truncated(tokens))
-            for text, tokens in zip(answers, new_tokens, strict=True)
+            Generation(
+                text.strip(),
+                self._truncated(tokens),
+                prompt_tokens=int(mask.sum()),
+                new_tokens=int((tokens != pad).sum()) if pad is not None else len(tokens),
+            )
+            for text, tokens, mask in zip(answers, new_tokens, inputs["attention_mask"], strict=True)
         ]
 
     def _truncated(self, tokens: torch.Tensor) -> bool:
@@ -304,6 +239,10 @@ def answer(backend: Backend, task: Task) -> list[Generation]:
     return sink.turns
 
 
+def _listed(image: Image.Image | None) -> list[Image.Image]:
+    return [image] if image is not None else []
+
+
 def _batches(items: Iterable[Task], size: int) -> Iterator[list[Task]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
@@ -313,20 +252,9 @@ def _batches(items: Iterable[Task], size: int) -> Iterator[list[Task]]:
 # --- OpenAI-compatible endpoints --------------------------------------------------------------------
 
 
-def image_data_url(image: Image.Image) -> str:
-    """The image as a base64 JPEG data URL, the form every OpenAI-compatible server accepts."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _data_url(task: Task) -> str:
     """Decode and encode in a worker thread: PIL releases the GIL, the event loop keeps serving replies."""
     return image_data_url(task.image())  # type: ignore[misc]
-
-
-# A 400 that names images: the model or server takes no image input (OpenAI, vLLM and Ollama say so).
-_REFUSES_IMAGES = re.compile(r"HTTP 400.*\b(image|images|image_url|multimodal|multi-modal|vision)\b", re.I)
 
 
 #: Finished shared results (encoded images, first turns) kept per unit of concurrency.
@@ -393,7 +321,7 @@ class OpenAIBackend:
         """``max_new_tokens`` goes out as ``max_tokens`` (dropped for the run if the endpoint refuses it); a
         reply cut at a limit is flagged either way. ``max_retries`` overrides the shared client's default
         (5 retries, with backoff)."""
-        from finer.llm import DEFAULT_MAX_RETRIES, Usage, endpoint_configured
+        from finer.models.client import DEFAULT_MAX_RETRIES, Usage, endpoint_configured
 
         if not endpoint_configured(base_url):
             raise FinerError("--backend openai needs an endpoint: pass --base-url or set OPENAI_API_KEY")
@@ -409,12 +337,12 @@ class OpenAIBackend:
         self.usage: Usage = Usage()
 
     def run(self, tasks: Iterable[Task], sink: Sink) -> None:
-        from finer.llm import run_sync
+        from finer.models.client import run_sync
 
         run_sync(self._run(iter(tasks), sink))
 
     async def _run(self, tasks: Iterator[Task], sink: Sink) -> None:
-        from finer.llm import ChatClient
+        from finer.models.client import ChatClient
 
         async with ChatClient(
             self.model,
@@ -443,7 +371,7 @@ class OpenAIBackend:
         The levels of one image share its encoded image and, where they ask the same first question
         (multi-turn modes), its first turn.
         """
-        from finer.llm import CallFailed
+        from finer.models.client import CallFailed
 
         for task in tasks:
             try:
@@ -462,7 +390,7 @@ class OpenAIBackend:
             sink.done(task, turns)
 
     async def _ask(self, chat: ChatClient, messages: list[dict], url: str | None) -> Generation:
-        from finer.llm import CallFailed, openai_messages
+        from finer.models.client import CallFailed, openai_messages, refuses_images
 
         try:
             reply = await chat.reply(
@@ -471,7 +399,7 @@ class OpenAIBackend:
                 max_tokens=self.max_new_tokens,
             )
         except CallFailed as err:
-            if url and _REFUSES_IMAGES.search(str(err)):
+            if url and refuses_images(err):
                 raise FinerError(
                     f"{chat.base_url} refused an image for model {self.model!r} ({err}); "
                     "evaluate a vision model, or use --mode probe (text only)"

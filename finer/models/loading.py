@@ -1,5 +1,7 @@
-"""Loading and merging PEFT adapters trained by `finer finetune` (DESIGN §4, §5).
+"""Loading a VLM for inference, with or without a PEFT adapter trained by `finer finetune`, and merging.
 
+`load_model(model, adapter)` is what every local-inference step uses (evaluation, grounding, probes): the
+best device and dtype, eval mode, and an adapter refused up front when it was trained on another base.
 `load_adapter(repo_id_or_path)` reads the base model from the adapter's `adapter_config.json`, loads the base
 model and the processor (the adapter's own when it was saved with one, else the base's), applies the adapter
 and checks that its LoRA weights really loaded: a LoRA B matrix left all zero means the saved keys did not
@@ -23,7 +25,16 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, ProcessorMixin
 
-__all__ = ["adapter_base", "adapter_dir", "check_lora_loaded", "load_adapter", "merge_adapter"]
+__all__ = [
+    "adapter_base",
+    "adapter_dir",
+    "check_adapter_base",
+    "check_lora_loaded",
+    "load_adapter",
+    "load_model",
+    "merge_adapter",
+    "pick_device",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 #: Any of these in the adapter folder means the processor was saved with it.
@@ -112,6 +123,78 @@ def _saved_nonzero_lora_b(folder: Path) -> int | None:
         return sum(bool(tensors.get_tensor(key).count_nonzero()) for key in keys)
 
 
+def pick_device() -> tuple[str, str]:
+    """(device, dtype name): a GPU in bf16 (fp16 where bf16 is missing), else the CPU in fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "cpu", "float32"
+
+
+def _identity(name: str) -> str:
+    """A model reference that two spellings of the same local folder share."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def _config_without_names(name: str) -> dict[str, Any] | None:
+    """A model's architecture config (local folder or cached Hub id), or None when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name).to_dict()
+    except (OSError, ValueError):
+        return None
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    return config
+
+
+def check_adapter_base(model: str, adapter: str) -> None:
+    """Refuse an adapter trained on another base model than ``model`` (one line, before any loading).
+
+    Equal when the names are, when both name the same folder, or when both configs can be read and agree
+    (a local copy of a Hub model).
+    """
+    from peft import PeftConfig
+
+    try:
+        base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    except (OSError, ValueError) as err:
+        raise FinerError(f"--adapter {adapter}: not a PEFT adapter ({one_line(err)})") from None
+    if not base or _identity(base) == _identity(model):
+        return
+    base_config = _config_without_names(base)
+    if base_config is not None and base_config == _config_without_names(model):
+        return
+    raise FinerError(
+        f"--adapter {adapter} was trained on {base}, not on --model {model}; pass --model {base}"
+    )
+
+
+def load_model(model: str, adapter: str | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The model (with its PEFT adapter, if any) on the best device, in eval mode, and its processor.
+
+    With an adapter, `finer.load_adapter` does the loading (and checks the LoRA weights really loaded).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if adapter:
+        from finer.models.loading import load_adapter
+
+        check_adapter_base(model, adapter)
+        return load_adapter(adapter, base_model=model)
+    device, dtype = pick_device()
+    try:
+        processor = AutoProcessor.from_pretrained(model)
+        loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device)
+    except (OSError, ValueError) as err:
+        raise FinerError(f"--model {model}: cannot load a vision-language model ({one_line(err)})") from None
+    loaded.eval()
+    return loaded, processor
+
+
 def load_adapter(
     repo_id_or_path: str | Path,
     *,
@@ -127,8 +210,6 @@ def load_adapter(
     """
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from finer.backends import pick_device
 
     name = str(repo_id_or_path)
     folder = adapter_dir(repo_id_or_path)

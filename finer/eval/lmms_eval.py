@@ -3,7 +3,7 @@
 The export writes three files to one folder: ``<task>.yaml`` (lmms-eval's task config), ``utils.py`` (the
 ``!function`` hooks the YAML names) and ``finer_task.json`` (mode, level, options and the dataset's label
 pool, which choice distractors and closed lists are drawn from). The hooks delegate to `LmmsTask`, which
-asks through `finer.eval_tasks.EvalPlan` and scores with `finer.scoring`: the prompts, options and
+asks through `finer.eval.tasks.EvalPlan` and scores with `finer.eval.scoring`: the prompts, options and
 scores are those of `finer eval`, so `finer` must be installed where lmms-eval runs.
 
 What the files follow, as read in lmms-eval's source (EvolvingLMMs-Lab/lmms-eval: ``lmms_eval/api/task.py``
@@ -36,9 +36,9 @@ from typing import Any
 
 import finer
 from finer.errors import FinerError
-from finer.eval_tasks import EvalPlan, Task
+from finer.eval.scoring import LEVELS, score, score_choice
+from finer.eval.tasks import EvalPlan, Task
 from finer.prompts import template_sha256
-from finer.scoring import LEVELS, score, score_choice
 
 __all__ = [
     "EXPORT_MODES",
@@ -69,7 +69,7 @@ regenerate the folder rather than editing it.
 
 from pathlib import Path
 
-from finer.lmms_eval_export import LmmsTask
+from finer.eval.lmms_eval import LmmsTask
 
 _TASK = LmmsTask.load(Path(__file__).with_name("{settings}"))
 
@@ -98,7 +98,7 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float]:
 class LmmsTask:
     """One exported task at run time: what the generated utils.py's hooks call, per lmms-eval document.
 
-    A document is a row of the built dataset (DESIGN §3), with its image decoded by `datasets`.
+    A document is a row of the built dataset (docs/design.md §3), with its image decoded by `datasets`.
     """
 
     def __init__(self, settings: dict[str, Any]) -> None:
@@ -155,7 +155,7 @@ class LmmsTask:
 
     def process_results(self, doc: dict[str, Any], results: list[str]) -> dict[str, float]:
         """Our scores of the first generation: the parsed letter, or modified EM, strict EM and F1 with
-        hierarchical credit (DESIGN §1)."""
+        hierarchical credit (docs/design.md §1)."""
         prediction = results[0] if results else ""
         if self.mode == "choice":
             record = self.question(doc).record
@@ -252,7 +252,7 @@ def export_lmms_eval(config: ExportConfig) -> dict[str, Path]:
     The split is loaded once to check that it exists with the columns the hooks read, and for the label
     pool (the dataset's concepts), which is stored so that the task needs no second look-up at run time.
     """
-    from finer.evaluation import LABEL_COLUMNS, load_split
+    from finer.eval.engine import LABEL_COLUMNS, load_split
 
     task = _check(config)
     rows, concepts = load_split(config.dataset, config.split, [*LABEL_COLUMNS, "image"])

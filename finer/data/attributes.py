@@ -1,4 +1,4 @@
-"""Attribute extraction (DESIGN §1, §3): a concept's knowledge text -> {required, likely} visual traits.
+"""Attribute extraction (docs/design.md §1, §3): a concept's knowledge text -> {required, likely} visual traits.
 
 Three extractors fill `Concept.attributes`:
 
@@ -6,8 +6,8 @@ Three extractors fill `Concept.attributes`:
   template; JSON-schema structured output where the endpoint takes it, else a tolerant parser of JSON
   or "Required:/Likely:" lists. A malformed reply gets one repair request; a concept that still fails
   keeps empty lists and is listed in the stats, so one bad concept never fails a build.
-* `vlm` — the same call, also carrying exemplar images of the concept (`finer.knowledge` picks them);
-  an endpoint refusing images raises `finer.vlm.ImagesRefused` so the caller can fall back to `llm`.
+* `vlm` — the same call, also carrying exemplar images of the concept (`finer.data.knowledge` picks them);
+  an endpoint refusing images raises `finer.models.vlm.ImagesRefused` so the caller can fall back to `llm`.
 * `rules` — offline: colour, pattern and shape words next to body-part words in the text.
 * `cub-annotations` — CUB-200's own per-class attribute percentages turned into phrases.
 
@@ -15,7 +15,7 @@ Whatever the source, phrases pass `clean_attributes`: short visual noun phrases,
 instructions. The Wikipedia text is untrusted, so a page saying "ignore previous instructions" can neither
 change the reply format we accept nor slip its sentences in as attributes.
 
-`LlmCoarseLabeller` (the `finer.coarse.CoarseLabeller` protocol over the `coarse_label` template) lives
+`LlmCoarseLabeller` (the `finer.data.coarse.CoarseLabeller` protocol over the `coarse_label` template) lives
 here too: it shares the endpoint, cache and accounting.
 """
 
@@ -31,27 +31,28 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from finer.cache import Cache
-from finer.coarse import RuleCoarseLabeller, car_body_type
+from finer.data.coarse import RuleCoarseLabeller, car_body_type
 from finer.errors import FinerError
-from finer.llm import (
+from finer.models.client import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_RETRIES,
     DEFAULT_MODEL,
     DEFAULT_TIMEOUT_S,
     CallFailed,
     ChatClient,
+    ImagesRefused,
     Usage,
     endpoint_configured,
     openai_messages,
     parse_json_object,
+    refuses_images,
     run_sync,
 )
 from finer.prompts import render, template_sha256
 from finer.schema import Attributes, Concept
-from finer.vlm import ImagesRefused, refuses_images
 
 if TYPE_CHECKING:
-    from finer.vlm import HFChat
+    from finer.models.vlm import HFChat
 
 __all__ = [
     "ATTRIBUTES_SCHEMA",

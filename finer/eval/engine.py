@@ -3,7 +3,7 @@
 The run is resumable by construction: each answer is appended to ``predictions.jsonl`` (and flushed) as
 soon as it exists, keyed by everything it depends on (model, adapter, mode, level, options, template hash,
 image id), and a re-run asks only for the keys the file lacks. Metrics, report and chart are then
-recomputed from the whole file (`finer.eval_report`), so a crash, a `--limit` raised later, or a second
+recomputed from the whole file (`finer.eval.report`), so a crash, a `--limit` raised later, or a second
 mode evaluated into the same folder all end in one consistent report.
 """
 
@@ -17,13 +17,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from finer.appendlog import AppendLog
-from finer.backends import Backend, Generation, HFBackend, OpenAIBackend
-from finer.datasets_io import load_built, load_concepts, pick_split
+from finer.data.datasets_io import load_built, load_concepts, pick_split
 from finer.errors import FinerError
-from finer.eval_report import PREDICTIONS_FILE, write_report
-from finer.eval_tasks import MODE_TEMPLATES, MODES, EvalPlan, Task
+from finer.eval.report import PREDICTIONS_FILE, write_report
+from finer.eval.tasks import MODE_TEMPLATES, MODES, EvalPlan, Task
+from finer.models.backends import Backend, Generation, HFBackend, OpenAIBackend
+from finer.models.images import crop_box
 from finer.prompts import template_sha256
-from finer.train.data import crop_box
 
 __all__ = ["BACKENDS", "EvalConfig", "PredictionLog", "evaluate", "load_split"]
 
@@ -34,7 +34,7 @@ LABEL_COLUMNS: tuple[str, ...] = ("image_id", "superordinate", "coarse", "fine")
 
 @dataclass
 class EvalConfig:
-    """Everything `finer eval` was asked to do (DESIGN §4)."""
+    """Everything `finer eval` was asked to do (docs/design.md §4)."""
 
     dataset: str
     out: Path

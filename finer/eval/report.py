@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finer.errors import FinerError
-from finer.scoring import LEVELS, score, score_choice
+from finer.eval.scoring import LEVELS, score, score_choice
 
 __all__ = [
     "CLIFF_FILE",
@@ -148,7 +148,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     rules = (
         "the original FINER rules (`--finer-original`)"
         if metrics["rules"] == "finer-original"
-        else "ours (whole words within the first 20, four normalisations; DESIGN §1)"
+        else "ours (whole words within the first 20, four normalisations; docs/design.md §1)"
     )
     lines = [
         "# Evaluation report",

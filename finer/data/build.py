@@ -1,4 +1,4 @@
-"""The build engine: one source in, one dataset folder out (DESIGN §3).
+"""The build engine: one source in, one dataset folder out (docs/design.md §3).
 
 `build()` is the whole of `finer build`: resolve the source, pick concepts, fill coarse labels, stream
 every split's rows through the image check into Arrow files, then write `concepts.jsonl`, `build.json`
@@ -28,13 +28,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 import finer
-from finer.attributes import LlmCoarseLabeller
+from finer.data.attributes import LlmCoarseLabeller
 from finer.builders import ImageRecord, Source, get_source
-from finer.coarse import CoarseLabeller
+from finer.data.coarse import CoarseLabeller
 from finer.errors import FinerError
-from finer.knowledge import KnowledgeOptions, add_knowledge
-from finer.knowledge import coarse_labeller as knowledge_coarse_labeller
-from finer.llm import public_url
+from finer.data.knowledge import KnowledgeOptions, add_knowledge
+from finer.data.knowledge import coarse_labeller as knowledge_coarse_labeller
+from finer.models.client import public_url
 from finer.schema import Concept, image_features
 
 CONCEPTS_FILE = "concepts.jsonl"
@@ -109,7 +109,7 @@ def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) ->
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if config.export_finer:
-        from finer.export import export_finer
+        from finer.data.export import export_finer
 
         extractors = Counter(c.attributes.extractor for c in concepts if c.attributes.extractor)
         model = extractors.most_common(1)[0][0] if extractors else "none"

@@ -97,6 +97,19 @@ class CallFailed(Exception):
     """One call failed after the client's retries; the caller records it and goes on with the rest."""
 
 
+# A 400 that names images: the model or server takes no image input (OpenAI, vLLM and Ollama say so).
+_REFUSES_IMAGES = re.compile(r"HTTP 400.*\b(image|images|image_url|multimodal|multi-modal|vision)\b", re.I)
+
+
+class ImagesRefused(FinerError):
+    """The endpoint answers text but refuses images: no call that carries one can succeed."""
+
+
+def refuses_images(err: CallFailed) -> bool:
+    """Whether a failed call was refused because it carried an image (a text-only model)."""
+    return bool(_REFUSES_IMAGES.search(str(err)))
+
+
 def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
     """USD for one call at list price, or None when the model (or its dated snapshot) is not in PRICES."""
     match = _SNAPSHOT.fullmatch(model)

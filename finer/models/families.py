@@ -155,7 +155,7 @@ def detect_family(model_type: str, model: str = "") -> Family:
     raise FinerError(
         f"{where}model_type {model_type!r}, which is not in finer's family registry (known: {known}). "
         "To add one, append a Family (module roots of its vision tower, projector and language model, "
-        "and its training chat template) to FAMILIES in finer/train/families.py"
+        "and its training chat template) to FAMILIES in finer/models/families.py"
     )
 
 
@@ -256,7 +256,7 @@ def plan_training(
         if missing:
             raise FinerError(
                 f"{family.name}: the {PART_NAMES[part]} should live at {', '.join(missing)} but the model "
-                "has no such module (did transformers move it?); fix the roots in finer/train/families.py"
+                "has no such module (did transformers move it?); fix the roots in finer/models/families.py"
             )
     policies: dict[Part, str] = {"vision": vision, "projector": projector, "llm": llm}
     if all(p == "frozen" for p in policies.values()):

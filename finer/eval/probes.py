@@ -1,4 +1,5 @@
-"""`finer probe-features`: does the projector lose fine detail the vision tower saw? (DESIGN §1, FINER)
+"""`finer probe-features`: does the projector lose fine detail the vision tower saw? (docs/design.md §1,
+FINER)
 
 FINER traces the fine-grained failure of VLMs to the modality gap: linear probes read fine labels from the
 vision encoder's features better than from what the projector hands the language model. This module repeats
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from PIL import Image
     from transformers import PreTrainedModel
 
-    from finer.train.families import Family
+    from finer.models.families import Family
 
 __all__ = [
     "FEATURES",
@@ -81,7 +82,7 @@ def _family(model: str) -> Family:
     """The registry family of ``model``, read from its config before the weights are loaded."""
     from transformers import AutoConfig
 
-    from finer.train.families import detect_family
+    from finer.models.families import detect_family
 
     try:
         model_type = AutoConfig.from_pretrained(model).model_type
@@ -117,7 +118,7 @@ def image_features(
         except AttributeError:
             raise FinerError(
                 f"{family.name}: no module {root} in this model (did transformers move it?); "
-                "fix the roots in finer/train/families.py"
+                "fix the roots in finer/models/families.py"
             ) from None
     get_features = getattr(base, "get_image_features", None)
     if get_features is None:
@@ -246,7 +247,7 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
 def _write(out: Path, run: dict[str, Any]) -> None:
     """Add ``run`` to probe_features.json (replacing an earlier run of the same measurement), and write
     the table to probe_features.md and, when the folder holds an evaluation report, into report.md."""
-    from finer.eval_report import REPORT_FILE
+    from finer.eval.report import REPORT_FILE
 
     path = out / PROBE_FILE
     runs: list[dict[str, Any]] = []
@@ -274,8 +275,8 @@ def probe_features(config: ProbeConfig) -> dict[str, Any]:
     Returns the run as recorded in probe_features.json. Bad input (an unregistered family, a missing
     split or column, fewer than two classes to train on) is a one-line `FinerError` before the model loads.
     """
-    from finer.backends import load_model, pick_device
-    from finer.evaluation import load_split
+    from finer.eval.engine import load_split
+    from finer.models.loading import load_model, pick_device
 
     started = time.perf_counter()
     if config.batch_size < 1:
