@@ -314,6 +314,30 @@ def test_parse_choice(text: str, k: int, expected: str | None) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("**D**", "D"),
+        ("Answer: **D**", "D"),
+        ("**(D)**", "D"),
+        ("__D__", "D"),
+        ("*D*", "D"),
+        ("_D_", "D"),
+        ("**D.** Barn Owl", "D"),
+        ("**Answer:** B", "B"),
+        ("The answer is **C**.", "C"),
+        ("**Option C**", "C"),
+        ("**B** or **C**", None),  # still a hedge
+        ("**(B)** and **(C)**", None),
+        ("**A bird**", None),  # still the article
+        ("**F**", None),  # still outside the choices
+    ],
+)
+def test_parse_choice_reads_markdown_emphasis(text: str, expected: str | None) -> None:
+    """Chat models bold their letter; the emphasis must neither hide a letter nor turn a hedge into one."""
+    assert parse_choice(text, 5) == expected
+
+
+@pytest.mark.parametrize(
     ("prediction", "gold", "expected"),
     [("Answer: (B)", "B", 1.0), ("Answer: (B)", "b", 1.0), ("Answer: (C)", "B", 0.0), ("A or B", "A", 0.0)],
 )

@@ -335,6 +335,9 @@ _HEDGE_RE = re.compile(
     r"(?<![\w'])[(\[]?([a-z])[)\]]?\s*,?\s*(?:or|and|/)\s*[(\[]?([a-z])(?![\w'-])", re.IGNORECASE
 )
 _WORD_AFTER_RE = re.compile(r"\s+[^\W\d_]")
+# Markdown emphasis ("**D**", "__D__", "*D*", "**Answer:** B"): asterisks anywhere, underscores only at the
+# edge of a word (so "snake_case" keeps its underscore).
+_EMPHASIS_RE = re.compile(r"\*+|(?<![^\W_])_+|_+(?![^\W_])")
 
 
 def _is_article(text: str, letter: str, end: int) -> bool:
@@ -345,13 +348,14 @@ def _is_article(text: str, letter: str, end: int) -> bool:
 def parse_choice(text: str, k: int) -> str | None:
     """The option letter ("A" … k-th letter) a generation picks, or None when it picks none or several.
 
-    Read from the text after the last "Answer:": a bracketed letter, a leading letter followed by ")",
-    ".", ":" or nothing, or a letter after "answer is" / "option" / "choice". Two different letters (a
-    hedge) or a letter outside the k choices count as no answer, so hedging never earns credit.
+    Read from the text after the last "Answer:", markdown emphasis removed ("**D**" is D): a bracketed
+    letter, a leading letter followed by ")", ".", ":" or nothing, or a letter after "answer is" / "option"
+    / "choice". Two different letters (a hedge, "**B** or **C**") or a letter outside the k choices count
+    as no answer, so hedging never earns credit.
     """
     if not 1 <= k <= 26:
         raise ValueError(f"k must be between 1 and 26, got {k}")
-    answer = extract_answer(text)
+    answer = _EMPHASIS_RE.sub("", extract_answer(text))
     letters = set(_BRACKET_RE.findall(answer))
     letters.update(_NAMED_RE.findall(answer))
     if leading := _LEADING_RE.match(answer):
