@@ -45,7 +45,9 @@ def test_probe_every_family(family: str, demo: Path, tmp_path: Path) -> None:
     run = probe_features(ProbeConfig(model=model, dataset=str(demo), out=tmp_path, batch_size=8))
     config = AutoConfig.from_pretrained(model)
     vision, projector = run["probes"]["vision"], run["probes"]["projector"]
-    assert vision["dim"] == config.vision_config.hidden_size
+    # the tower's width: Qwen2-VL calls it embed_dim (its hidden_size is the merger's output, the LM's width)
+    tower_width = getattr(config.vision_config, "embed_dim", None) or config.vision_config.hidden_size
+    assert vision["dim"] == tower_width
     assert projector["dim"] == config.text_config.hidden_size  # what the language model receives
     for result in (vision, projector):
         assert 0 <= result["test_accuracy"] <= 1 and 0 <= result["train_accuracy"] <= 1
