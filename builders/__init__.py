@@ -1,32 +1,59 @@
-"""Source builders: one module per dataset, each reading the official layout (see `base.Source`)."""
+"""Source builders: one module per dataset, each reading the official layout (see `base.Source`).
+
+The module name gives the source name (`stanford_dogs.py` holds "stanford-dogs"), so adding a source is
+adding one module; modules are imported on first use, so one source's dependencies never slow another.
+"""
 
 from __future__ import annotations
 
+import pkgutil
+from functools import cache
 from importlib import import_module
 
 from finer.errors import FinerError
 
-from .base import ImageRecord, LayoutError, Source, inside
+from .base import ImageRecord, LayoutError, Source, SourceTerms, inside
 
-#: Source name -> "module:Class"; imported lazily so one source's dependencies never slow another.
-SOURCES: dict[str, str] = {
-    "demo": "demo:DemoSource",
-    "stanford-dogs": "stanford_dogs:StanfordDogsSource",
-    "stanford-cars": "stanford_cars:StanfordCarsSource",
-    "fgvc-aircraft": "fgvc_aircraft:FGVCAircraftSource",
-    "cub200": "cub200:Cub200Source",
-    "nabirds": "nabirds:NABirdsSource",
-    "inat2021": "inat2021:INat2021Source",
-    "imagefolder": "imagefolder:ImageFolderSource",
-}
+#: Every source name, from the modules of this package (all but `base` and private ones).
+SOURCES: tuple[str, ...] = tuple(
+    sorted(
+        info.name.replace("_", "-")
+        for info in pkgutil.iter_modules(__path__)
+        if info.name != "base" and not info.name.startswith("_")
+    )
+)
 
 
+@cache
 def get_source(name: str) -> type[Source]:
     """The source class registered under `name`, or a one-line error listing the known names."""
     if name not in SOURCES:
-        raise FinerError(f"unknown source {name!r}; choose one of: {', '.join(sorted(SOURCES))}")
-    module, cls = SOURCES[name].split(":")
-    return getattr(import_module(f"{__name__}.{module}"), cls)
+        raise FinerError(f"unknown source {name!r}; choose one of: {', '.join(SOURCES)}")
+    module = import_module(f"{__name__}.{name.replace('-', '_')}")
+    found = [
+        value
+        for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, Source) and vars(value).get("name") == name
+    ]
+    if len(found) != 1:
+        raise FinerError(f"{module.__name__} must define one Source subclass with name = {name!r}")
+    return found[0]
 
 
-__all__ = ["SOURCES", "ImageRecord", "LayoutError", "Source", "get_source", "inside"]
+def source_class(name: str) -> type[Source]:
+    """`get_source(name)`, or the base `Source` for a name finer does not know (rows built elsewhere): its
+    class attributes are the defaults (unknown terms, no closed list, `name` in exports), so readers of
+    a source's facts need no special case."""
+    return get_source(name) if name in SOURCES else Source
+
+
+__all__ = [
+    "SOURCES",
+    "ImageRecord",
+    "LayoutError",
+    "Source",
+    "SourceTerms",
+    "get_source",
+    "inside",
+    "source_class",
+]

@@ -2,6 +2,9 @@
 
 A source reads one dataset's *official* on-disk layout and yields concepts and image records; the build
 engine (`finer.data.build`) does everything else (limits, coarse labels, image checks, writing, export).
+Everything else finer knows about a source is a class attribute of its `Source` class, read by name
+through `finer.builders.source_class`: its terms of use and citation (the Hub card), its coarse rule (the
+build), the levels asked as a closed list (evaluation) and its names in the original FINER files (export).
 """
 
 from __future__ import annotations
@@ -16,8 +19,43 @@ from typing import ClassVar
 
 from PIL import Image
 
+from finer.data.coarse import CoarseRule
 from finer.errors import FinerError
 from finer.schema import Concept
+
+
+@dataclass(frozen=True)
+class SourceTerms:
+    """What a source's terms allow, where they are written, how sure we are of them, how to cite it."""
+
+    title: str
+    homepage: str
+    license: str  # a Hub licence id, or "other" with license_name / license_link
+    license_name: str
+    license_link: str
+    summary: str
+    #: False where we summarise from secondary sources only: the card asks readers to check the terms.
+    confirmed: bool
+    #: False where the terms forbid passing the images on: then only private repositories are allowed.
+    images_redistributable: bool
+    citation: str
+
+
+#: For `imagefolder` and any name finer does not know: finer cannot know where the images came from.
+UNKNOWN_TERMS = SourceTerms(
+    title="Image folder",
+    homepage="",
+    license="other",
+    license_name="unknown",
+    license_link="",
+    summary=(
+        "Unknown: finer cannot tell where these images came from. The publisher must state their licence "
+        "here and in the `license` field before anyone reuses them."
+    ),
+    confirmed=False,
+    images_redistributable=True,
+    citation="",
+)
 
 
 @dataclass
@@ -39,11 +77,20 @@ class Source(ABC):
     official archive nests one) and raise `LayoutError` when a required file is missing.
     """
 
+    #: The `finer build` name; the module `builders/<name with "_" for "-">.py` holds the class.
     name: ClassVar[str]
     #: One line describing the expected layout; shown when a required file is missing.
     layout: ClassVar[str]
-    #: Offline rule for coarse labels when the source's taxonomy has none ("head-noun", "car-body").
-    coarse_rule: ClassVar[str | None] = None
+    #: Terms of use and citation, shown on the Hub dataset card (`finer.hub.cards`).
+    terms: ClassVar[SourceTerms] = UNKNOWN_TERMS
+    #: Offline rule for coarse labels when the source's taxonomy has none (`finer.data.coarse`).
+    coarse_rule: ClassVar[CoarseRule | None] = None
+    #: Levels the evaluation asks as a closed list of the dataset's own labels (`finer.eval.tasks`).
+    closed_levels: ClassVar[frozenset[str]] = frozenset()
+    #: The original FINER code's names for the dataset, used by `--export-finer` (`finer.data.export`):
+    #: its `--dataset-name` (label files) and its data folder (attribute files); None means `name`.
+    original_dataset_name: ClassVar[str | None] = None
+    original_data_folder: ClassVar[str | None] = None
     #: True when the source ships its own knowledge and attributes (the demo).
     bundled_knowledge: ClassVar[bool] = False
     #: True when `adjust` changes pixels (then images are re-encoded and stored as bytes).

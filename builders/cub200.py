@@ -1,6 +1,6 @@
 """CUB-200-2011 from the official archive: `CUB_200_2011/` with its list files and `images/`.
 
-Coarse labels come from the engine's labeller (`coarse_rule = "head-noun"`): CUB has no hierarchy.
+Coarse labels come from the engine's labeller (`coarse_rule = HEAD_NOUN`): CUB has no hierarchy.
 The list-file layout (`<id> <value…>` per line) is shared with NABirds: `base.ListFileSource` reads it.
 """
 
@@ -10,9 +10,10 @@ import re
 from functools import cached_property
 from pathlib import Path
 
+from finer.data.coarse import HEAD_NOUN
 from finer.schema import Concept
 
-from .base import LayoutError, ListFileSource, read_list
+from .base import LayoutError, ListFileSource, SourceTerms, read_list
 
 
 def clean_class_name(raw: str) -> str:
@@ -29,7 +30,29 @@ class Cub200Source(ListFileSource):
         "bounding_boxes.txt, images/<class>/<file>.jpg and attributes/class_attribute_labels_continuous.txt, "
         "with attributes.txt beside it; --root names CUB_200_2011/ or its parent"
     )
-    coarse_rule = "head-noun"
+    coarse_rule = HEAD_NOUN
+    original_dataset_name = "cub-200"
+    original_data_folder = "CUB_200_2011"
+    terms = SourceTerms(
+        title="CUB-200-2011",
+        homepage="https://www.vision.caltech.edu/datasets/cub_200_2011/",
+        license="other",
+        license_name="cub-200-2011-terms",
+        license_link="https://www.vision.caltech.edu/datasets/cub_200_2011/",
+        summary=(
+            "The dataset page states no licence. The images are Flickr photographs whose copyright stays "
+            "with their photographers; use them for non-commercial research only."
+        ),
+        confirmed=False,
+        images_redistributable=True,
+        citation="""@techreport{WahCUB_200_2011,
+  title       = {The Caltech-UCSD Birds-200-2011 Dataset},
+  author      = {Wah, C. and Branson, S. and Welinder, P. and Perona, P. and Belongie, S.},
+  institution = {California Institute of Technology},
+  number      = {CNS-TR-2011-001},
+  year        = {2011}
+}""",
+    )
     folder = "CUB_200_2011"
     id_width = 3
 

@@ -26,7 +26,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from finer.errors import FinerError
 from finer.schema import Attributes, Concept, Knowledge
 
-from .base import ImageRecord, Source
+from .base import ImageRecord, Source, SourceTerms
 
 #: Images per species in each split, in split order.
 SPLIT_SIZES: dict[str, int] = {"train": 24, "test": 8}
@@ -366,6 +366,20 @@ class DemoSource(Source):
     name = "demo"
     layout = "nothing on disk: the demo renders its images in memory (no --root needed)"
     bundled_knowledge = True
+    terms = SourceTerms(
+        title="finer demo birds",
+        homepage="",
+        license="apache-2.0",
+        license_name="",
+        license_link="",
+        summary=(
+            "Images drawn procedurally by finer's demo source and descriptions written for it: "
+            "Apache-2.0, like the toolkit."
+        ),
+        confirmed=True,
+        images_redistributable=True,
+        citation="",
+    )
 
     def __init__(self, root: Path | None = None, seed: int = 0) -> None:
         # `root` is accepted so the engine can construct every source alike; the demo has nothing to read.

@@ -17,7 +17,7 @@ from PIL import Image
 
 from finer.schema import Concept
 
-from .base import ImageRecord, LayoutError, Source, inside
+from .base import ImageRecord, LayoutError, Source, SourceTerms, inside
 
 #: The official splits; `trainval` is the union of train and val, so it is not offered separately.
 SPLITS = ("train", "val", "test")
@@ -47,6 +47,30 @@ class FGVCAircraftSource(Source):
         "(--root may be the parent, fgvc-aircraft-2013b or its data/)"
     )
     adjusts_pixels = True
+    closed_levels = frozenset({"coarse"})  # the manufacturers
+    original_dataset_name = "fgvc-aircraft"
+    original_data_folder = "fgvc-aircraft-2013b"
+    terms = SourceTerms(
+        title="FGVC-Aircraft",
+        homepage="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
+        license="other",
+        license_name="fgvc-aircraft-terms",
+        license_link="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
+        summary=(
+            "The images are made available by aircraft spotters for non-commercial research purposes "
+            "only; the photographers keep the copyright and must be asked for any other use."
+        ),
+        confirmed=True,
+        images_redistributable=True,
+        citation="""@techreport{maji13fine-grained,
+  title         = {Fine-Grained Visual Classification of Aircraft},
+  author        = {Maji, S. and Kannala, J. and Rahtu, E. and Blaschko, M. and Vedaldi, A.},
+  year          = {2013},
+  eprint        = {1306.5151},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs-cv}
+}""",
+    )
 
     def __init__(self, root: Path | None) -> None:
         super().__init__(root)

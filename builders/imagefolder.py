@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from finer.data.coarse import HEAD_NOUN
 from finer.errors import FinerError
 from finer.schema import Concept
 
@@ -56,7 +57,7 @@ class ImageFolderSource(Source):
         "<root>/<split>/<class>/*.jpg|jpeg|png|webp, with an optional <root>/taxonomy.csv "
         "(fine,coarse,superordinate)"
     )
-    coarse_rule = "head-noun"
+    coarse_rule = HEAD_NOUN
 
     def __init__(self, root: Path | None) -> None:
         super().__init__(root)

@@ -17,7 +17,7 @@ from typing import Any
 from finer.errors import FinerError
 from finer.schema import Concept
 
-from .base import ImageRecord, LayoutError, Source, inside
+from .base import ImageRecord, LayoutError, Source, SourceTerms, inside
 
 #: Split files in their usual order; `public_test.json` has no labels and is not a split here.
 SPLIT_FILES: dict[str, str] = {"train": "train.json", "train_mini": "train_mini.json", "val": "val.json"}
@@ -80,6 +80,30 @@ class INat2021Source(Source):
     layout = (
         "<root>/train.json, val.json (train_mini.json optional) in the iNat-2021 COCO-like format, "
         "with the image folders (train/, val/, …) their file_name fields point to, relative to <root>"
+    )
+    original_dataset_name = "inaturalist"
+    original_data_folder = "inaturalist"
+    terms = SourceTerms(
+        title="iNaturalist 2021",
+        homepage="https://github.com/visipedia/inat_comp/tree/master/2021",
+        license="other",
+        license_name="inaturalist-2021-terms",
+        license_link="https://github.com/visipedia/inat_comp/tree/master/2021#terms-of-use",
+        summary=(
+            "The competition terms allow non-commercial research and educational use only, require the "
+            "iNaturalist Terms of Service, and forbid distributing the dataset images. Each image also "
+            "has its own licence and rights holder, listed in the official annotation files."
+        ),
+        confirmed=True,
+        images_redistributable=False,
+        citation="""@inproceedings{van2021benchmarking,
+  title     = {Benchmarking Representation Learning for Natural World Image Collections},
+  author    = {Van Horn, Grant and Cole, Elijah and Beery, Sara and Wilber, Kimberly and Belongie, Serge
+               and Mac Aodha, Oisin},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages     = {12884--12893},
+  year      = {2021}
+}""",
     )
 
     def __init__(self, root: Path | None) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finer.schema import Concept
 
-from .base import LayoutError, ListFileSource, read_list
+from .base import LayoutError, ListFileSource, SourceTerms, read_list
 
 _PARENTHETICAL = re.compile(r"\s*\([^)]*\)")
 _PARENTHETICAL_TEXT = re.compile(r"\(([^)]*)\)")
@@ -41,6 +41,30 @@ class NABirdsSource(ListFileSource):
     )
     folder = "nabirds"
     id_width = 4
+    original_dataset_name = "nabirds"
+    original_data_folder = "nabirds"
+    terms = SourceTerms(
+        title="NABirds",
+        homepage="https://dl.allaboutbirds.org/nabirds",
+        license="other",
+        license_name="nabirds-terms",
+        license_link="https://dl.allaboutbirds.org/nabirds",
+        summary=(
+            "Distributed by the Cornell Lab of Ornithology under its terms of use: non-commercial research "
+            "only; the photographs belong to the citizen scientists who contributed them."
+        ),
+        confirmed=False,
+        images_redistributable=True,
+        citation="""@inproceedings{van2015building,
+  title     = {Building a Bird Recognition App and Large Scale Dataset With Citizen Scientists:
+               The Fine Print in Fine-Grained Dataset Collection},
+  author    = {Van Horn, Grant and Branson, Steve and Farrell, Ryan and Haber, Scott and Barry, Jessie
+               and Ipeirotis, Panos and Perona, Pietro and Belongie, Serge},
+  booktitle = {Proceedings of the IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages     = {595--604},
+  year      = {2015}
+}""",
+    )
 
     def __init__(self, root: Path | None) -> None:
         super().__init__(root)

@@ -16,13 +16,64 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from finer.data.coarse import CoarseRule
 from finer.schema import Concept
 
-from .base import ImageRecord, LayoutError, Source, inside
+from .base import ImageRecord, LayoutError, Source, SourceTerms, inside
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 DEVKIT_ANNOTATIONS = {"train": "cars_train_annos.mat", "test": "cars_test_annos_withlabels.mat"}
+
+
+#: Body-type keywords in Stanford Cars class names, checked in order (the first hit wins).
+CAR_BODY_KEYWORDS: tuple[tuple[str, str], ...] = (
+    ("convertible", "convertible"),
+    ("minivan", "van"),
+    ("van", "van"),
+    ("cab", "pickup"),
+    ("pickup", "pickup"),
+    ("suv", "SUV"),
+    ("hatchback", "hatchback"),
+    ("wagon", "wagon"),
+    ("coupe", "coupe"),
+    ("sedan", "sedan"),
+)
+#: Stanford Cars classes whose names carry no body-type keyword (checked against the 196 class names).
+CAR_BODY_EXCEPTIONS: dict[str, str] = {
+    "acura integra type r": "coupe",
+    "chevrolet corvette ron fellows edition z06": "coupe",
+    "chevrolet corvette zr1": "coupe",
+    "chevrolet cobalt ss": "coupe",
+    "fiat 500 abarth": "hatchback",
+    "acura tl type-s": "sedan",
+    "buick regal gs": "sedan",
+    "chevrolet hhr ss": "wagon",
+    "chevrolet trailblazer ss": "SUV",
+    "chrysler 300 srt-8": "sedan",
+    "dodge challenger srt8": "coupe",
+    "dodge charger srt-8": "sedan",
+    "ford ranger supercab": "pickup",
+    "jaguar xk xkr": "coupe",
+    "lamborghini gallardo lp 570-4 superleggera": "coupe",
+}
+CAR_FALLBACK = "car"
+
+_YEAR = re.compile(r"\s+\d{4}$")
+
+
+def car_body_type(name: str) -> str | None:
+    """The body type named in a Stanford Cars class name, or None when no keyword matches."""
+    lowered = _YEAR.sub("", name.lower())
+    words = set(re.split(r"[^a-z0-9]+", lowered))
+    for keyword, body in CAR_BODY_KEYWORDS:
+        if keyword in words:
+            return body
+    return CAR_BODY_EXCEPTIONS.get(lowered)
+
+
+#: Body types decide where the name says one; an LLM names the rest, mapped onto the body types.
+CAR_BODY = CoarseRule("car-body", car_body_type, fallback=lambda concept: CAR_FALLBACK, decisive=True)
 
 
 def slug(name: str) -> str:
@@ -39,7 +90,30 @@ class StanfordCarsSource(Source):
         "cars_test_annos_withlabels.mat (root or devkit/), or class folders train/<Class Name>/*.jpg, "
         "test/<Class Name>/*.jpg"
     )
-    coarse_rule = "car-body"
+    coarse_rule = CAR_BODY
+    closed_levels = frozenset({"coarse"})  # the body types
+    original_dataset_name = "stanford-cars"
+    original_data_folder = "stanford_cars"
+    terms = SourceTerms(
+        title="Stanford Cars",
+        homepage="https://ai.stanford.edu/~jkrause/cars/car_dataset.html",
+        license="other",
+        license_name="stanford-cars-terms",
+        license_link="https://ai.stanford.edu/~jkrause/cars/car_dataset.html",
+        summary=(
+            "The dataset page states no licence; the images were collected from the web and belong to "
+            "their owners. Use them for non-commercial research only."
+        ),
+        confirmed=False,
+        images_redistributable=True,
+        citation="""@inproceedings{KrauseStarkDengFei-Fei_3DRR2013,
+  title     = {3D Object Representations for Fine-Grained Categorization},
+  author    = {Krause, Jonathan and Stark, Michael and Deng, Jia and Fei-Fei, Li},
+  booktitle = {4th International IEEE Workshop on 3D Representation and Recognition (3dRR-13)},
+  address   = {Sydney, Australia},
+  year      = {2013}
+}""",
+    )
 
     def __init__(self, root: Path | None) -> None:
         super().__init__(root)

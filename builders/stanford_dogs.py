@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from finer.data.coarse import HEAD_NOUN
 from finer.schema import Concept
 
-from .base import ImageRecord, LayoutError, Source, inside
+from .base import ImageRecord, LayoutError, Source, SourceTerms, inside
 
 SPLITS = ("train", "test")
 
@@ -69,7 +70,37 @@ class StanfordDogsSource(Source):
         "Images/<wnid>-<Breed>/*.jpg, Annotation/<wnid>-<Breed>/* (optional), "
         "lists/file_list.mat, lists/train_list.mat, lists/test_list.mat (lists/ may be left out)"
     )
-    coarse_rule = "head-noun"
+    coarse_rule = HEAD_NOUN
+    original_dataset_name = "stanford-dogs"
+    original_data_folder = "stanford_dogs"
+    terms = SourceTerms(
+        title="Stanford Dogs",
+        homepage="http://vision.stanford.edu/aditya86/ImageNetDogs/",
+        license="other",
+        license_name="imagenet-terms",
+        license_link="https://www.image-net.org/download.php",
+        summary=(
+            "Built from ImageNet images and annotations, so the ImageNet Terms of Access apply: "
+            "non-commercial research and educational use only; the images are copyrighted by their owners."
+        ),
+        confirmed=True,
+        images_redistributable=True,
+        citation="""@inproceedings{KhoslaYaoJayadevaprakashFeiFei_FGVC2011,
+  title     = {Novel Dataset for Fine-Grained Image Categorization},
+  author    = {Khosla, Aditya and Jayadevaprakash, Nityananda and Yao, Bangpeng and Fei-Fei, Li},
+  booktitle = {First Workshop on Fine-Grained Visual Categorization,
+               IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  address   = {Colorado Springs, CO},
+  year      = {2011}
+}
+
+@inproceedings{deng2009imagenet,
+  title     = {ImageNet: A Large-Scale Hierarchical Image Database},
+  author    = {Deng, Jia and Dong, Wei and Socher, Richard and Li, Li-Jia and Li, Kai and Fei-Fei, Li},
+  booktitle = {IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2009}
+}""",
+    )
 
     def __init__(self, root: Path | None) -> None:
         super().__init__(root)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from finer.builders.stanford_cars import CAR_BODY
 from finer.cache import Cache
 from finer.data.attributes import (
     REPAIR_REQUEST,
@@ -29,6 +30,7 @@ from finer.data.attributes import (
     parse_attribute_reply,
     rule_attributes,
 )
+from finer.data.coarse import HEAD_NOUN
 from finer.errors import FinerError
 from finer.models.client import CallFailed, ChatClient, EndpointError, estimate_cost, openai_messages
 from finer.prompts import template_sha256, template_source
@@ -482,8 +484,8 @@ def test_llm_coarse_labeller(tmp_path: Path) -> None:
     ]
     with FakeOpenAI(group) as server:
         labeller = LlmCoarseLabeller("m", server.url, cache=Cache(tmp_path), progress=False)
-        labeller.label(birds_, "head-noun")
-        labeller.label(cars, "car-body")
+        labeller.label(birds_, HEAD_NOUN)
+        labeller.label(cars, CAR_BODY)
         asked = [user_text(r["json"]).rsplit("Kind: ", 1)[1] for r in server.requests]
     assert birds_[0].coarse == ["Finch"] and birds_[0].coarse_source == "llm:m"
     assert birds_[1].coarse == ["Bird"] and birds_[1].coarse_source == "rules"  # bad reply: head noun

@@ -14,6 +14,7 @@ from PIL import Image
 import finer.data.build as build_module
 from finer.builders import ImageRecord, Source
 from finer.data.build import BuildConfig, build, iter_concepts
+from finer.data.coarse import HEAD_NOUN
 from finer.errors import FinerError
 from finer.schema import Concept, image_features
 
@@ -29,7 +30,7 @@ class ToySource(Source):
 
     name = "toy"
     layout = "<root>/<breed>/<n>.jpg"
-    coarse_rule = "head-noun"
+    coarse_rule = HEAD_NOUN
     breeds = ("Curly coated Retriever", "Golden Retriever", "Miniature Poodle")
 
     def splits(self) -> list[str]:

@@ -16,6 +16,7 @@ from finer.builders.imagefolder import ImageFolderSource
 from finer.builders.inat2021 import INat2021Source
 from finer.builders.nabirds import NABirdsSource, split_group
 from finer.data.build import BuildConfig, build, iter_concepts
+from finer.data.coarse import HEAD_NOUN
 from finer.errors import FinerError
 from tests.layouts import (
     CUB_ATTRIBUTES,
@@ -63,7 +64,7 @@ def test_cub_concepts_have_cleaned_fine_names_and_no_coarse(cub: Path) -> None:
     assert [c.fine for c in concepts] == [["Black footed Albatross"], ["Laysan Albatross"], ["Pine Grosbeak"]]
     assert {c.superordinate for c in concepts} == {"Bird"}
     assert all(c.coarse == [] and c.coarse_source == "" for c in concepts)
-    assert Cub200Source.coarse_rule == "head-noun"
+    assert Cub200Source.coarse_rule is HEAD_NOUN
 
 
 def test_cub_splits_follow_train_test_split(cub: Path) -> None:
@@ -316,7 +317,7 @@ def test_imagefolder_without_taxonomy(tmp_path: Path) -> None:
     assert [c.concept_id for c in concepts] == ["Golden_Retriever", "great_horned_owl", "snowy_owl"]
     assert [c.fine for c in concepts] == [["Golden Retriever"], ["great horned owl"], ["snowy owl"]]
     assert {c.superordinate for c in concepts} == {"object"}
-    assert all(c.coarse == [] for c in concepts) and source.coarse_rule == "head-noun"
+    assert all(c.coarse == [] for c in concepts) and source.coarse_rule is HEAD_NOUN
     assert _counts(source) == {"train": 6, "test": 2}
     assert [r.image_id for r in source.records("train")][:3] == [
         "train/Golden_Retriever/f.JPG",

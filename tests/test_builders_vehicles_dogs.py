@@ -12,10 +12,10 @@ from PIL import Image
 
 from finer.builders import LayoutError, get_source
 from finer.builders.fgvc_aircraft import FGVCAircraftSource
-from finer.builders.stanford_cars import StanfordCarsSource
+from finer.builders.stanford_cars import StanfordCarsSource, car_body_type
 from finer.builders.stanford_dogs import StanfordDogsSource, breed_name
 from finer.data.build import BuildConfig, build
-from finer.data.coarse import RuleCoarseLabeller, car_body_type
+from finer.data.coarse import RuleCoarseLabeller
 from finer.data.export import attribute_rows, export_finer
 from finer.schema import Attributes, Concept, image_features
 from tests.layouts_vehicles_dogs import (

@@ -28,9 +28,10 @@ from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, Rep
 from huggingface_hub.hf_api import CommitInfo, RepoFile, RepoFolder, RepoUrl
 from PIL import Image
 
+from finer.builders import SOURCES, get_source
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
-from finer.hub.cards import TERMS, UNKNOWN_TERMS, dataset_card, size_category
+from finer.hub.cards import dataset_card, size_category
 from finer.hub.datasets import concept_dataset, push_dataset
 from finer.schema import Concept, Knowledge, image_features
 
@@ -382,9 +383,9 @@ def _card_for(source: str, rows: int, concepts: list[Concept] | None = None) -> 
     return yaml.safe_load(header), body
 
 
-@pytest.mark.parametrize("source", [*TERMS, "imagefolder"])
+@pytest.mark.parametrize("source", SOURCES)
 def test_every_source_card_names_its_licence_and_citations(source: str) -> None:
-    terms = TERMS.get(source, UNKNOWN_TERMS)
+    terms = get_source(source).terms
     meta, body = _card_for(source, 12_000)
     assert meta["license"] == terms.license
     if terms.license == "other":

@@ -1,4 +1,4 @@
-"""Attribute extraction (docs/design.md §1, §3): a concept's knowledge text -> {required, likely} visual traits.
+"""Attribute extraction (docs/design.md §1, §3): a concept's knowledge text -> {required, likely} traits.
 
 Three extractors fill `Concept.attributes`:
 
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from finer.cache import Cache
-from finer.data.coarse import RuleCoarseLabeller, car_body_type
+from finer.data.coarse import NO_RULE, CoarseRule
 from finer.errors import FinerError
 from finer.models.client import (
     DEFAULT_CONCURRENCY,
@@ -618,9 +618,9 @@ def _group_name(reply: str) -> str | None:
 class LlmCoarseLabeller:
     """Coarse labels written by an LLM through the `coarse_label` template (`coarse_source="llm:<model>"`).
 
-    For cars ("car-body" rule) the body-type keywords in the name decide first and the LLM sees only
-    names no keyword matches; its reply is mapped onto the body types when it names one. A concept whose
-    call or reply fails gets the offline rule's label and is listed in `stats.failures`.
+    A decisive rule (cars' body types) decides first and the LLM sees only names the rule cannot tell;
+    its reply is mapped onto the rule's groups when it names one. A concept whose call or reply fails
+    gets the offline rule's label and is listed in `stats.failures`.
     """
 
     def __init__(
@@ -645,19 +645,20 @@ class LlmCoarseLabeller:
         self.max_retries = max_retries
         self.stats = ExtractionStats(extractor=f"llm:{self.model}")
 
-    def label(self, concepts: list[Concept], rule: str | None) -> None:
+    def label(self, concepts: list[Concept], rule: CoarseRule | None) -> None:
+        rule = rule or NO_RULE
         ask = []
         for concept in concepts:
-            body = car_body_type(concept.name) if rule == "car-body" else None
-            if body is not None:
-                concept.coarse, concept.coarse_source = [body], "rules"
+            group = rule.decided(concept.name)
+            if group is not None:
+                concept.coarse, concept.coarse_source = [group], "rules"
             else:
                 ask.append(concept)
         self.stats.concepts += len(ask)
         if ask:
             run_sync(self._label(ask, rule))
 
-    async def _label(self, concepts: list[Concept], rule: str | None) -> None:
+    async def _label(self, concepts: list[Concept], rule: CoarseRule) -> None:
         sha = template_sha256("coarse_label", self.prompts_dir)
         chat_client = ChatClient(
             self.model,
@@ -685,11 +686,9 @@ class LlmCoarseLabeller:
                 except CallFailed as err:
                     group, reason = None, str(err)
                 if group is None:
-                    RuleCoarseLabeller().label([concept], rule)
+                    rule.apply(concept)
                     self.stats.failures.append({"concept_id": concept.concept_id, "reason": reason})
                     return
-                if rule == "car-body":
-                    group = car_body_type(group) or group
-                concept.coarse, concept.coarse_source = [group], self.stats.extractor
+                concept.coarse, concept.coarse_source = [rule.canonical(group)], self.stats.extractor
 
             await _run_all(concepts, one, "coarse labels", self.progress)

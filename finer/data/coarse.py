@@ -2,58 +2,58 @@
 
 Sources with a real hierarchy (NABirds, FGVC-Aircraft, iNat) fill `Concept.coarse` themselves with
 `coarse_source="taxonomy"`. For the rest the build engine hands the unlabelled concepts to a
-`CoarseLabeller`: the offline `RuleCoarseLabeller` here (head noun for birds and dogs, body-type keywords
-for cars), or an LLM labeller that implements the same protocol.
+`CoarseLabeller` together with the source's `CoarseRule` (its `coarse_rule` class attribute): the offline
+`RuleCoarseLabeller` here applies the rule, an LLM labeller (`finer.data.attributes.LlmCoarseLabeller`)
+asks a model and falls back on the rule. The rules are objects, not names: `HEAD_NOUN` here serves birds,
+dogs and image folders; a source with its own vocabulary defines its rule in its own module (Stanford
+Cars' body types live in `finer.builders.stanford_cars`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from finer.schema import Concept
 
 
-class CoarseLabeller(Protocol):
-    """Fills `coarse` and `coarse_source` of concepts whose taxonomy gives no coarse label."""
-
-    def label(self, concepts: list[Concept], rule: str | None) -> None: ...
+def _superordinate(concept: Concept) -> str:
+    return concept.superordinate
 
 
-#: Body-type keywords in Stanford Cars class names, checked in order (the first hit wins).
-CAR_BODY_KEYWORDS: tuple[tuple[str, str], ...] = (
-    ("convertible", "convertible"),
-    ("minivan", "van"),
-    ("van", "van"),
-    ("cab", "pickup"),
-    ("pickup", "pickup"),
-    ("suv", "SUV"),
-    ("hatchback", "hatchback"),
-    ("wagon", "wagon"),
-    ("coupe", "coupe"),
-    ("sedan", "sedan"),
-)
-#: Stanford Cars classes whose names carry no body-type keyword (checked against the 196 class names).
-CAR_BODY_EXCEPTIONS: dict[str, str] = {
-    "acura integra type r": "coupe",
-    "chevrolet corvette ron fellows edition z06": "coupe",
-    "chevrolet corvette zr1": "coupe",
-    "chevrolet cobalt ss": "coupe",
-    "fiat 500 abarth": "hatchback",
-    "acura tl type-s": "sedan",
-    "buick regal gs": "sedan",
-    "chevrolet hhr ss": "wagon",
-    "chevrolet trailblazer ss": "SUV",
-    "chrysler 300 srt-8": "sedan",
-    "dodge challenger srt8": "coupe",
-    "dodge charger srt-8": "sedan",
-    "ford ranger supercab": "pickup",
-    "jaguar xk xkr": "coupe",
-    "lamborghini gallardo lp 570-4 superleggera": "coupe",
-}
-CAR_FALLBACK = "car"
+@dataclass(frozen=True)
+class CoarseRule:
+    """An offline rule that names a concept's coarse group from its fine name.
 
-_YEAR = re.compile(r"\s+\d{4}$")
+    `group` returns None where the rule cannot tell; such a concept gets `fallback` and the source
+    "rules:fallback". A `decisive` rule knows a closed set of groups (car body types): an LLM labeller asks
+    only about the names it cannot tell and maps each reply onto its groups. A rule that is not decisive
+    (the head noun) is only a guess: the LLM is asked about every concept and the rule stands in when a
+    call fails.
+    """
+
+    name: str
+    group: Callable[[str], str | None]
+    fallback: Callable[[Concept], str] = _superordinate
+    decisive: bool = False
+
+    def apply(self, concept: Concept) -> None:
+        """Label `concept` offline: its group (source "rules"), else the fallback ("rules:fallback")."""
+        group = self.group(concept.name)
+        if group is None:
+            concept.coarse, concept.coarse_source = [self.fallback(concept)], "rules:fallback"
+        else:
+            concept.coarse, concept.coarse_source = [group], "rules"
+
+    def decided(self, name: str) -> str | None:
+        """The group when the rule is decisive and knows `name`: no model needs asking."""
+        return self.group(name) if self.decisive else None
+
+    def canonical(self, reply: str) -> str:
+        """A model's group name mapped onto the rule's own groups where the rule is decisive."""
+        return self.decided(reply) or reply
 
 
 def head_noun(name: str) -> str:
@@ -65,28 +65,21 @@ def head_noun(name: str) -> str:
     return last[:1].upper() + last[1:]
 
 
-def car_body_type(name: str) -> str | None:
-    """The body type named in a Stanford Cars class name, or None when no keyword matches."""
-    lowered = _YEAR.sub("", name.lower())
-    words = set(re.split(r"[^a-z0-9]+", lowered))
-    for keyword, body in CAR_BODY_KEYWORDS:
-        if keyword in words:
-            return body
-    return CAR_BODY_EXCEPTIONS.get(lowered)
+#: The last word of the fine name ("Pine Grosbeak" -> "Grosbeak"): CUB, Stanford Dogs, image folders.
+HEAD_NOUN = CoarseRule("head-noun", head_noun)
+#: For a source without a rule: the superordinate stands in for the coarse label.
+NO_RULE = CoarseRule("none", lambda name: None)
+
+
+class CoarseLabeller(Protocol):
+    """Fills `coarse` and `coarse_source` of concepts whose taxonomy gives no coarse label."""
+
+    def label(self, concepts: list[Concept], rule: CoarseRule | None) -> None: ...
 
 
 class RuleCoarseLabeller:
     """The offline labeller: deterministic, no endpoint needed."""
 
-    def label(self, concepts: list[Concept], rule: str | None) -> None:
+    def label(self, concepts: list[Concept], rule: CoarseRule | None) -> None:
         for concept in concepts:
-            if rule == "car-body":
-                body = car_body_type(concept.name)
-                concept.coarse = [body or CAR_FALLBACK]
-                concept.coarse_source = "rules" if body else "rules:fallback"
-            elif rule == "head-noun":
-                concept.coarse = [head_noun(concept.name)]
-                concept.coarse_source = "rules"
-            else:
-                concept.coarse = [concept.superordinate]
-                concept.coarse_source = "rules:fallback"
+            (rule or NO_RULE).apply(concept)

@@ -11,7 +11,8 @@ label files, `llava/eval/run_knowledge_probe.py` and `llava/serve/wiki_linearize
   `fine-level-lbl`, so `id` must equal the row's list position and every accepted fine label needs a row.
 
 `ds` is spelled as the original code spells it: the label files use its `--dataset-name` values
-(`cub-200`, `stanford-dogs`, ...), the attribute file its data-folder names (`CUB_200_2011`, ...).
+(`cub-200`, `stanford-dogs`, ...), the attribute file its data-folder names (`CUB_200_2011`, ...); each
+source class says both (`original_dataset_name`, `original_data_folder`).
 """
 
 from __future__ import annotations
@@ -24,27 +25,9 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
+from finer.builders import source_class
 from finer.errors import FinerError
 from finer.schema import Concept
-
-#: Our source names -> the names in the original `unified-*` label files.
-LABEL_FILE_NAMES: dict[str, str] = {
-    "cub200": "cub-200",
-    "nabirds": "nabirds",
-    "stanford-dogs": "stanford-dogs",
-    "stanford-cars": "stanford-cars",
-    "fgvc-aircraft": "fgvc-aircraft",
-    "inat2021": "inaturalist",
-}
-#: Our source names -> the names in the original `parsed-*` attribute files (its data folders).
-ATTRIBUTE_FILE_NAMES: dict[str, str] = {
-    "cub200": "CUB_200_2011",
-    "nabirds": "nabirds",
-    "stanford-dogs": "stanford_dogs",
-    "stanford-cars": "stanford_cars",
-    "fgvc-aircraft": "fgvc-aircraft-2013b",
-    "inat2021": "inaturalist",
-}
 
 
 def export_finer(
@@ -61,10 +44,11 @@ def export_finer(
     """
     out_dir = Path(out_dir).expanduser().absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels_name = LABEL_FILE_NAMES.get(source_name, source_name)
+    source = source_class(source_name)
+    labels_name = source.original_dataset_name or source_name
     written = [_write_split(dataset, split, out_dir, labels_name) for split, dataset in dataset_dict.items()]
     attributes = out_dir / (
-        f"parsed-{ATTRIBUTE_FILE_NAMES.get(source_name, source_name)}-{_file_part(model_name)}"
+        f"parsed-{source.original_data_folder or source_name}-{_file_part(model_name)}"
         "-wiki-text-combined.json"
     )
     attributes.write_text(json.dumps(attribute_rows(concepts), ensure_ascii=False) + "\n", encoding="utf-8")

@@ -19,13 +19,13 @@ from typing import Any
 
 from PIL import Image
 
+from finer.builders import source_class
 from finer.cache import cache_key
 from finer.errors import FinerError
 from finer.eval.scoring import LEVELS, extract_answer, strict_em
 from finer.prompts import render
 
 __all__ = [
-    "CLOSED_LIST_SOURCES",
     "FINER_LEVELS",
     "MODES",
     "MODE_TEMPLATES",
@@ -41,8 +41,6 @@ MODES: tuple[str, ...] = ("direct", "attrseek", "probe", "choice", "finer")
 MODE_TEMPLATES: dict[str, str] = {"finer": "train_finer"}
 #: Levels the `finer` replay asks: its first question names the superordinate.
 FINER_LEVELS: tuple[str, ...] = ("coarse", "fine")
-#: Sources whose coarse level is asked as a closed list (docs/design.md §1): manufacturers, car body types.
-CLOSED_LIST_SOURCES = frozenset({"fgvc-aircraft", "stanford-cars"})
 
 
 @dataclass
@@ -137,11 +135,12 @@ def choice_options(
 
 
 def closed_list(source: str, level: str, concepts: list[dict[str, Any]]) -> list[str] | None:
-    """The labels to choose from where the protocol asks a closed question (coarse level of aircraft
-    and cars: the dataset's own manufacturers and body types), else None."""
-    if level != "coarse" or source not in CLOSED_LIST_SOURCES:
+    """The labels to choose from where the protocol asks a closed question (docs/design.md §1: the source
+    class's `closed_levels`, the coarse level of aircraft and cars: the dataset's own manufacturers and body
+    types), else None."""
+    if level not in source_class(source).closed_levels:
         return None
-    return LabelPool.of(concepts, "coarse").labels
+    return LabelPool.of(concepts, level).labels
 
 
 class EvalPlan:

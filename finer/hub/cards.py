@@ -1,20 +1,21 @@
 """The Hub dataset card of a built dataset: YAML metadata, how it was built, its columns, terms, citations.
 
-The licence comes from the source dataset's own terms. Most of the sources are research-only and have no
-SPDX identifier, so the card says `license: other` with a `license_name` and a link to the terms, and its
-body says in plain words what the terms allow and what we could not confirm.
+The licence comes from the source dataset's own terms, the `terms` attribute of its `finer.builders` class.
+Most of the sources are research-only and have no SPDX identifier, so the card says `license: other` with a
+`license_name` and a link to the terms, and its body says in plain words what the terms allow and what we
+could not confirm.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import datasets
 import yaml
 
+from finer.builders import SourceTerms, source_class
 from finer.schema import Concept
 
 TASK_CATEGORIES = ["image-classification", "visual-question-answering"]
@@ -32,189 +33,6 @@ FINER_CITATION = """@inproceedings{kim2024finer,
   archivePrefix = {arXiv}
 }"""
 
-
-@dataclass(frozen=True)
-class SourceTerms:
-    """What a source's terms allow, where they are written, and how sure we are of them."""
-
-    title: str
-    homepage: str
-    license: str  # a Hub licence id, or "other" with license_name / license_link
-    license_name: str
-    license_link: str
-    summary: str
-    #: False where we summarise from secondary sources only: the card asks readers to check the terms.
-    confirmed: bool
-    #: False where the terms forbid passing the images on: then only private repositories are allowed.
-    images_redistributable: bool
-    citation: str
-
-
-TERMS: dict[str, SourceTerms] = {
-    "cub200": SourceTerms(
-        title="CUB-200-2011",
-        homepage="https://www.vision.caltech.edu/datasets/cub_200_2011/",
-        license="other",
-        license_name="cub-200-2011-terms",
-        license_link="https://www.vision.caltech.edu/datasets/cub_200_2011/",
-        summary=(
-            "The dataset page states no licence. The images are Flickr photographs whose copyright stays "
-            "with their photographers; use them for non-commercial research only."
-        ),
-        confirmed=False,
-        images_redistributable=True,
-        citation="""@techreport{WahCUB_200_2011,
-  title       = {The Caltech-UCSD Birds-200-2011 Dataset},
-  author      = {Wah, C. and Branson, S. and Welinder, P. and Perona, P. and Belongie, S.},
-  institution = {California Institute of Technology},
-  number      = {CNS-TR-2011-001},
-  year        = {2011}
-}""",
-    ),
-    "nabirds": SourceTerms(
-        title="NABirds",
-        homepage="https://dl.allaboutbirds.org/nabirds",
-        license="other",
-        license_name="nabirds-terms",
-        license_link="https://dl.allaboutbirds.org/nabirds",
-        summary=(
-            "Distributed by the Cornell Lab of Ornithology under its terms of use: non-commercial research "
-            "only; the photographs belong to the citizen scientists who contributed them."
-        ),
-        confirmed=False,
-        images_redistributable=True,
-        citation="""@inproceedings{van2015building,
-  title     = {Building a Bird Recognition App and Large Scale Dataset With Citizen Scientists:
-               The Fine Print in Fine-Grained Dataset Collection},
-  author    = {Van Horn, Grant and Branson, Steve and Farrell, Ryan and Haber, Scott and Barry, Jessie
-               and Ipeirotis, Panos and Perona, Pietro and Belongie, Serge},
-  booktitle = {Proceedings of the IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
-  pages     = {595--604},
-  year      = {2015}
-}""",
-    ),
-    "stanford-dogs": SourceTerms(
-        title="Stanford Dogs",
-        homepage="http://vision.stanford.edu/aditya86/ImageNetDogs/",
-        license="other",
-        license_name="imagenet-terms",
-        license_link="https://www.image-net.org/download.php",
-        summary=(
-            "Built from ImageNet images and annotations, so the ImageNet Terms of Access apply: "
-            "non-commercial research and educational use only; the images are copyrighted by their owners."
-        ),
-        confirmed=True,
-        images_redistributable=True,
-        citation="""@inproceedings{KhoslaYaoJayadevaprakashFeiFei_FGVC2011,
-  title     = {Novel Dataset for Fine-Grained Image Categorization},
-  author    = {Khosla, Aditya and Jayadevaprakash, Nityananda and Yao, Bangpeng and Fei-Fei, Li},
-  booktitle = {First Workshop on Fine-Grained Visual Categorization,
-               IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
-  address   = {Colorado Springs, CO},
-  year      = {2011}
-}
-
-@inproceedings{deng2009imagenet,
-  title     = {ImageNet: A Large-Scale Hierarchical Image Database},
-  author    = {Deng, Jia and Dong, Wei and Socher, Richard and Li, Li-Jia and Li, Kai and Fei-Fei, Li},
-  booktitle = {IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
-  year      = {2009}
-}""",
-    ),
-    "stanford-cars": SourceTerms(
-        title="Stanford Cars",
-        homepage="https://ai.stanford.edu/~jkrause/cars/car_dataset.html",
-        license="other",
-        license_name="stanford-cars-terms",
-        license_link="https://ai.stanford.edu/~jkrause/cars/car_dataset.html",
-        summary=(
-            "The dataset page states no licence; the images were collected from the web and belong to "
-            "their owners. Use them for non-commercial research only."
-        ),
-        confirmed=False,
-        images_redistributable=True,
-        citation="""@inproceedings{KrauseStarkDengFei-Fei_3DRR2013,
-  title     = {3D Object Representations for Fine-Grained Categorization},
-  author    = {Krause, Jonathan and Stark, Michael and Deng, Jia and Fei-Fei, Li},
-  booktitle = {4th International IEEE Workshop on 3D Representation and Recognition (3dRR-13)},
-  address   = {Sydney, Australia},
-  year      = {2013}
-}""",
-    ),
-    "fgvc-aircraft": SourceTerms(
-        title="FGVC-Aircraft",
-        homepage="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
-        license="other",
-        license_name="fgvc-aircraft-terms",
-        license_link="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
-        summary=(
-            "The images are made available by aircraft spotters for non-commercial research purposes "
-            "only; the photographers keep the copyright and must be asked for any other use."
-        ),
-        confirmed=True,
-        images_redistributable=True,
-        citation="""@techreport{maji13fine-grained,
-  title         = {Fine-Grained Visual Classification of Aircraft},
-  author        = {Maji, S. and Kannala, J. and Rahtu, E. and Blaschko, M. and Vedaldi, A.},
-  year          = {2013},
-  eprint        = {1306.5151},
-  archivePrefix = {arXiv},
-  primaryClass  = {cs-cv}
-}""",
-    ),
-    "inat2021": SourceTerms(
-        title="iNaturalist 2021",
-        homepage="https://github.com/visipedia/inat_comp/tree/master/2021",
-        license="other",
-        license_name="inaturalist-2021-terms",
-        license_link="https://github.com/visipedia/inat_comp/tree/master/2021#terms-of-use",
-        summary=(
-            "The competition terms allow non-commercial research and educational use only, require the "
-            "iNaturalist Terms of Service, and forbid distributing the dataset images. Each image also "
-            "has its own licence and rights holder, listed in the official annotation files."
-        ),
-        confirmed=True,
-        images_redistributable=False,
-        citation="""@inproceedings{van2021benchmarking,
-  title     = {Benchmarking Representation Learning for Natural World Image Collections},
-  author    = {Van Horn, Grant and Cole, Elijah and Beery, Sara and Wilber, Kimberly and Belongie, Serge
-               and Mac Aodha, Oisin},
-  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
-  pages     = {12884--12893},
-  year      = {2021}
-}""",
-    ),
-    "demo": SourceTerms(
-        title="finer demo birds",
-        homepage="",
-        license="apache-2.0",
-        license_name="",
-        license_link="",
-        summary=(
-            "Images drawn procedurally by finer's demo source and descriptions written for it: "
-            "Apache-2.0, like the toolkit."
-        ),
-        confirmed=True,
-        images_redistributable=True,
-        citation="",
-    ),
-}
-
-#: For `imagefolder` and any source without an entry: finer cannot know where the images came from.
-UNKNOWN_TERMS = SourceTerms(
-    title="Image folder",
-    homepage="",
-    license="other",
-    license_name="unknown",
-    license_link="",
-    summary=(
-        "Unknown: finer cannot tell where these images came from. The publisher must state their licence "
-        "here and in the `license` field before anyone reuses them."
-    ),
-    confirmed=False,
-    images_redistributable=True,
-    citation="",
-)
 
 #: The Hub's size categories: (exclusive upper bound on rows, label).
 SIZE_CATEGORIES: tuple[tuple[int, str], ...] = (
@@ -258,8 +76,9 @@ SHOWN_OPTIONS = ("splits", "limit_classes", "limit_per_class", "knowledge", "cro
 
 
 def terms_for(source: str) -> SourceTerms:
-    """The terms of a source by its finer name; unknown ones for image folders and anything new."""
-    return TERMS.get(source, UNKNOWN_TERMS)
+    """The terms of a source by its finer name (its `Source.terms`); unknown ones for image folders and
+    any name finer does not know."""
+    return source_class(source).terms
 
 
 def size_category(rows: int) -> str:
