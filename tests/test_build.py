@@ -14,7 +14,7 @@ from PIL import Image
 import finer.data.build as build_module
 from finer.builders import ImageRecord, Source
 from finer.data.build import BuildConfig, build, iter_concepts
-from finer.data.coarse import HEAD_NOUN
+from finer.data.coarse import HEAD_NOUN, CoarseRule
 from finer.errors import FinerError
 from finer.schema import Concept, image_features
 
@@ -57,6 +57,19 @@ class BannerToySource(ToySource):
         return image.crop((0, 0, image.width, image.height - 5))
 
 
+#: A rule a new source brings in its own module: miniature breeds are toy dogs, the rest it cannot tell.
+TOY_SIZE = CoarseRule(
+    "toy-size", lambda name: "Toy dog" if "Miniature" in name else None, lambda concept: "dog", decisive=True
+)
+
+
+class SizedToySource(ToySource):
+    """The toy breeds with their own coarse rule instead of the shared head-noun rule."""
+
+    name = "sized-toy"
+    coarse_rule = TOY_SIZE
+
+
 @pytest.fixture
 def toy_root(tmp_path: Path) -> Path:
     root = tmp_path / "toy"
@@ -71,7 +84,7 @@ def toy_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def toy(monkeypatch: pytest.MonkeyPatch) -> None:
-    sources = {"toy": ToySource, "banner-toy": BannerToySource}
+    sources = {"toy": ToySource, "banner-toy": BannerToySource, "sized-toy": SizedToySource}
     monkeypatch.setattr(build_module, "get_source", lambda name: sources[name])
 
 
@@ -96,6 +109,13 @@ def test_build_writes_contract_and_skips_broken_images(toy: None, toy_root: Path
     concepts = list(iter_concepts(out / "concepts.jsonl"))
     assert [c.coarse for c in concepts] == [["Retriever"], ["Retriever"], ["Poodle"]]
     assert not list(tmp_path.glob(".out.partial*"))
+
+
+def test_a_source_brings_its_own_coarse_rule(toy: None, toy_root: Path, tmp_path: Path) -> None:
+    summary = build(BuildConfig(source="sized-toy", root=toy_root, out=tmp_path / "out", knowledge=False))
+    concepts = list(iter_concepts(tmp_path / "out" / "concepts.jsonl"))
+    assert [c.coarse for c in concepts] == [["dog"], ["dog"], ["Toy dog"]]
+    assert summary["coarse_sources"] == {"rules:fallback": 2, "rules": 1}
 
 
 def test_images_are_file_references_unless_embedded(toy: None, toy_root: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections import Counter
 from pathlib import Path
@@ -10,7 +11,8 @@ import datasets
 import pytest
 
 import finer.builders.inat2021 as inat_module
-from finer.builders import LayoutError, Source, get_source
+from finer.builders import SOURCES, LayoutError, Source, get_source, source_class
+from finer.builders.base import UNKNOWN_TERMS
 from finer.builders.cub200 import Cub200Source
 from finer.builders.imagefolder import ImageFolderSource
 from finer.builders.inat2021 import INat2021Source
@@ -370,6 +372,17 @@ def test_imagefolder_wrong_root_says_what_is_expected(tmp_path: Path) -> None:
 )
 def test_sources_are_registered(name: str, cls: type[Source]) -> None:
     assert get_source(name) is cls and cls.name == name
+
+
+def test_each_module_holds_one_source_and_unknown_names_get_the_defaults() -> None:
+    assert " ".join(SOURCES) == (
+        "cub200 demo fgvc-aircraft imagefolder inat2021 nabirds stanford-cars stanford-dogs"
+    )
+    assert all(get_source(name).name == name and not inspect.isabstract(get_source(name)) for name in SOURCES)
+    assert source_class("built-elsewhere") is Source and Source.terms is UNKNOWN_TERMS
+    assert not Source.closed_levels and Source.coarse_rule is None and Source.original_dataset_name is None
+    with pytest.raises(FinerError, match="unknown source 'built-elsewhere'; choose one of: cub200, demo"):
+        get_source("built-elsewhere")
 
 
 def test_unknown_split_is_a_one_line_error(cub: Path, tmp_path: Path) -> None:
