@@ -370,6 +370,15 @@ def test_llava_training_template_keeps_the_inference_prompt() -> None:
     assert processor.apply_chat_template(messages, **ask) == "<s>" + theirs.replace(" USER:", "</s>USER:")
 
 
+def test_unmarked_unknown_template_error_names_no_checkout_path() -> None:
+    """A pip user has no prompts/ folder: the error points at the installed package instead."""
+    processor = AutoProcessor.from_pretrained(tiny_vlm_path("qwen2_vl"))
+    processor.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
+    with pytest.raises(FinerError, match="--chat-template") as err:
+        resolve_chat_template(detect_family("qwen2_vl"), processor)
+    assert "prompts/" not in str(err.value) and "finer.prompt_templates package" in str(err.value)
+
+
 def test_cli_runs_the_demo_recipe_end_to_end(demo: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs" / "demo"
     model = str(tiny_vlm_path("llava"))

@@ -353,7 +353,8 @@ def resolve_chat_template(family: Family, processor: object, override: str | Pat
         raise FinerError(
             f"the model's chat template has no {{% generation %}} markers and TRL has no training template "
             f"for it (expected the one {family.template} patches); pass --chat-template FILE.jinja (marked), "
-            "see prompts/chat_templates/llava_1_5_training.jinja"
+            "like finer's own marked example, chat_templates/llava_1_5_training.jinja in the "
+            "finer.prompt_templates package"
         ) from None
     if swapped is None:
         return "the model's own template (already marked)"
