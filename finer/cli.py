@@ -16,6 +16,7 @@ import typer
 
 import finer
 from finer.errors import FinerError
+from finer.models.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 
 app = typer.Typer(
     name="finer",
@@ -76,6 +77,29 @@ class ProjectorPolicy(StrEnum):
     full = "full"
 
 
+class Distractors(StrEnum):
+    siblings = "siblings"
+    random = "random"
+    clip = "clip"
+
+
+class DistractorSpace(StrEnum):
+    text = "text"
+    image = "image"
+    both = "both"
+
+
+_DISTRACTOR_MODEL_HELP = "CLIP/SigLIP for --distractors clip [default: openai/clip-vit-large-patch14]"
+_DISTRACTORS_HELP = (
+    "Wrong options (--mode choice): siblings sharing the coarse label, then random; random; "
+    "or clip, the labels nearest the gold by --distractor-model (mined once, stored beside the dataset)."
+)
+
+
+TIMEOUT_HELP = "Seconds an endpoint request may take before it is retried (raise it for a slow local VLM)."
+RETRIES_HELP = "Retries of a failed or timed-out request (backoff; Retry-After honoured)."
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"finer {finer.__version__}")
@@ -126,6 +150,8 @@ def build(
         str | None, typer.Option(help="OpenAI-compatible endpoint (else OPENAI_BASE_URL).")
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Concurrent LLM calls.")] = 16,
+    timeout: Annotated[float, typer.Option(min=1, help=TIMEOUT_HELP)] = DEFAULT_TIMEOUT_S,
+    max_retries: Annotated[int, typer.Option(min=0, help=RETRIES_HELP)] = DEFAULT_MAX_RETRIES,
     wiki_api: Annotated[str | None, typer.Option(help="MediaWiki API URL of a Wikipedia mirror.")] = None,
     wiki_lang: Annotated[str, typer.Option(help="Wikipedia language.")] = "en",
     wiki_words: Annotated[int, typer.Option(min=16, help="Words of Wikipedia text kept per concept.")] = 256,
@@ -148,12 +174,10 @@ def build(
     """Turn a fine-grained dataset on disk into image-attribute-label rows."""
     from finer.data.build import BuildConfig
     from finer.data.build import build as run_build
-    from finer.data.knowledge import KnowledgeOptions
+    from finer.data.knowledge import KnowledgeOptions, resolve_knowledge
 
-    if knowledge is False and (extractor is not None or model or wiki_api):
-        raise FinerError("--extractor, --model and --wiki-api shape the knowledge step: drop --no-knowledge")
-    if knowledge is None and (extractor is not None or model or wiki_api):
-        knowledge = True  # asking how knowledge is built asks for it, even on a source that bundles it
+    shaping = [name for name, given in (("--model", model), ("--wiki-api", wiki_api)) if given]
+    knowledge, wikipedia = resolve_knowledge(knowledge, extractor.value if extractor else None, shaping)
     summary = run_build(
         BuildConfig(
             source=source,
@@ -181,6 +205,9 @@ def build(
                 exemplars=exemplars,
                 max_image_side=max_image_side,
                 backend=backend.value,
+                wikipedia=wikipedia,
+                timeout=timeout,
+                max_retries=max_retries,
             ),
         )
     )
@@ -404,6 +431,8 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint.")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Concurrent endpoint calls (openai).")] = 16,
+    timeout: Annotated[float, typer.Option(min=1, help=TIMEOUT_HELP)] = DEFAULT_TIMEOUT_S,
+    max_retries: Annotated[int, typer.Option(min=0, help=RETRIES_HELP)] = DEFAULT_MAX_RETRIES,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N images.")] = None,
     gold_parent: Annotated[
         bool, typer.Option(help='Name the gold label one level up in the question ("Which Owl …?").')
@@ -423,6 +452,21 @@ def evaluate(
     crop_to_bbox: Annotated[
         bool, typer.Option(help="Show each image cropped to its box (as a `crop_to_bbox` recipe trained).")
     ] = False,
+    distractors: Annotated[Distractors, typer.Option(help=_DISTRACTORS_HELP)] = Distractors.siblings,
+    distractor_model: Annotated[
+        str | None,
+        typer.Option(help=_DISTRACTOR_MODEL_HELP),
+    ] = None,
+    distractor_space: Annotated[
+        DistractorSpace,
+        typer.Option(help="--distractors clip compares class texts, mean train images, or both."),
+    ] = DistractorSpace.text,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Delete --out's earlier predictions and start afresh (needed for another dataset)."
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a model at superordinate, coarse and fine granularity (resumable; writes a report)."""
     from finer.eval.engine import EvalConfig
@@ -441,6 +485,8 @@ def evaluate(
             batch_size=batch_size,
             base_url=base_url,
             concurrency=concurrency,
+            timeout=timeout,
+            max_retries=max_retries,
             limit=limit,
             gold_parent=gold_parent,
             choices=choices,
@@ -450,12 +496,19 @@ def evaluate(
             finer_original=finer_original,
             seed=seed,
             crop_to_bbox=crop_to_bbox,
+            distractors=distractors.value,
+            **({"distractor_model": distractor_model} if distractor_model else {}),
+            distractor_space=distractor_space.value,
+            overwrite=overwrite,
         )
     )
     for run in result["runs"]:
         levels = " · ".join(f"{lv} {v['em']:.3f} (n={v['count']})" for lv, v in run["levels"].items())
-        typer.echo(f"{run['label']}: modified EM {levels}")
-    typer.echo(f"asked {result['asked']}, answered {result['answered']}; wrote {out}/report.md and cliff.png")
+        this = "  <- this run" if run["label"] == result["current"] and len(result["runs"]) > 1 else ""
+        typer.echo(f"{run['label']}: modified EM {levels}{this}")
+    skipped = f", skipped {result['skipped']} (unreadable image)" if result["skipped"] else ""
+    done = f"asked {result['asked']}, answered {result['answered']}{skipped}"
+    typer.echo(f"{done}; wrote {out}/report.md and cliff.png")
     if usage := result["usage"]:
         tokens = usage["prompt_tokens"] + usage["completion_tokens"]
         typer.echo(
@@ -568,6 +621,11 @@ def ground(
     cache: Annotated[Path | None, typer.Option(help="Cache folder for VLM replies.")] = None,
     prompts_dir: Annotated[Path | None, typer.Option(help="Your copies of the prompt templates.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    timeout: Annotated[float, typer.Option(min=1, help=TIMEOUT_HELP)] = DEFAULT_TIMEOUT_S,
+    max_retries: Annotated[int, typer.Option(min=0, help=RETRIES_HELP)] = DEFAULT_MAX_RETRIES,
+    allow_failures: Annotated[
+        bool, typer.Option(help="Exit 0 although some images failed (their rows are marked 'failed').")
+    ] = False,
 ) -> None:
     """Mark which of each concept's attributes a VLM sees in each image (column attributes_visible)."""
     from finer.data.grounding import GroundConfig
@@ -588,6 +646,8 @@ def ground(
             cache=cache,
             prompts_dir=prompts_dir,
             overwrite=overwrite,
+            timeout=timeout,
+            max_retries=max_retries,
         )
     )
     images = summary["images"]
@@ -607,6 +667,12 @@ def ground(
         )
     for warning in summary["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
+    if images["failed"] and not allow_failures:
+        typer.echo(
+            f"error: {images['failed']} image(s) failed; run again to retry them, or pass --allow-failures",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 @app.command("probe-features")
@@ -670,6 +736,15 @@ def export_lmms_eval(
     choices: Annotated[int, typer.Option(min=2, max=26, help="Options per question (--mode choice).")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the choice distractors.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = 128,
+    distractors: Annotated[Distractors, typer.Option(help=_DISTRACTORS_HELP)] = Distractors.siblings,
+    distractor_model: Annotated[
+        str | None,
+        typer.Option(help=_DISTRACTOR_MODEL_HELP),
+    ] = None,
+    distractor_space: Annotated[
+        DistractorSpace,
+        typer.Option(help="--distractors clip compares class texts, mean train images, or both."),
+    ] = DistractorSpace.text,
 ) -> None:
     """Write an lmms-eval task that asks our prompts and scores with our scorer."""
     from finer.eval.lmms_eval import ExportConfig
@@ -686,6 +761,9 @@ def export_lmms_eval(
             choices=choices,
             seed=seed,
             max_new_tokens=max_new_tokens,
+            distractors=distractors.value,
+            **({"distractor_model": distractor_model} if distractor_model else {}),
+            distractor_space=distractor_space.value,
         )
     )
     name = paths["yaml"].stem
@@ -733,6 +811,15 @@ def grpo(
     level: Annotated[str | None, typer.Option(help="Level asked: superordinate, coarse or fine.")] = None,
     choices: Annotated[
         int | None, typer.Option(min=2, max=26, help="Options per question (--format choice).")
+    ] = None,
+    distractors: Annotated[
+        Distractors | None, typer.Option(help="Wrong options (--format choice); default siblings.")
+    ] = None,
+    distractor_model: Annotated[
+        str | None, typer.Option(help="CLIP/SigLIP model id or path for --distractors clip.")
+    ] = None,
+    distractor_space: Annotated[
+        DistractorSpace | None, typer.Option(help="--distractors clip: text, image or both (default text).")
     ] = None,
     reward_weights: Annotated[
         str | None, typer.Option(help="Rewards and weights (default accuracy=0.9,format=0.1[,grounding=W]).")
@@ -783,6 +870,9 @@ def grpo(
         "format": format,
         "level": level,
         "choices": choices,
+        "distractors": distractors.value if distractors else None,
+        "distractor_model": distractor_model,
+        "distractor_space": distractor_space.value if distractor_space else None,
         "split": split,
         "prompts_dir": prompts_dir,
         "reward_weights": parse_reward_weights(reward_weights) if reward_weights is not None else None,

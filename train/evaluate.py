@@ -38,6 +38,9 @@ class _Answers:
     def failed(self, task: Task, reason: str) -> None:
         self.failures.append(reason)
 
+    def skipped(self, task: Task, reason: str) -> None:
+        self.failures.append(f"unreadable image ({reason})")
+
 
 def evaluate_fine(
     model: Any,

@@ -1,9 +1,12 @@
 """Metrics, report and chart of an evaluation folder, computed from its predictions.jsonl alone.
 
-Every prediction record carries its gold labels and the identity of its run (model, adapter, mode,
-options, template hash), so the metrics can be recomputed at any time, under either rule set, and one folder
-may hold several runs (direct and attrseek, base and adapter): each becomes one row of the tables and one
-line of the superordinate → coarse → fine chart. `compare` puts the runs of several folders side by side.
+Every prediction record carries its gold labels and the identity of its run (model, adapter and dataset
+with their content fingerprints, mode, options, template hash), so the metrics can be recomputed at any
+time, under either rule set, and one folder may hold several runs (direct and attrseek, base and adapter, an
+adapter before and after retraining): each becomes one row of the tables and one line of the superordinate
+→ coarse → fine chart. A record of a question whose image could not be read (``skipped``) is counted, not
+scored; so are empty answers (scored as wrong) and replies stored cut. `compare` puts the runs of several
+folders side by side.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from finer.errors import FinerError
-from finer.eval.scoring import LEVELS, score, score_choice
+from finer.eval.distractors import kind_accuracy, kind_section, option_kind_counts
+from finer.eval.scoring import LEVELS, extract_answer, score, score_choice
 
 __all__ = [
     "CLIFF_FILE",
     "METRICS_FILE",
     "PREDICTIONS_FILE",
     "REPORT_FILE",
+    "REPORT_FILES",
     "compare",
     "compute_metrics",
     "read_predictions",
@@ -32,15 +37,26 @@ PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 CLIFF_FILE = "cliff.png"
+#: What `write_report` derives from the predictions.
+REPORT_FILES = (METRICS_FILE, REPORT_FILE, CLIFF_FILE)
 METRICS: tuple[tuple[str, str], ...] = (("em", "modified EM"), ("strict_em", "strict EM"), ("f1", "F1"))
 # Run fields named in a label when they tell runs apart; the model's fields come first.
 _MODEL_FIELDS = ("model", "adapter", "backend")
-_OTHER_FIELDS = ("split", "template_sha256", "temperature", "max_new_tokens", "seed")
+_OTHER_FIELDS = (
+    "model_fingerprint",
+    "adapter_fingerprint",
+    "split",
+    "template_sha256",
+    "temperature",
+    "max_new_tokens",
+    "seed",
+)
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
     """The complete records of a predictions file, the first per key (a line torn by a crash is not a
-    record, and two runs sharing a folder at once may both answer one question)."""
+    record, and two runs sharing a folder at once may both answer one question); an answer wins over a
+    record that its image was unreadable (the image was fixed, or readable on a later try)."""
     records: dict[str, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as fh:
         for line in fh:
@@ -48,8 +64,10 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and "key" in record:
-                records.setdefault(record["key"], record)
+            if not isinstance(record, dict) or "key" not in record:
+                continue
+            if "skipped" in records.get(record["key"], {"skipped": True}):
+                records[record["key"]] = record
     return list(records.values())
 
 
@@ -80,6 +98,8 @@ def _summary(rows: list[tuple[float, float, float]]) -> dict[str, Any]:
 def _short(field: str, value: Any) -> str:
     if field in ("model", "adapter"):
         return Path(value).name if value else "no adapter"
+    if field.endswith("_fingerprint"):
+        return f"{field.removesuffix('_fingerprint')} {str(value)[:12]}"
     if field == "template_sha256":
         return f"template {value[:8]}"
     return f"{field}={value}"
@@ -95,17 +115,19 @@ def _labels(runs: list[dict[str, Any]]) -> list[str]:
     for run in runs:
         mode = run["mode"] + ("+parent" if run.get("gold_parent") else "")
         if run["mode"] == "choice":
-            mode += f"-{run['choices']}"
-        bases.append(" ".join([*(_short(f, run[f]) for f in _MODEL_FIELDS if varies(f, runs)), mode]))
+            mode += f"-{run['choices']}" + (f" {run['distractors']}" if run.get("distractors") else "")
+        bases.append(" ".join([*(_short(f, run.get(f)) for f in _MODEL_FIELDS if varies(f, runs)), mode]))
     labels = []
     for run, base in zip(runs, bases, strict=True):
         peers = [other for other, b in zip(runs, bases, strict=True) if b == base]
-        labels.append(" ".join([base, *(_short(f, run[f]) for f in _OTHER_FIELDS if varies(f, peers))]))
+        labels.append(" ".join([base, *(_short(f, run.get(f)) for f in _OTHER_FIELDS if varies(f, peers))]))
     return labels
 
 
 def compute_metrics(records: Iterable[dict[str, Any]], *, finer_original: bool = False) -> dict[str, Any]:
-    """Per run and level: modified EM, strict EM, F1, count, truncated answers, and the same per class."""
+    """Per run and level: modified EM, strict EM, F1, count, and the same per class; also how many answers
+    were cut at the token limit (``truncated``), were empty, were stored cut (``stored_truncated``), and how
+    many questions were ``skipped`` because their image could not be read."""
     by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
     runs: dict[str, dict[str, Any]] = {}
     for record in records:
@@ -116,8 +138,9 @@ def compute_metrics(records: Iterable[dict[str, Any]], *, finer_original: bool =
     for (run_key, run), label in zip(runs.items(), _labels(list(runs.values())), strict=True):
         levels: dict[str, Any] = {}
         for level in LEVELS:
-            chosen = [r for r in by_run[run_key] if r["level"] == level]
-            if not chosen:
+            at_level = [r for r in by_run[run_key] if r["level"] == level]
+            chosen = [r for r in at_level if "skipped" not in r]
+            if not at_level:
                 continue
             scored = [_scores(r, finer_original) for r in chosen]
             per_class: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
@@ -126,11 +149,20 @@ def compute_metrics(records: Iterable[dict[str, Any]], *, finer_original: bool =
             levels[level] = {
                 **_summary(scored),
                 "truncated": sum(bool(r.get("truncated")) for r in chosen),
+                "empty": sum(not extract_answer(r["prediction"]) for r in chosen),
+                "stored_truncated": sum(bool(r.get("stored_truncated")) for r in chosen),
+                "skipped": len(at_level) - len(chosen),
                 "per_class": {name: _summary(rows) for name, rows in sorted(per_class.items())},
             }
+            if kinds := option_kind_counts(chosen):
+                levels[level]["distractor_kinds"] = kinds
         results.append({"label": label, "run": run, "levels": levels})
-    total = sum(len(rows) for rows in by_run.values())
+    total = sum("skipped" not in record for rows in by_run.values() for record in rows)
     return {"rules": "finer-original" if finer_original else "ours", "predictions": total, "runs": results}
+
+
+#: Per-level counts the report shows beside the scores.
+_COUNTS = ("truncated", "empty", "stored_truncated", "skipped")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -154,7 +186,10 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         "# Evaluation report",
         "",
         f"{metrics['predictions']} predictions; scoring: {rules}. Hierarchical credit: a more specific "
-        "correct answer also counts at a coarser level. Multiple choice scores the parsed letter.",
+        "correct answer also counts at a coarser level. Multiple choice scores the parsed letter. Per level: "
+        "`truncated` answers hit the token limit, `empty` ones (scored as wrong) said nothing, "
+        "`stored_truncated` replies were stored cut, `skipped` questions had an unreadable image "
+        "(not scored).",
         "",
         "## Runs",
         "",
@@ -189,17 +224,18 @@ def report_markdown(metrics: dict[str, Any]) -> str:
             continue
         lines += ["", f"## {level}", ""]
         lines += _table(
-            ["run", *(name for _, name in METRICS), "count", "truncated"],
+            ["run", *(name for _, name in METRICS), "count", *_COUNTS],
             [
                 [
                     r["label"],
                     *(_cell(r["levels"], level, metric) for metric, _ in METRICS),
                     str(r["levels"][level]["count"]),
-                    str(r["levels"][level]["truncated"]),
+                    *(str(r["levels"][level][name]) for name in _COUNTS),
                 ]
                 for r in present
             ],
         )
+    lines += kind_section(runs)
     fine = [r for r in runs if "fine" in r["levels"]]
     if fine:
         classes = sorted({name for r in fine for name in r["levels"]["fine"]["per_class"]})
@@ -250,6 +286,7 @@ def write_report(out: Path, *, finer_original: bool = False) -> dict[str, Any]:
 def compare(dirs: list[Path]) -> str:
     """A markdown table of every run in ``dirs`` side by side (with the difference when there are two)."""
     columns: list[tuple[str, dict[str, Any]]] = []
+    compared: list[tuple[dict[str, Any], dict[str, Any]]] = []
     rules = set()
     for folder in dirs:
         path = Path(folder) / METRICS_FILE
@@ -263,6 +300,7 @@ def compare(dirs: list[Path]) -> str:
         for run in metrics["runs"]:
             name = str(folder) if len(metrics["runs"]) == 1 else f"{folder}: {run['label']}"
             columns.append((name, run["levels"]))
+            compared.append((run["run"], run["levels"]))
     if not columns:
         raise FinerError("nothing to compare: the folders hold no evaluated runs")
     header = ["level", "metric", *(name for name, _ in columns)]
@@ -283,6 +321,8 @@ def compare(dirs: list[Path]) -> str:
                 row.append("–" if a is None or b is None or metric == "count" else f"{b - a:+.3f}")
             rows.append(row)
     lines = _table(header, rows)
+    if by_kind := kind_accuracy(compared):
+        lines += ["", "Multiple-choice accuracy by kind of distractors:", "", *by_kind]
     if len(rules) > 1:
         lines.append(f"\nwarning: the folders were scored under different rules ({', '.join(sorted(rules))})")
     return "\n".join(lines) + "\n"

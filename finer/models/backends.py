@@ -2,6 +2,8 @@
 
 Both backends take the same `Task`s (`finer.eval.tasks`) and hand every finished one to a `Sink` the moment
 its answer exists, so the caller can append it to disk at once and a crash loses at most what was in flight.
+A task whose image cannot be read (a file deleted or truncated since the build, a decompression bomb, a box
+of no size) goes to the sink as skipped, with the reason: one bad image never ends a run.
 In multi-turn modes (attribute seeking, the `finer` replay of the training conversation) each later turn is
 built from the model's own earlier answers; tasks that share a first turn (the same image and question at
 several levels) ask it once, so every level sees the same first answer.
@@ -28,7 +30,7 @@ from PIL import Image
 from finer.cache import Cache
 from finer.errors import FinerError
 from finer.eval.tasks import Task
-from finer.models.images import image_data_url
+from finer.models.images import UNREADABLE, image_data_url, unreadable_reason
 from finer.models.loading import load_model
 
 if TYPE_CHECKING:
@@ -62,11 +64,14 @@ class Generation:
 
 
 class Sink(Protocol):
-    """Receives each task as soon as it is finished (or has failed for good)."""
+    """Receives each task as soon as it is finished (or has failed for good, or cannot be asked because
+    its image is unreadable)."""
 
     def done(self, task: Task, turns: list[Generation]) -> None: ...
 
     def failed(self, task: Task, reason: str) -> None: ...
+
+    def skipped(self, task: Task, reason: str) -> None: ...
 
 
 class Backend(Protocol):
@@ -83,6 +88,16 @@ def _image_key(task: Task) -> str:
 def _first_turn_key(task: Task) -> str:
     """Tasks about the same image with the same first question share its answer."""
     return f"{_image_key(task)}\0{json.dumps(task.first, sort_keys=True)}"
+
+
+def _picture(task: Task) -> Image.Image | None:
+    """The task's image decoded whole now, so that a truncated file fails here (one task), not in a batch."""
+    if task.image is None:
+        return None
+    image = task.image().convert("RGB")
+    if not (image.width and image.height):
+        raise ValueError(f"empty image ({image.width}x{image.height}: a box of no size?)")
+    return image
 
 
 # --- local models -----------------------------------------------------------------------------------
@@ -138,35 +153,67 @@ class HFBackend:
         """Answer ``tasks`` a batch at a time: the batch's first turns, then each later turn in step.
 
         First answers are kept for one batch more, so that the levels of an image split over two
-        batches still share one first turn.
+        batches still share one first turn. A task whose image cannot be read is skipped; a batch whose
+        images the processor refuses (one too small to tell its channels, say) is asked a task at a time,
+        so that only the task at fault is skipped.
         """
         previous: dict[str, Generation] = {}
         for batch in _batches(tasks, self.batch_size):
             pictures: dict[str, Image.Image | None] = {}
+            broken: dict[str, str] = {}
             for task in batch:
-                if _image_key(task) not in pictures:
-                    pictures[_image_key(task)] = task.image() if task.image else None
-            images = {id(task): _listed(pictures[_image_key(task)]) for task in batch}
-            keys = {id(task): _first_turn_key(task) for task in batch}
-            ask = {keys[id(task)]: task for task in batch if keys[id(task)] not in previous}
-            firsts = {key: previous[key] for key in keys.values() if key in previous}
-            if ask:
-                answers = self.generate(
-                    [t.first for t in ask.values()], [images[id(t)] for t in ask.values()]
-                )
-                firsts.update(zip(ask, answers, strict=True))
-            turns = {id(task): [firsts[keys[id(task)]]] for task in batch}
-            for step in range(max(len(task.followups) for task in batch)):
-                follow = [task for task in batch if len(task.followups) > step]
-                answers = self.generate(
-                    [task.followups[step]([t.text for t in turns[id(task)]]) for task in follow],
-                    [images[id(task)] for task in follow],
-                )
-                for task, answer in zip(follow, answers, strict=True):
-                    turns[id(task)].append(answer)
+                key = _image_key(task)
+                if key not in pictures and key not in broken:
+                    try:
+                        pictures[key] = _picture(task)
+                    except UNREADABLE as err:
+                        broken[key] = unreadable_reason(err)
             for task in batch:
-                sink.done(task, turns[id(task)])
-            previous = firsts
+                if _image_key(task) in broken:
+                    sink.skipped(task, broken[_image_key(task)])
+            batch = [task for task in batch if _image_key(task) not in broken]
+            if not batch:
+                continue
+            try:
+                previous = self._answer(batch, pictures, previous, sink)
+            except ValueError:
+                if not any(pictures.values()):
+                    raise
+                firsts: dict[str, Generation] = {}
+                for task in batch:
+                    try:
+                        firsts.update(self._answer([task], pictures, previous, sink))
+                    except ValueError as err:
+                        sink.skipped(task, f"the processor refused the image ({unreadable_reason(err)})")
+                previous = firsts
+
+    def _answer(
+        self,
+        batch: list[Task],
+        pictures: dict[str, Image.Image | None],
+        previous: dict[str, Generation],
+        sink: Sink,
+    ) -> dict[str, Generation]:
+        """Answer one batch of tasks (their images in ``pictures``) into ``sink``; returns its first turns."""
+        images = {id(task): _listed(pictures[_image_key(task)]) for task in batch}
+        keys = {id(task): _first_turn_key(task) for task in batch}
+        ask = {keys[id(task)]: task for task in batch if keys[id(task)] not in previous}
+        firsts = {key: previous[key] for key in keys.values() if key in previous}
+        if ask:
+            answers = self.generate([t.first for t in ask.values()], [images[id(t)] for t in ask.values()])
+            firsts.update(zip(ask, answers, strict=True))
+        turns = {id(task): [firsts[keys[id(task)]]] for task in batch}
+        for step in range(max(len(task.followups) for task in batch)):
+            follow = [task for task in batch if len(task.followups) > step]
+            answers = self.generate(
+                [task.followups[step]([t.text for t in turns[id(task)]]) for task in follow],
+                [images[id(task)] for task in follow],
+            )
+            for task, answer in zip(follow, answers, strict=True):
+                turns[id(task)].append(answer)
+        for task in batch:
+            sink.done(task, turns[id(task)])
+        return firsts
 
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]]) -> list[Generation]:
         """Answer one batch of conversations, each with its own images (all have some, or none has).
@@ -229,6 +276,9 @@ class _One:
     def failed(self, task: Task, reason: str) -> None:
         self.failure = reason
 
+    def skipped(self, task: Task, reason: str) -> None:
+        self.failure = f"unreadable image ({reason})"
+
 
 def answer(backend: Backend, task: Task) -> list[Generation]:
     """Every turn of `backend`'s answer to one task (`finer predict`); a failed call is a `FinerError`."""
@@ -254,7 +304,7 @@ def _batches(items: Iterable[Task], size: int) -> Iterator[list[Task]]:
 
 def _data_url(task: Task) -> str:
     """Decode and encode in a worker thread: PIL releases the GIL, the event loop keeps serving replies."""
-    return image_data_url(task.image())  # type: ignore[misc]
+    return image_data_url(_picture(task))  # type: ignore[arg-type]
 
 
 #: Finished shared results (encoded images, first turns) kept per unit of concurrency.
@@ -317,11 +367,12 @@ class OpenAIBackend:
         max_new_tokens: int | None = None,
         template_sha256: str = "",
         max_retries: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         """``max_new_tokens`` goes out as ``max_tokens`` (dropped for the run if the endpoint refuses it); a
-        reply cut at a limit is flagged either way. ``max_retries`` overrides the shared client's default
-        (5 retries, with backoff)."""
-        from finer.models.client import DEFAULT_MAX_RETRIES, Usage, endpoint_configured
+        reply cut at a limit is flagged either way. ``max_retries`` and ``timeout`` (seconds per request)
+        override the shared client's defaults."""
+        from finer.models.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, Usage, endpoint_configured
 
         if not endpoint_configured(base_url):
             raise FinerError("--backend openai needs an endpoint: pass --base-url or set OPENAI_API_KEY")
@@ -334,6 +385,7 @@ class OpenAIBackend:
         self.max_new_tokens = max_new_tokens
         self.template_sha256 = template_sha256
         self.max_retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
+        self.timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
         self.usage: Usage = Usage()
 
     def run(self, tasks: Iterable[Task], sink: Sink) -> None:
@@ -352,6 +404,7 @@ class OpenAIBackend:
             concurrency=self.concurrency,
             temperature=self.temperature,
             max_retries=self.max_retries,
+            timeout=self.timeout,
         ) as chat:
             shared = _Shared(_RECENT * self.concurrency)
             try:
@@ -380,6 +433,10 @@ class OpenAIBackend:
                     if task.image
                     else None
                 )
+            except UNREADABLE as err:
+                sink.skipped(task, unreadable_reason(err))
+                continue
+            try:
                 first = partial(self._ask, chat, task.first, url)
                 turns = [await shared.get(_first_turn_key(task), first)]
                 for followup in task.followups:

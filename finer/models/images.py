@@ -24,6 +24,7 @@ __all__ = [
     "encode_image",
     "image_data_url",
     "open_image",
+    "unreadable_reason",
 ]
 
 DEFAULT_MAX_IMAGE_SIDE = 768
@@ -31,6 +32,13 @@ DEFAULT_MAX_IMAGE_SIDE = 768
 JPEG_QUALITY = 90
 #: What opening a broken or missing image raises.
 UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def unreadable_reason(err: BaseException) -> str:
+    """Why an image could not be read, in one short line for a skip list."""
+    if isinstance(err, FileNotFoundError):
+        return "missing file"
+    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
 
 
 def open_image(path: str | Path | None = None, data: bytes | None = None) -> Image.Image:
