@@ -67,6 +67,7 @@ class BuildConfig:
 class SplitReport:
     rows: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    boxes: Counter[str] = field(default_factory=Counter)  # "clipped" / "dropped"
 
 
 def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) -> dict[str, Any]:
@@ -189,6 +190,7 @@ def _write_split(
             if config.limit_per_class is not None and per_class[record.concept_id] >= config.limit_per_class:
                 continue
             try:
+                _fit_box(record, report.boxes)
                 image, bbox = _image_cell(source, record, config)
             except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
                 report.skipped.append({"image_id": record.image_id, "reason": _reason(err)})
@@ -242,6 +244,23 @@ def _write_rows(writer: ArrowWriter, features: datasets.Features, rows: list[dic
     if rows:
         columns = {name: [row[name] for row in rows] for name in features}
         writer.write_table(pa.Table.from_pydict(columns, schema=features.arrow_schema))
+
+
+def _fit_box(record: ImageRecord, counts: Counter[str]) -> None:
+    """Clip the record's box to its image (a box must lie inside it with positive size), or drop a box with
+    no area inside; counted, so that evaluation never crops outside an image or to nothing."""
+    if record.bbox is None:
+        return
+    with Image.open(io.BytesIO(record.data) if record.data is not None else record.path) as im:
+        width, height = im.size  # the header only
+    x, y, w, h = record.bbox
+    left, top, right, bottom = max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
+    if right - left < 1 or bottom - top < 1:
+        record.bbox = None
+        counts["dropped"] += 1
+    elif [left, top, right - left, bottom - top] != [x, y, w, h]:
+        record.bbox = [left, top, right - left, bottom - top]
+        counts["clipped"] += 1
 
 
 def _image_cell(source: Source, record: ImageRecord, config: BuildConfig) -> tuple[dict, list[float] | None]:
@@ -306,6 +325,12 @@ def _summary(
     total_s = time.perf_counter() - started
     warnings = [
         f"{split}: skipped {len(r.skipped)} unreadable image(s)" for split, r in reports.items() if r.skipped
+    ]
+    warnings += [
+        f"{split}: {r.boxes['clipped']} box(es) clipped to their image, {r.boxes['dropped']} dropped "
+        "(no area inside it)"
+        for split, r in reports.items()
+        if r.boxes
     ]
     if not knowledge and not source.bundled_knowledge:
         warnings.append("built without knowledge: attribute columns are empty (--no-knowledge)")
