@@ -726,7 +726,7 @@ class ExportLevel(StrEnum):
 @app.command("export-lmms-eval")
 def export_lmms_eval(
     dataset: Annotated[str, typer.Option(help="Built dataset folder or Hub repo.")],
-    out: Annotated[Path, typer.Option(help="Folder for the task (YAML, utils.py, settings).")],
+    out: Annotated[Path, typer.Option(help="Folder for the task (YAML, hooks module, settings).")],
     mode: Annotated[ExportMode, typer.Option(help="Free answer (direct) or k-way multiple choice.")] = (
         ExportMode.direct
     ),
@@ -766,9 +766,13 @@ def export_lmms_eval(
             distractor_space=distractor_space.value,
         )
     )
-    name = paths["yaml"].stem
-    typer.echo(f"wrote {paths['yaml']}, {paths['utils'].name} and {paths['settings'].name}")
-    typer.echo(f"run: python -m lmms_eval --model MODEL --tasks {name} --include_path {out}")
+    from finer.eval.lmms_eval import run_hint
+
+    typer.echo(f"wrote {paths['yaml']}, {paths['hooks'].name} and {paths['settings'].name}")
+    typer.echo(f"run on a CPU: {run_hint(paths['yaml'].stem, out)}")
+    typer.echo(
+        "  (--model: lmms-eval's class for your model's family; on a GPU leave out device=…,device_map=…)"
+    )
 
 
 @app.command()

@@ -61,8 +61,8 @@ def rows(demo: Path) -> list[dict[str, Any]]:
 
 
 def import_hooks(path: Path) -> ModuleType:
-    """As lmms-eval's ``import_function`` does: the file beside the YAML, by location, named ``utils``."""
-    spec = importlib.util.spec_from_file_location("utils", path)
+    """As lmms-eval's ``import_function`` does: the file beside the YAML, by location, named by its stem."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -92,9 +92,10 @@ def test_yaml_holds_what_lmms_eval_reads(mode: str, demo: Path, tmp_path: Path) 
     assert task["dataset_kwargs"] == {"load_from_disk": True}
     loaded = datasets.load_from_disk(task["dataset_path"])  # as lmms-eval loads it
     assert loaded[task["test_split"]].num_rows == 16
-    hooks = import_hooks(paths["yaml"].parent / "utils.py")
+    assert paths["hooks"].name == f"{name}_hooks.py" and paths["hooks"].parent == paths["yaml"].parent
+    hooks = import_hooks(paths["hooks"])
     for hook in HOOKS:
-        assert isinstance(task[hook], _Function) and task[hook] == f"utils.{hook}"
+        assert isinstance(task[hook], _Function) and task[hook] == f"{name}_hooks.{hook}"
         assert callable(getattr(hooks, hook))
     generation = task["generation_kwargs"]
     assert generation["until"] == [] and generation["max_new_tokens"] == 128
@@ -105,7 +106,7 @@ def test_yaml_holds_what_lmms_eval_reads(mode: str, demo: Path, tmp_path: Path) 
 
 
 def test_direct_hooks_on_rows(demo: Path, rows: list[dict[str, Any]], tmp_path: Path) -> None:
-    hooks = import_hooks(export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path))["utils"])
+    hooks = import_hooks(export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path))["hooks"])
     question = render("direct", level="fine")[0]["content"][1]["text"]
     for row in rows:
         messages = hooks.doc_to_messages(row)
@@ -130,7 +131,7 @@ def test_coarse_level_keeps_hierarchical_credit(
     demo: Path, rows: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     hooks = import_hooks(
-        export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path, level="coarse"))["utils"]
+        export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path, level="coarse"))["hooks"]
     )
     row = rows[0]
     assert hooks.doc_to_target(row) == row["coarse"][0]
@@ -142,7 +143,7 @@ def test_choice_hooks_ask_what_finer_eval_asks(
     demo: Path, rows: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     hooks = import_hooks(
-        export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path, mode="choice"))["utils"]
+        export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path, mode="choice"))["hooks"]
     )
     _, concepts = load_split(str(demo), "test", ["image"])
     for row in rows:
@@ -187,3 +188,57 @@ def test_bad_input_is_one_line(demo: Path, tmp_path: Path, capsys: pytest.Captur
     for mode, level in (("attrseek", "fine"), ("direct", "all")):
         with pytest.raises(FinerError, match="one question per document|one task asks one level"):
             export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path / "out", mode=mode, level=level))
+
+
+def test_tasks_sharing_a_folder_keep_their_own_level(
+    demo: Path, rows: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """Two exports into one --out: the fine task must still score at the fine level (it was scored at the
+    coarse level once the coarse export rewrote a shared settings file)."""
+    fine = export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path, level="fine"))
+    coarse = export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path, level="coarse"))
+    assert len({fine["hooks"], coarse["hooks"], fine["settings"], coarse["settings"]}) == 4
+    fine_hooks, coarse_hooks = import_hooks(fine["hooks"]), import_hooks(coarse["hooks"])
+    row = rows[0]
+    group = f"Answer: {row['coarse'][0]}"
+    assert fine_hooks.process_results(row, [group])["modified_em"] == 0.0
+    assert coarse_hooks.process_results(row, [group])["modified_em"] == 1.0
+    assert (
+        fine_hooks.doc_to_target(row) == row["fine"][0]
+        and coarse_hooks.doc_to_target(row) == row["coarse"][0]
+    )
+    assert load_task(fine["yaml"])["doc_to_text"] == "finer_demo_fine_hooks.doc_to_text"
+
+
+def test_hooks_take_lmms_eval_specific_kwargs(demo: Path, rows: list[dict[str, Any]], tmp_path: Path) -> None:
+    """As lmms-eval 0.7 calls them (lmms_eval/api/task.py): a second positional argument when the task has
+    `lmms_eval_specific_kwargs`, `doc_to_text` as a keyword always, `process_results` with `full_docs`."""
+    hooks = import_hooks(export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path))["hooks"])
+    row, kwargs = rows[0], {"default": {}, "pre_prompt": ""}
+    text = hooks.doc_to_text(row)
+    assert hooks.doc_to_text(row, kwargs) == text == hooks.doc_to_text(row, lmms_eval_specific_kwargs=None)
+    assert len(hooks.doc_to_visual(row, kwargs)) == 1
+    assert hooks.doc_to_messages(row, lmms_eval_specific_kwargs=kwargs) == hooks.doc_to_messages(row)
+    assert hooks.doc_to_target(row, kwargs) == row["fine"][0]
+    assert hooks.process_results(row, [f"Answer: {row['fine'][0]}"], full_docs=rows)["modified_em"] == 1.0
+
+
+def test_run_hint_and_yaml_say_what_a_cpu_run_and_the_dataset_path_need(
+    demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(["export-lmms-eval", "--dataset", str(demo), "--out", str(tmp_path)], capsys)
+    assert code == 0
+    cpu = "--model_args pretrained=ID,device=cpu,device_map=cpu"
+    assert f"{cpu} --tasks finer_demo_fine --include_path {tmp_path}" in out
+    text = (tmp_path / "finer_demo_fine.yaml").read_text()
+    assert "device=cpu,device_map=cpu" in text and "dataset_path is absolute" in text
+    assert Path(load_task(tmp_path / "finer_demo_fine.yaml")["dataset_path"]).is_absolute()
+
+
+def test_task_names_that_share_a_module_name_are_refused(demo: Path, tmp_path: Path) -> None:
+    export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path, task="birds.fine"))
+    with pytest.raises(FinerError, match="holds task 'birds.fine'"):
+        export_lmms_eval(ExportConfig(dataset=str(demo), out=tmp_path, task="birds_fine"))
+    export_lmms_eval(
+        ExportConfig(dataset=str(demo), out=tmp_path, task="birds.fine", level="coarse")
+    )  # again
