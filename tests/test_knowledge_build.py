@@ -18,7 +18,7 @@ from PIL import Image
 from finer.data.build import BuildConfig, build, iter_concepts
 from finer.data.knowledge import KnowledgeOptions
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage
-from finer.testing.fake_openai import FakeOpenAI
+from finer.testing.fake_openai import FakeOpenAI, Fault
 
 SPECIES = ["Cerulean Warbler", "Magnolia Warbler", "Baltimore Oriole", "Orchard Oriole", "Scarlet Tanager"]
 PAGES = {
@@ -74,7 +74,7 @@ def test_knowledge_from_wikipedia_and_llm_then_zero_calls_on_rerun(birds: Path, 
         assert (wiki.requests, llm.count) == (first_wiki, first_llm), "a finished build re-ran calls"
     assert first_llm == 2 * len(SPECIES)  # one attribute call and one coarse-label call per concept
     assert summary["knowledge"]["status"] == {"found": len(SPECIES)}
-    assert summary["knowledge"]["calls"] == first_wiki + len(SPECIES)
+    assert summary["knowledge"]["calls"] == first_wiki + 2 * len(SPECIES)  # coarse-label calls too
     assert again["knowledge"]["calls"] == 0 and again["knowledge"]["cache_hits"] > 0
     assert summary["coarse_sources"] == {"llm:test-model": len(SPECIES)}
     concepts = {c.name: c for c in iter_concepts(tmp_path / "out" / "concepts.jsonl")}
@@ -141,3 +141,77 @@ def test_build_killed_halfway_resumes_without_repeating_calls(birds: Path, tmp_p
     ids = list(ds["train"]["image_id"]) + list(ds["test"]["image_id"])
     assert len(ids) == len(set(ids)) == 3 * len(SPECIES)
     assert all(list(ds["train"]["attributes_required"]))
+
+
+def test_coarse_label_failures_are_warnings_and_counted_calls(birds: Path, tmp_path: Path) -> None:
+    def failing_coarse(request: dict[str, Any]) -> Any:
+        text = json.dumps(request["messages"])
+        if "Group:" in text:
+            return Fault.server_error() if "Orchard" in text else "Oriole"
+        return answer(request)
+
+    with FakeMediaWiki(PAGES) as wiki, FakeOpenAI(failing_coarse) as llm:
+        knowledge = options(wiki, llm, tmp_path / "cache", max_retries=0)
+        config = BuildConfig("imagefolder", tmp_path / "out", root=birds, knowledge_options=knowledge)
+        summary = build(config)
+        llm_calls = llm.count
+    report = summary["knowledge"]
+    assert report["failed_calls"] == 1 and report["coarse_llm"]["failed_calls"] == 1
+    assert (
+        report["calls"] == report["wikipedia"]["requests"] + llm_calls - 1
+    )  # the failed one is not answered
+    (warning,) = [w for w in summary["warnings"] if w.startswith("coarse labels:")]
+    assert "1 concept(s)" in warning and "Orchard_Oriole: HTTP 500" in warning
+
+
+# --- CUB's own annotations need no network ---------------------------------------------------------------
+
+
+def test_cub_annotations_build_offline_with_no_knowledge(tmp_path: Path) -> None:
+    """`--extractor cub-annotations --no-knowledge`: attributes from CUB's files, Wikipedia never asked."""
+    from layouts import write_cub
+
+    from finer.cli import main
+
+    root = write_cub(tmp_path / "cub")
+    out = tmp_path / "out"
+    argv = ["build", "cub200", "--root", str(root), "--out", str(out), "--no-check-images"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--extractor", "cub-annotations", "--no-knowledge", "--cache", str(tmp_path / "c")])
+    assert exit_.value.code == 0
+    concepts = {c.concept_id: c for c in iter_concepts(out / "concepts.jsonl")}
+    assert [c.knowledge for c in concepts.values()] == [None, None, None]
+    assert concepts["001"].attributes.required == ["hooked seabird bill", "brown wing"]
+    assert concepts["002"].attributes.required == ["hooked seabird bill"]
+    summary = json.loads((out / "build.json").read_text())
+    assert summary["knowledge"]["extractor"] == "cub-annotations" and summary["knowledge"]["calls"] == 0
+    assert summary["knowledge"]["wikipedia"] is None
+    row = datasets.load_from_disk(str(out))["train"][0]
+    assert row["attributes_required"] == ["hooked seabird bill", "brown wing"]
+    # other extractors read the text: still refused without knowledge, in one line
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--extractor", "llm", "--no-knowledge", "--overwrite"])
+    assert exit_.value.code == 2
+
+
+def test_cub_annotations_survive_an_unreachable_wikipedia(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from functools import partial
+
+    from layouts import write_cub
+
+    import finer.data.knowledge
+    from finer.data.wiki import fetch_knowledge
+
+    # no retries against the closed port: the test needs the failure, not its backoff
+    monkeypatch.setattr(finer.data.knowledge, "fetch_knowledge", partial(fetch_knowledge, max_retries=0))
+    root = write_cub(tmp_path / "cub")
+    options = KnowledgeOptions(
+        extractor="cub-annotations", wiki_api="http://127.0.0.1:9/w/api.php", cache=tmp_path / "c"
+    )
+    config = BuildConfig("cub200", tmp_path / "out", root=root, check_images=False, knowledge_options=options)
+    summary = build(config)
+    assert any("cannot reach" in w and "CUB's annotations alone" in w for w in summary["warnings"])
+    concept = next(iter_concepts(tmp_path / "out" / "concepts.jsonl"))
+    assert concept.attributes.required == ["hooked seabird bill", "brown wing"]

@@ -225,6 +225,26 @@ def test_second_run_makes_no_requests(tmp_path: Path) -> None:
         assert wiki.requests == first.requests + 3
 
 
+def test_a_cache_entry_of_another_finer_version_is_fetched_again(tmp_path: Path) -> None:
+    """Entries written by an older finer (unwrapped) or a newer one (fields we lack) are misses."""
+    import json
+
+    concepts = [bird("w", "Cerulean warbler")]
+    with FakeMediaWiki(PAGES) as wiki:
+        run(concepts, wiki, tmp_path)
+        (entry,) = (tmp_path / "cache" / "wiki").rglob("*.json")
+        stored = json.loads(entry.read_text())
+        for other in (
+            stored["value"],  # the layout before cache entries carried a version
+            {**stored, "value": {**stored["value"], "licence": "CC BY-SA"}},  # a field this finer lacks
+        ):
+            entry.write_text(json.dumps(other))
+            before = wiki.requests
+            stats = run(concepts, wiki, tmp_path)
+            assert stats.cache_hits == 0 and wiki.requests > before
+            assert concepts[0].knowledge.status == "found"
+
+
 def test_user_agent_names_the_project(tmp_path: Path) -> None:
     with FakeMediaWiki(PAGES) as wiki:
         run([bird("w", "Cerulean warbler")], wiki, tmp_path)

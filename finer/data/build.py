@@ -28,11 +28,10 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 import finer
-from finer.data.attributes import LlmCoarseLabeller
 from finer.builders import ImageRecord, Source, get_source
 from finer.data.coarse import CoarseLabeller
 from finer.errors import FinerError
-from finer.data.knowledge import KnowledgeOptions, add_knowledge
+from finer.data.knowledge import KnowledgeOptions, add_coarse_report, add_knowledge
 from finer.data.knowledge import coarse_labeller as knowledge_coarse_labeller
 from finer.models.client import public_url
 from finer.schema import Concept, image_features
@@ -81,8 +80,7 @@ def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) ->
     labeller = coarse_labeller or knowledge_coarse_labeller(config.knowledge_options, knowledge)
     labeller.label([c for c in concepts if not c.coarse], source.coarse_rule)
     report = add_knowledge(source, concepts, config.knowledge_options) if knowledge else {}
-    if isinstance(labeller, LlmCoarseLabeller):
-        report["coarse_llm"] = labeller.stats.to_json()
+    add_coarse_report(report, labeller)
 
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)

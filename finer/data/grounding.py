@@ -42,11 +42,16 @@ from finer.cache import Cache, cache_key
 from finer.data.datasets_io import load_built, pick_split
 from finer.errors import FinerError
 from finer.models.client import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT_S,
     CallFailed,
     ChatClient,
     ImagesRefused,
+    MalformedJSON,
     Usage,
+    ask_parsed,
     openai_messages,
+    parse_json_object,
     public_url,
     refuses_images,
     run_sync,
@@ -78,11 +83,13 @@ VERDICTS = (VISIBLE, NOT_VISIBLE, UNSURE)
 NEEDED = ("image", "image_id", "concept_id", "superordinate", "fine", "attributes_required")
 #: Rows per Arrow batch written (images may be embedded bytes: keep a batch's memory small).
 WRITE_BATCH_ROWS = 500
-#: The one repair turn after a reply in neither accepted form (part of the request, so of the cache key).
-REPAIR_REQUEST = (
-    "Your reply was not in the requested form. Reply again with one JSON object and nothing else, with "
-    'each listed trait as a key and "visible", "not visible" or "unsure" as its value.'
-)
+#: The reply's form, as the repair turn restates it (`finer.models.client.repair_request`).
+MALFORMED = "reply cut off or without a verdict, also after a repair turn"
+REPLY_FORM = 'each listed trait as a key and "visible", "not visible" or "unsure" as its value.'
+#: `grounding_status` of a row: verdicts read, the call failed (after retries and a repair turn), or
+#: the image would not open; `attributes_visible` is null (unknown) unless "ok".
+STATUS_COLUMN = "grounding_status"
+OK, FAILED, UNREADABLE_STATUS = "ok", "failed", "unreadable"
 
 
 @dataclass
@@ -105,6 +112,8 @@ class GroundConfig:
     overwrite: bool = False
     max_new_tokens: int = 256
     progress: bool = True
+    timeout: float = DEFAULT_TIMEOUT_S
+    max_retries: int = DEFAULT_MAX_RETRIES
 
 
 # --- replies ----------------------------------------------------------------------------------------
@@ -152,22 +161,9 @@ def _name_key(name: str) -> str:
     return " ".join(_QUOTES.sub("", name).casefold().split()).strip(" .")
 
 
-def _json_value(text: str) -> dict[str, Any] | list[Any] | None:
-    """The first JSON object, or array of objects, in a reply: bare, fenced, or inside prose."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"[\[{]", text):
-        try:
-            value, _ = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
-            return value
-    return None
-
-
 def _pairs(text: str) -> list[tuple[str, object]]:
     """(name, verdict) pairs of a reply: a JSON object (flat, wrapped, or a list of items), else lines."""
-    obj: Any = _json_value(text)
+    obj: Any = parse_json_object(text, arrays=True)
     if obj is not None:
         if isinstance(obj, dict) and len(obj) == 1 and isinstance(inner := [*obj.values()][0], dict | list):
             obj = inner  # {"attributes": {...}} or {"answers": [...]}
@@ -195,13 +191,17 @@ def parse_grounding_reply(text: str, attributes: list[str]) -> tuple[dict[str, s
     Accepts a JSON object {attribute: verdict} (also wrapped in one key, or as a list of
     {"attribute", "verdict"} items) or lines "attribute: verdict"; verdicts may be spelled loosely
     ("yes", "Not visible", true). An attribute answered twice keeps its first verdict. None when the
-    reply holds no verdict at all.
+    reply holds no verdict at all, or starts JSON that does not parse whole (a cut reply is no answer).
     """
+    try:
+        pairs = _pairs(text)
+    except MalformedJSON:
+        return None
     wanted = {_name_key(attribute): attribute for attribute in attributes}
     answers: dict[str, str] = {}
     dropped = 0
     found = False
-    for name, value in _pairs(text):
+    for name, value in pairs:
         verdict = _verdict(value)
         if verdict is None:
             continue
@@ -353,7 +353,8 @@ class _Asker:
         return self._prompts[key]
 
     async def one(self, item: _Item, cell: dict[str, Any]) -> dict[str, Any] | None:
-        """The item's result record, or None when its call failed after retries (asked again next run)."""
+        """The item's result record, or None when its call failed after retries, or its reply (and one
+        repair turn) was cut off or held no verdict: listed in `run.failed`, asked again next run."""
         record: dict[str, Any] = {"key": item.key, "split": item.split, "image_id": item.image_id}
         try:
             url = await asyncio.to_thread(_image_url, cell, self.config.max_image_side)
@@ -362,16 +363,14 @@ class _Asker:
         messages = openai_messages(self._prompt(item), [url])
         schema = grounding_schema(item.attributes)
         try:
-            reply = await self.chat.complete(messages, template_sha256=self.sha, schema=schema)
-            parsed = parse_grounding_reply(reply, item.attributes)
-            if parsed is None:
-                repair = [
-                    *messages,
-                    {"role": "assistant", "content": reply},
-                    {"role": "user", "content": REPAIR_REQUEST},
-                ]
-                reply = await self.chat.complete(repair, template_sha256=self.sha, schema=schema)
-                parsed = parse_grounding_reply(reply, item.attributes)
+            parsed = await ask_parsed(
+                self.chat,
+                messages,
+                lambda text: parse_grounding_reply(text, item.attributes),
+                form=REPLY_FORM,
+                template_sha256=self.sha,
+                schema=schema,
+            )
         except CallFailed as err:
             if refuses_images(err):
                 raise ImagesRefused(
@@ -380,14 +379,16 @@ class _Asker:
                 ) from None
             self.run.failed.append({"split": item.split, "image_id": item.image_id, "reason": str(err)})
             return None
-        answers, dropped = parsed if parsed is not None else ({}, 0)
+        if parsed is None:
+            self.run.failed.append({"split": item.split, "image_id": item.image_id, "reason": MALFORMED})
+            return None
+        answers, dropped = parsed
         return {
             **record,
             "status": "ok",
             "answers": answers,
             "visible": [a for a in item.attributes if answers.get(a) == VISIBLE],
             "dropped": dropped,
-            "malformed": parsed is None,
         }
 
 
@@ -402,11 +403,29 @@ def _connect(config: GroundConfig, usage: Usage) -> ChatClient | HFChat:
         cache=Cache(config.cache),
         usage=usage,
         concurrency=config.concurrency,
+        timeout=config.timeout,
+        max_retries=config.max_retries,
     )
 
 
 def _cost(usage: Usage) -> str:
     return "unknown" if usage.estimated_cost_usd is None else f"${usage.estimated_cost_usd:.4f}"
+
+
+def _show(bar: tqdm, usage: Usage) -> None:
+    tokens = usage.prompt_tokens + usage.completion_tokens
+    bar.set_postfix_str(
+        f"tokens={tokens} cost={_cost(usage)} retries={usage.retries} failed={usage.failed_calls}",
+        refresh=False,
+    )
+
+
+async def _tick(bar: tqdm, usage: Usage) -> None:
+    """Refresh the bar's counters every second, so retries show while a call hangs."""
+    while True:
+        await asyncio.sleep(1.0)
+        _show(bar, usage)
+        bar.refresh()
 
 
 async def _ask_all(
@@ -436,10 +455,10 @@ async def _ask_all(
                     record = await asker.one(item, cell)
                     if record is not None:
                         log.write(record)
-                    tokens = usage.prompt_tokens + usage.completion_tokens
-                    bar.set_postfix_str(f"tokens={tokens} cost={_cost(usage)}", refresh=False)
+                    _show(bar, usage)
                     bar.update()
 
+            ticker = asyncio.create_task(_tick(bar, usage))
             try:
                 async with asyncio.TaskGroup() as group:
                     for _ in range(min(config.concurrency, len(pending))):
@@ -450,27 +469,36 @@ async def _ask_all(
                 if fatal is None:
                     raise
                 raise fatal from None
+            finally:
+                ticker.cancel()
             run.structured_output = chat.structured_output
 
 
 # --- writing ----------------------------------------------------------------------------------------
 
 
-def _write_split(dataset: datasets.Dataset, keep: list[int], visible: list[list[str]], folder: Path) -> int:
-    """The kept rows with the new column, as `load_from_disk` reads a split; image cells are copied as
-    stored (a file reference stays a reference), unlike `save_to_disk`, which embeds every file."""
-    features = datasets.Features({k: v for k, v in dataset.features.items() if k != COLUMN})
+def _write_split(
+    dataset: datasets.Dataset, visible: list[list[str] | None], status: list[str], folder: Path
+) -> int:
+    """Every row with the new columns (`visible` None where unknown), as `load_from_disk` reads a split;
+    image cells are copied as stored (a file reference stays a reference), unlike `save_to_disk`, which
+    embeds every file."""
+    features = datasets.Features(
+        {k: v for k, v in dataset.features.items() if k not in (COLUMN, STATUS_COLUMN)}
+    )
     features[COLUMN] = datasets.List(datasets.Value("string"))
-    kept = dataset.select(keep).with_format("arrow")
+    features[STATUS_COLUMN] = datasets.Value("string")
+    rows_in = dataset.with_format("arrow")
     folder.mkdir(parents=True)
     arrow = folder / "data-00000-of-00001.arrow"
     with ArrowWriter(features=features, path=str(arrow)) as writer:
-        for start in range(0, len(keep), WRITE_BATCH_ROWS):
-            table = kept[start : start + WRITE_BATCH_ROWS]
-            if COLUMN in table.column_names:
-                table = table.drop_columns([COLUMN])
-            column = pa.array(visible[start : start + WRITE_BATCH_ROWS], type=pa.list_(pa.string()))
-            writer.write_table(table.append_column(COLUMN, column).cast(features.arrow_schema))
+        for start in range(0, dataset.num_rows, WRITE_BATCH_ROWS):
+            batch = slice(start, start + WRITE_BATCH_ROWS)
+            table = rows_in[batch]
+            table = table.drop_columns([c for c in (COLUMN, STATUS_COLUMN) if c in table.column_names])
+            table = table.append_column(COLUMN, pa.array(visible[batch], type=pa.list_(pa.string())))
+            table = table.append_column(STATUS_COLUMN, pa.array(status[batch], type=pa.string()))
+            writer.write_table(table.cast(features.arrow_schema))
         rows = writer.finalize()[0]
     written = datasets.Dataset.from_file(str(arrow), split=dataset.split)
     written.info.write_to_directory(str(folder))
@@ -702,23 +730,28 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     kept_records: list[dict[str, Any]] = []
     no_attributes = 0
     for split, dataset in picked.items():
-        keep, visible = [], []
-        for index, row in enumerate(rows[split]):
+        visible: list[list[str] | None] = []
+        status: list[str] = []
+        for row in rows[split]:
             record = results.get(row.get("key", ""))
             if not row["attributes"]:
                 no_attributes += 1
-            elif record is None:
-                continue  # failed this run, listed in run.failed
+                visible.append([])
+                status.append(OK)
+            elif record is None:  # failed this run, listed in run.failed: unknown, never "none visible"
+                visible.append(None)
+                status.append(FAILED)
             elif record["status"] == "skipped":
                 skipped.append({"split": split, "image_id": row["image_id"], "reason": record["reason"]})
                 kept_records.append(record)
-                continue
+                visible.append(None)
+                status.append(UNREADABLE_STATUS)
             else:
                 grounded.append((row, record))
                 kept_records.append(record)
-            keep.append(index)
-            visible.append(record["visible"] if record else [])
-        counts[split] = _write_split(dataset, keep, visible, partial / split)
+                visible.append(record["visible"])
+                status.append(OK)
+        counts[split] = _write_split(dataset, visible, status, partial / split)
     (partial / "dataset_dict.json").write_text(json.dumps({"splits": list(picked)}))
     source = Path(config.dataset).expanduser()
     for name in ("concepts.jsonl", "build.json"):
@@ -733,14 +766,11 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     if run.failed:
         first = run.failed[0]
         warnings.append(
-            f"{len(run.failed)} image(s) failed after retries and are left out (e.g. {first['image_id']}: "
-            f"{first['reason']}); ground again with --overwrite to retry them (cached replies cost no calls)"
+            f"{len(run.failed)} image(s) failed (e.g. {first['image_id']}: {first['reason']}): their rows "
+            f"have {STATUS_COLUMN} {FAILED!r} and {COLUMN} null; ground again with --overwrite to retry "
+            "them (cached replies cost no calls)"
         )
-    malformed = sum(record["malformed"] for record in records)
-    if malformed:
-        warnings.append(
-            f"{malformed} replies held no verdict, also after a repair request: nothing marked visible"
-        )
+    malformed = sum(failure["reason"] == MALFORMED for failure in run.failed)
     summary = {
         "dataset": config.dataset,
         "grounded_at": datetime.now(UTC).isoformat(timespec="seconds"),

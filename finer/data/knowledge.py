@@ -19,17 +19,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from finer.data.attributes import ExtractionStats, LlmCoarseLabeller, default_extractor, extract_attributes
 from finer.builders import ImageRecord, Source
 from finer.cache import Cache
+from finer.data.attributes import ExtractionStats, LlmCoarseLabeller, default_extractor, extract_attributes
 from finer.data.coarse import CoarseLabeller, RuleCoarseLabeller
-from finer.errors import FinerError
-from finer.models.client import endpoint_configured
-from finer.schema import Concept
-from finer.models.images import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, encode_image, open_image
-from finer.models.client import ImagesRefused
-from finer.models.vlm import HFChat
 from finer.data.wiki import fetch_knowledge
+from finer.errors import FinerError
+from finer.models.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ImagesRefused, endpoint_configured
+from finer.models.images import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, encode_image, open_image
+from finer.models.vlm import HFChat
+from finer.schema import Concept
 
 EXTRACTORS = ("llm", "vlm", "rules", "cub-annotations")
 BACKENDS = ("openai", "hf")
@@ -54,6 +53,11 @@ class KnowledgeOptions:
     exemplars: int = 3
     max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
     backend: str = "openai"
+    #: Fetch Wikipedia text for concepts without bundled knowledge; off for `cub-annotations` offline.
+    wikipedia: bool = True
+    #: Per endpoint request: seconds before it is abandoned, and retries after the first try.
+    timeout: float = DEFAULT_TIMEOUT_S
+    max_retries: int = DEFAULT_MAX_RETRIES
 
     def chosen_extractor(self) -> str:
         extractor = self.extractor or default_extractor(self.base_url)
@@ -68,6 +72,28 @@ class KnowledgeOptions:
         if self.exemplars < 0:
             raise FinerError("--exemplars must be 0 or more")
         return extractor
+
+
+def resolve_knowledge(
+    knowledge: bool | None, extractor: str | None, shaping: list[str]
+) -> tuple[bool | None, bool]:
+    """`finer build`'s --knowledge/--no-knowledge with the options that shape the knowledge step
+    (`extractor`, and the names of the other such options given, e.g. "--model"): (knowledge, wikipedia).
+
+    Naming an extractor asks for knowledge, even on a source that bundles it. CUB's own annotations need
+    no text: `--extractor cub-annotations --no-knowledge` extracts them without fetching Wikipedia.
+    """
+    if knowledge is False and extractor == "cub-annotations" and not shaping:
+        return True, False
+    if knowledge is False and (extractor is not None or shaping):
+        given = ", ".join([*(["--extractor " + extractor] if extractor else []), *shaping])
+        raise FinerError(
+            f"{given} shape(s) the knowledge step: drop --no-knowledge "
+            "(only --extractor cub-annotations works without Wikipedia)"
+        )
+    if knowledge is None and (extractor is not None or shaping):
+        return True, True
+    return knowledge, True
 
 
 class Exemplars:
@@ -149,8 +175,26 @@ def coarse_labeller(options: KnowledgeOptions, knowledge: bool) -> CoarseLabelle
             cache=Cache(options.cache),
             concurrency=options.concurrency,
             prompts_dir=options.prompts_dir,
+            timeout=options.timeout,
+            max_retries=options.max_retries,
         )
     return RuleCoarseLabeller()
+
+
+def add_coarse_report(report: dict[str, Any], labeller: CoarseLabeller) -> None:
+    """Fold an LLM coarse labeller's calls, failures and warnings into the knowledge report (build.json)."""
+    if not isinstance(labeller, LlmCoarseLabeller):
+        return
+    stats = labeller.stats
+    report["coarse_llm"] = stats.to_json()
+    for counter in ("calls", "cache_hits", "failed_calls"):
+        report[counter] = report.get(counter, 0) + getattr(stats, counter)
+    if stats.failures:
+        first = stats.failures[0]
+        report.setdefault("warnings", []).append(
+            f"coarse labels: {len(stats.failures)} concept(s) got the offline rule's label instead of the "
+            f"LLM's (e.g. {first['concept_id']}: {first['reason']}); listed in knowledge.coarse_llm.failures"
+        )
 
 
 def add_knowledge(source: Source, concepts: list[Concept], options: KnowledgeOptions) -> dict[str, Any]:
@@ -176,18 +220,27 @@ def add_knowledge(source: Source, concepts: list[Concept], options: KnowledgeOpt
         )
         tqdm.write(f"WARNING: {warnings[-1]}", file=sys.stderr)
     cache = Cache(options.cache)
-    missing = [c for c in concepts if c.knowledge is None]
+    missing = [c for c in concepts if c.knowledge is None] if options.wikipedia else []
     wiki = None
+    if not options.wikipedia:
+        warnings.append("no Wikipedia text (--no-knowledge): attributes come from CUB's annotations alone")
     if missing:
-        wiki = fetch_knowledge(
-            missing,
-            api_url=options.wiki_api,
-            lang=options.wiki_lang,
-            words=options.wiki_words,
-            concurrency=options.wiki_concurrency,
-            cache=cache,
-        )
-        if wiki.failures:
+        try:
+            wiki = fetch_knowledge(
+                missing,
+                api_url=options.wiki_api,
+                lang=options.wiki_lang,
+                words=options.wiki_words,
+                concurrency=options.wiki_concurrency,
+                cache=cache,
+            )
+        except FinerError as err:
+            if extractor != "cub-annotations":
+                raise
+            # the annotations need no text: Wikipedia is optional for them
+            warnings.append(f"{err}; attributes come from CUB's annotations alone")
+            tqdm.write(f"WARNING: {warnings[-1]}", file=sys.stderr)
+        if wiki is not None and wiki.failures:
             warnings.append(f"wikipedia: {len(wiki.failures)} concept(s) failed after retries, see knowledge")
     extract = partial(
         extract_attributes,
@@ -198,6 +251,8 @@ def add_knowledge(source: Source, concepts: list[Concept], options: KnowledgeOpt
         cache=cache,
         prompts_dir=options.prompts_dir,
         annotations=annotations,
+        timeout=options.timeout,
+        max_retries=options.max_retries,
     )
     exemplars = fallback = None
     if extractor == "vlm":
@@ -216,7 +271,14 @@ def add_knowledge(source: Source, concepts: list[Concept], options: KnowledgeOpt
     if extractor != "vlm":
         stats = extract(extractor=extractor)
     if stats.failures:
-        warnings.append(f"attributes: {len(stats.failures)} concept(s) kept with empty attributes")
+        first = stats.failures[0]
+        warnings.append(
+            f"attributes: {len(stats.failures)} concept(s) kept with empty attributes (e.g. "
+            f"{first['concept_id']}: {first['reason']}); listed in knowledge.attributes.failures"
+        )
+    if stats.failed_calls:
+        warnings.append(f"attributes: {stats.failed_calls} request(s) failed after retries")
+    warnings += _untrusted_warnings(stats)
     attributes = stats.to_json()
     if exemplars is not None and fallback is None:
         attributes["exemplars"] = exemplars.to_json()
@@ -228,8 +290,32 @@ def add_knowledge(source: Source, concepts: list[Concept], options: KnowledgeOpt
         "attributes": attributes,
         "calls": (wiki.requests if wiki else 0) + stats.calls,
         "cache_hits": (wiki.cache_hits if wiki else 0) + stats.cache_hits,
+        "failed_calls": len(wiki.failures if wiki else []) + stats.failed_calls,
         "warnings": warnings,
     }
+
+
+#: Removed sentences quoted in build.json's warnings; all of them are in knowledge.attributes.
+QUOTED = 5
+
+
+def _untrusted_warnings(stats: ExtractionStats) -> list[str]:
+    """What the defences against the untrusted text did, for build.json's warnings."""
+    warnings = []
+    removed = stats.instructions_removed
+    if removed:
+        quoted = "; ".join(f"{r['concept_id']}: {r['sentence']!r}" for r in removed[:QUOTED])
+        more = f"; and {len(removed) - QUOTED} more" if len(removed) > QUOTED else ""
+        warnings.append(
+            f"removed {len(removed)} instruction-like sentence(s) from the knowledge text before prompting "
+            f"({quoted}{more}); all in knowledge.attributes.instructions_removed"
+        )
+    if stats.unsupported:
+        warnings.append(
+            f"dropped {len(stats.unsupported)} attribute(s) the text sent does not support (words the page "
+            "never used); listed in knowledge.attributes.unsupported_phrases"
+        )
+    return warnings
 
 
 def _local_vlm(model: str, stats: ExtractionStats, *, batch_size: int) -> HFChat:

@@ -123,7 +123,7 @@ def fetch_knowledge(
         pending: dict[Future[Knowledge], tuple[str, list[Concept]]] = {}
         for query, members in groups.items():
             key = cache_key(url, lang, query.name, query.fallback, words, list(query.sections))
-            cached = cache.get(CACHE_NAMESPACE, key)
+            cached = cache.get(CACHE_NAMESPACE, key, valid=_is_knowledge_entry)
             if cached is not None:
                 stats.cache_hits += 1
                 settle(members, Knowledge(**cached), "cached")
@@ -154,6 +154,19 @@ def fetch_knowledge(
     stats.requests, stats.retries = fetcher.requests, fetcher.retries
     stats.status = dict(Counter(c.knowledge.status for c in concepts if c.knowledge))
     return stats
+
+
+_KNOWLEDGE_FIELDS = {f.name for f in dataclasses.fields(Knowledge)}
+
+
+def _is_knowledge_entry(entry: Any) -> bool:
+    """A cached page of this finer's `Knowledge` shape (another version's is fetched again)."""
+    return (
+        isinstance(entry, dict)
+        and set(entry) <= _KNOWLEDGE_FIELDS
+        and isinstance(entry.get("text"), str)
+        and isinstance(entry.get("status"), str)
+    )
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ import concurrent.futures
 import json
 import os
 import re
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
@@ -31,6 +32,8 @@ from finer.prompts import to_openai
 
 __all__ = [
     "CACHE_NAMESPACE",
+    "Chat",
+    "MalformedJSON",
     "Reply",
     "DEFAULT_MODEL",
     "OPTIONAL_PARAMETERS",
@@ -41,15 +44,22 @@ __all__ = [
     "Usage",
     "endpoint_configured",
     "estimate_cost",
+    "ask_parsed",
     "openai_messages",
     "parse_json_object",
+    "repair_request",
     "run_sync",
 ]
 
 CACHE_NAMESPACE = "llm"
 DEFAULT_MODEL = "gpt-4o-mini"
+#: Seconds one request may take before it is abandoned (and retried): long enough for a slow local VLM
+#: reading images, short enough that a hanging endpoint shows within minutes (`--timeout`).
 DEFAULT_TIMEOUT_S = 120.0
-DEFAULT_MAX_RETRIES = 5
+#: Retries after the first try (`--max-retries`): the client's backoff rides out a hosted API's rate limits.
+DEFAULT_MAX_RETRIES = 3
+#: `max_tokens` of a repair turn after a reply cut at the endpoint's own limit (none was sent).
+REPAIR_MAX_TOKENS = 4096
 DEFAULT_CONCURRENCY = 16
 #: Stands in for a key at endpoints that need none (a local vLLM or Ollama); the client insists on one.
 NO_KEY = "no-key"
@@ -87,6 +97,8 @@ _SNAPSHOT = re.compile(r"(.+?)(?:-\d{4}-\d{2}-\d{2})?")
 _SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_-]{2})[A-Za-z0-9_-]+|(Bearer\s+)\S+")
 
 T = TypeVar("T")
+#: Tries of the call the current task is making (`ChatClient._call` sets it, the httpx hook counts).
+_TRIES: ContextVar[list[int]] = ContextVar("finer_tries")
 
 
 class EndpointError(FinerError):
@@ -121,13 +133,17 @@ def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int) -> flo
 
 @dataclass
 class Usage:
-    """What a run spent: calls that reached the endpoint, replies served from cache, tokens, USD.
+    """What a run spent: calls answered by the endpoint, replies served from cache, tokens, USD.
 
-    `estimated_cost_usd` becomes None ("unknown") once any call went to a model without a known price.
+    `failed_calls` failed after every retry; `retries` counts the tries beyond each call's first (timeouts,
+    rate limits, 5xx). `estimated_cost_usd` becomes None ("unknown") once any call went to a model
+    without a known price.
     """
 
     calls: int = 0
     cache_hits: int = 0
+    failed_calls: int = 0
+    retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated_cost_usd: float | None = 0.0
@@ -147,6 +163,8 @@ class Usage:
         return {
             "calls": self.calls,
             "cache_hits": self.cache_hits,
+            "failed_calls": self.failed_calls,
+            "retries": self.retries,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "estimated_cost_usd": "unknown" if cost is None else round(cost, 6),
@@ -185,17 +203,48 @@ def openai_messages(messages: Sequence[dict], images: Sequence[str] = ()) -> lis
     return converted
 
 
-def parse_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object in a reply: bare, inside a code fence, or embedded in prose."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        try:
-            value, _ = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return None
+class MalformedJSON(ValueError):
+    """A reply starts a JSON value that does not parse whole: cut off, or broken. Never an answer."""
+
+
+_FENCE_OPEN = re.compile(r"```[\w-]*[ \t]*\n?")
+#: Where a JSON object (or an array of objects) starts; "{note}" or "[visible]" in prose does not count.
+_JSON_START = re.compile(r'\{\s*["}]')
+_JSON_OR_ARRAY_START = re.compile(r'\{\s*["}]|\[\s*[{\]]')
+
+
+def parse_json_object(text: str, *, arrays: bool = False) -> dict[str, Any] | list[Any] | None:
+    """The JSON object a reply holds, parsed whole: bare, inside a markdown fence, or after some prose.
+
+    None when the reply holds no JSON at all (the caller may read another form). Raises `MalformedJSON`
+    when a fence is left open or the first object (or, with `arrays`, array) does not parse to its end:
+    a partial list must never pass for an answer, nor an object nested inside the cut one.
+    """
+    fence = _FENCE_OPEN.search(text)
+    if fence is not None and not _JSON_START.search(text, 0, fence.start()):
+        end = text.find("```", fence.end())
+        if end < 0:
+            raise MalformedJSON("a markdown fence is never closed")
+        text = text[fence.end() : end]
+    start = (_JSON_OR_ARRAY_START if arrays else _JSON_START).search(text)
+    if start is None:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text, start.start())
+    except json.JSONDecodeError as err:
+        raise MalformedJSON(f"JSON that does not parse whole ({err.msg})") from None
+    if isinstance(value, dict) or (isinstance(value, list) and arrays):
+        return value
+    raise MalformedJSON("JSON that is not an object")
+
+
+def _is_reply_entry(entry: Any) -> bool:
+    """A cached reply of this finer's shape (another version's is a miss, never a crash)."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("text"), str)
+        and isinstance(entry.get("finish_reason"), str)
+    )
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -210,10 +259,77 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
 
 @dataclass(frozen=True)
 class Reply:
-    """A reply's text, and whether the endpoint stopped it at its token limit instead of at its end."""
+    """A reply's text and why it ended: "length" when the endpoint cut it at its token limit."""
 
     text: str
-    truncated: bool = False
+    finish_reason: str = "stop"
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class Chat(Protocol):
+    """What the steps need of a chat model: `ChatClient` (an endpoint) or `finer.models.vlm.HFChat`."""
+
+    model: str
+    base_url: str
+
+    async def reply(
+        self,
+        messages: list[dict],
+        *,
+        template_sha256: str,
+        schema: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+    ) -> Reply: ...
+
+
+def repair_request(form: str, *, cut: bool) -> str:
+    """The one repair turn's request (part of the repair call, so of its cache key)."""
+    why = "was cut off before it ended" if cut else "was not in the requested form"
+    return f"Your reply {why}. Reply again with one complete JSON object and nothing else: {form}"
+
+
+async def ask_parsed(
+    chat: Chat,
+    messages: list[dict],
+    parse: Callable[[str], T | None],
+    *,
+    form: str,
+    template_sha256: str,
+    schema: dict[str, Any] | None = None,
+    max_tokens: int | None = None,
+) -> T | None:
+    """`parse` of the reply to `messages`, or None when neither it nor one repair turn is a whole answer.
+
+    A reply cut at the token limit (finish reason "length") or one `parse` rejects (None or
+    `MalformedJSON`) is not an answer: the model sees it and `repair_request(form)`, with twice the
+    tokens (or `REPAIR_MAX_TOKENS`) when it was cut. Every JSON-mode call of finer goes through here.
+    Raises what `chat.reply` raises (`CallFailed` and the run-stopping errors).
+    """
+    first = await chat.reply(messages, template_sha256=template_sha256, schema=schema, max_tokens=max_tokens)
+    parsed = _parsed(first, parse)
+    if parsed is not None:
+        return parsed
+    repair = [
+        *messages,
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": repair_request(form, cut=first.truncated)},
+    ]
+    if first.truncated:
+        max_tokens = 2 * max_tokens if max_tokens else REPAIR_MAX_TOKENS
+    again = await chat.reply(repair, template_sha256=template_sha256, schema=schema, max_tokens=max_tokens)
+    return _parsed(again, parse)
+
+
+def _parsed(reply: Reply, parse: Callable[[str], T | None]) -> T | None:
+    if reply.truncated:
+        return None
+    try:
+        return parse(reply.text)
+    except MalformedJSON:
+        return None
 
 
 class ChatClient:
@@ -254,11 +370,26 @@ class ChatClient:
         #: Optional request parameters this endpoint refused (see OPTIONAL_PARAMETERS), for the whole run.
         self.refused: set[str] = set()
         self._schema_accepted = False
+        if timeout <= 0 or max_retries < 0:
+            raise FinerError("--timeout must be above 0 seconds and --max-retries at least 0")
+        self.timeout, self.max_retries = timeout, max_retries
         self._client = openai.AsyncOpenAI(
-            api_key=self._key or NO_KEY, base_url=url, timeout=timeout, max_retries=max_retries
+            api_key=self._key or NO_KEY,
+            base_url=url,
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._count_try]}),
         )
         self.base_url = public_url(str(self._client.base_url))
         self._slots = asyncio.Semaphore(concurrency)
+
+    async def _count_try(self, request: Any) -> None:
+        """httpx's hook before each try the `openai` client sends: a call's second try on is a retry,
+        counted as it happens (progress bars show it)."""
+        tries = _TRIES.get(None)
+        if tries is not None:
+            tries[0] += 1
+            self.usage.retries += tries[0] > 1
 
     async def __aenter__(self) -> ChatClient:
         return self
@@ -295,8 +426,8 @@ class ChatClient:
         schema: dict[str, Any] | None = None,
         max_tokens: int | None = None,
     ) -> Reply:
-        """`complete`, with whether the reply was cut at the token limit (finish reason "length"): the
-        endpoint's own, or `max_tokens` where the endpoint takes it."""
+        """`complete`, with why the reply ended (finish reason "length": cut at the token limit, the
+        endpoint's own or `max_tokens` where the endpoint takes it)."""
         request: dict[str, Any] = {"model": self.model, "messages": messages}
         if self.temperature is not None:
             request["temperature"] = self.temperature
@@ -310,13 +441,14 @@ class ChatClient:
         # the request as intended, whatever the endpoint later refuses: a resumed run finds the same key
         key = cache_key(self.base_url, template_sha256, request)
         cached = self.cache.get(CACHE_NAMESPACE, key)
-        if isinstance(cached, dict) and isinstance(cached.get("text"), str):
+        if _is_reply_entry(cached):
             self.usage.cache_hits += 1
-            return Reply(cached["text"], bool(cached.get("truncated")))
+            return Reply(cached["text"], cached["finish_reason"])
         async with self._slots:
             response = await self._create(request)
-        text = (response.choices[0].message.content if response.choices else None) or ""
-        truncated = bool(response.choices) and response.choices[0].finish_reason == "length"
+        choice = response.choices[0] if response.choices else None
+        text = (choice.message.content if choice else None) or ""
+        finish_reason = str(choice.finish_reason) if choice and choice.finish_reason else "stop"
         tokens = response.usage
         prompt_tokens = tokens.prompt_tokens if tokens else 0
         completion_tokens = tokens.completion_tokens if tokens else 0
@@ -326,12 +458,12 @@ class ChatClient:
             key,
             {
                 "text": text,
-                "truncated": truncated,
+                "finish_reason": finish_reason,
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
             },
         )
-        return Reply(text, truncated)
+        return Reply(text, finish_reason)
 
     async def _create(self, request: dict[str, Any]) -> Any:
         """One chat completion (the client retries inside). A 400 that names an optional parameter
@@ -343,6 +475,9 @@ class ChatClient:
                 sent["max_completion_tokens"] = request["max_tokens"]
             try:
                 response = await self._call(sent)
+            except (CallFailed, EndpointError):
+                self.usage.failed_calls += 1
+                raise
             except openai.BadRequestError as err:
                 refused = {
                     name
@@ -350,6 +485,7 @@ class ChatClient:
                     if name in sent and any(word in str(err) for word in words)
                 }
                 if not refused:
+                    self.usage.failed_calls += 1
                     raise self._failure(err) from None
                 self.refused |= refused
                 continue
@@ -359,6 +495,7 @@ class ChatClient:
     async def _call(self, request: dict[str, Any]) -> Any:
         """The client's call, its surviving errors sorted: a 400 for the caller, else ours (no chaining,
         so no server text that might echo a secret rides along in a traceback)."""
+        token = _TRIES.set([0])
         try:
             return await self._client.chat.completions.create(**request)
         except openai.BadRequestError:
@@ -369,13 +506,21 @@ class ChatClient:
                 f"{self._line(err)}); check OPENAI_API_KEY, --base-url and --model"
             ) from None
         except openai.APITimeoutError:
-            raise CallFailed("timed out after retries") from None
+            tries = f"{self.max_retries + 1} tries of {self.timeout:g} s"
+            if not self.usage.calls:  # nothing has ever come back: every other call would wait as long
+                raise EndpointError(
+                    f"{self.base_url} sent no reply within {tries}; check the server, or raise --timeout "
+                    "for a slow model"
+                ) from None
+            raise CallFailed(f"timed out ({tries})") from None
         except openai.APIConnectionError:
             raise EndpointError(
                 f"cannot reach {self.base_url} after retries; check --base-url / OPENAI_BASE_URL"
             ) from None
         except openai.APIError as err:
             raise self._failure(err) from None
+        finally:
+            _TRIES.reset(token)
 
     def _failure(self, err: openai.APIError) -> CallFailed:
         status = getattr(err, "status_code", None)

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from finer.errors import FinerError
-from finer.models.client import Usage
+from finer.models.client import Reply, Usage
 from finer.models.images import decode_data_url
 
 __all__ = ["HFChat"]
@@ -69,7 +69,7 @@ class HFChat:
         self.batch_size = batch_size
         self.linger_s = linger_s
         self._backend = HFBackend(model, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        self._queue: list[tuple[list[dict], list[Image.Image], asyncio.Future[str]]] = []
+        self._queue: list[tuple[list[dict], list[Image.Image], asyncio.Future[Reply]]] = []
         self._wake: asyncio.Event | None = None
         self._server: asyncio.Task[None] | None = None
 
@@ -87,9 +87,21 @@ class HFChat:
         self, messages: list[dict], *, template_sha256: str, schema: dict[str, Any] | None = None
     ) -> str:
         """The model's reply to `messages` (chat-completions shape, images as data URLs)."""
+        return (await self.reply(messages, template_sha256=template_sha256)).text
+
+    async def reply(
+        self,
+        messages: list[dict],
+        *,
+        template_sha256: str,
+        schema: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+    ) -> Reply:
+        """`complete`, with "length" as finish reason when generation stopped at `max_new_tokens` (fixed
+        for the model; `max_tokens` is not applied locally)."""
         assert self._wake is not None, "use `async with HFChat(...)`"
         conversation, images = _hf_conversation(messages)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._queue.append((conversation, images, future))
         self._wake.set()
         return await future
@@ -120,7 +132,9 @@ class HFChat:
                     if not future.done():
                         future.set_result(reply)
 
-    def _generate(self, group: list[tuple[list[dict], list[Image.Image], asyncio.Future[str]]]) -> list[str]:
+    def _generate(
+        self, group: list[tuple[list[dict], list[Image.Image], asyncio.Future[Reply]]]
+    ) -> list[Reply]:
         """One left-padded batch through `HFBackend.generate` (in a worker thread); records tokens, free."""
         answers = self._backend.generate(
             [conversation for conversation, _, _ in group], [i for _, i, _ in group]
@@ -128,4 +142,4 @@ class HFChat:
         self.usage.calls += len(group)
         self.usage.prompt_tokens += sum(a.prompt_tokens for a in answers)
         self.usage.completion_tokens += sum(a.new_tokens for a in answers)
-        return [a.text for a in answers]
+        return [Reply(a.text, "length" if a.truncated else "stop") for a in answers]
