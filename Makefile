@@ -42,7 +42,8 @@ format: $(STAMP)
 build-dataset: $(STAMP)
 	$(FINER) build $(SOURCE) --out $(OUT) $(if $(ROOT),--root $(ROOT)) --overwrite $(ARGS)
 
-# The demo-tiny recipe: a tiny random-weight LLaVA learns data/demo on a CPU, adapter in runs/demo-lora.
+# The demo-tiny recipe: a tiny random-weight LLaVA learns data/demo on a CPU, adapter in runs/demo-lora
+# (an earlier adapter there stays until the new one is complete, then is replaced; finetune says so).
 finetune: $(STAMP)
 	test -f data/demo/build.json || $(FINER) build demo --out data/demo --overwrite
 	$(FINER) finetune --config demo-tiny $(if $(MODEL),--model $(MODEL)) $(ARGS)
@@ -52,7 +53,16 @@ finetune: $(STAMP)
 # matrices are too small to split, and idle threads spin on a busy CPU).
 DEMO_MODEL = runs/tiny-llava $$(test -f runs/demo-lora/adapter_config.json \
   && echo --adapter runs/demo-lora --mode finer --crop-to-bbox --max-new-tokens 128 || echo --max-new-tokens 32)
+# It says which model it evaluates, and refuses a runs/demo-lora without its adapter files rather than
+# silently scoring the base model.
 eval: $(STAMP)
+	@if [ -n "$(MODEL)" ]; then echo "make eval: evaluating $(MODEL)"; \
+	elif [ -e runs/demo-lora ] && ! [ -f runs/demo-lora/adapter_model.safetensors \
+	  -a -f runs/demo-lora/adapter_config.json ]; then \
+	  echo "make eval: runs/demo-lora is incomplete (no adapter_model.safetensors or adapter_config.json);" \
+	    "run make finetune again, or remove runs/demo-lora to evaluate the untrained base model" >&2; exit 1; \
+	elif [ -e runs/demo-lora ]; then echo "make eval: evaluating the demo adapter runs/demo-lora on runs/tiny-llava"; \
+	else echo "make eval: no runs/demo-lora (make finetune trains it): evaluating the untrained runs/tiny-llava"; fi
 	test -d data/demo || $(FINER) build demo --out data/demo
 	test -n "$(MODEL)" || test -d runs/tiny-llava \
 	  || $(BIN)/python -c "from finer.testing import build_tiny_vlm; build_tiny_vlm('llava', 'runs/tiny-llava')"

@@ -16,6 +16,7 @@ from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.models.backends import HFBackend
+from finer.run_folder import OutputLock
 from finer.testing import tiny_part_path
 from finer.train.ablate import CELL_FILE, GRID_FILE, SOURCE_FILE, Cell, _Runner, load_grid, run_grid
 from finer.train.sft import RUN_FILE
@@ -253,3 +254,12 @@ def test_a_grid_needs_an_output_folder(tmp_path: Path) -> None:
     with pytest.raises(FinerError, match="no output folder; pass --out DIR"):
         load_grid(path)
     assert load_grid(path, tmp_path / "out").out == str(tmp_path / "out")
+
+
+def test_a_second_grid_into_the_same_folder_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"vision": ["v"], "llm": ["l"], "datasets": ["d"]}))
+    out = tmp_path / "out"
+    with OutputLock(out), pytest.raises(FinerError, match="being written by another run"):
+        run_grid(load_grid(path, out))
+    assert not out.exists()

@@ -177,3 +177,42 @@ def test_crash_leaves_nothing_that_looks_finished(
         build(BuildConfig(source="toy", root=toy_root, out=tmp_path / "out", knowledge=False))
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial*"))
+
+
+KILL_BEFORE_SWAP_IN = """
+import os, signal, sys
+from pathlib import Path
+
+real = Path.rename
+
+
+def rename(self, target):
+    if self.name.endswith(".partial") and self.is_dir():  # the complete new build about to go in: kill
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, target)
+
+
+Path.rename = rename
+from finer.cli import main
+
+main(sys.argv[1:])
+"""
+
+
+def test_overwrite_killed_mid_swap_keeps_a_complete_build(tmp_path: Path) -> None:
+    """`finer build --overwrite` SIGKILLed as the new build goes in: the earlier build is back, whole."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    argv = ["build", "demo", "--out", str(out), "--splits", "test", "--limit-classes", "2"]
+    first = subprocess.run([sys.executable, "-m", "finer", *argv], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = json.loads((out / "build.json").read_text())
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_SWAP_IN, *argv, "--overwrite"])
+    assert killed.returncode == -9
+    again = subprocess.run([sys.executable, "-m", "finer", *argv], capture_output=True, text=True)
+    assert again.returncode == 2 and "not empty; pass --overwrite" in again.stderr
+    assert json.loads((out / "build.json").read_text()) == before and (out / "concepts.jsonl").is_file()
+    assert datasets.load_from_disk(str(out))["test"].num_rows == before["counts"]["test"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]

@@ -169,3 +169,26 @@ def test_pretraining_trains_the_projector_and_only_the_parts_its_policy_names(
     totals = {part: counts[part][1] for part in ("vision", "projector", "llm")}
     assert trainable["vision"] == 0 and trainable["projector"] == totals["projector"] > 0
     assert trainable["llm"] == (totals["llm"] if llm_policy == "full" else 0)
+
+
+def test_overwrite_crashed_mid_swap_keeps_the_earlier_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed as the new model goes in, the earlier one is whole again for the next run (finer.run_folder)."""
+    parts = {"vision": str(tiny_part_path("siglip")), "llm": str(tiny_part_path("llama"))}
+    out = tmp_path / "model"
+    compose(ComposeConfig(**parts, out=str(out)))
+    before = (out / "config.json").read_text()
+    rename = Path.rename
+
+    def crash(self: Path, target: Path) -> Path:
+        if self.name == ".model.partial":
+            raise KeyboardInterrupt  # what SIGKILL would leave: nothing after this runs
+        return rename(self, target)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Path, "rename", crash)
+        compose(ComposeConfig(**parts, out=str(out), overwrite=True, vision_feature_layer=-1))
+    with pytest.raises(FinerError, match="--overwrite"):
+        compose(ComposeConfig(**parts, out=str(out)))
+    assert (out / "config.json").read_text() == before

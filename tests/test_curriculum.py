@@ -20,6 +20,7 @@ from transformers import AutoModelForImageTextToText
 from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
+from finer.run_folder import OutputLock
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.train import curriculum, evaluate, rewards
 from finer.train.curriculum import CURRICULA, CurriculumConfig, plan_stages, run_curriculum
@@ -367,3 +368,10 @@ def test_grpo_reads_a_recipe_and_the_command_line_overrides_it(
     with pytest.raises(SystemExit) as exit_info:
         main(["grpo", "--config", str(path), "--output-dir", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "unknown key 'lr'" in capsys.readouterr().err
+
+
+def test_a_second_curriculum_into_the_same_folder_is_refused(demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "curriculum"
+    with OutputLock(out), pytest.raises(FinerError, match="being written by another run"):
+        run_curriculum(CurriculumConfig.from_sources(_recipe(demo, out)))
+    assert not out.exists()

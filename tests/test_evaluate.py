@@ -25,6 +25,7 @@ from finer.eval.tasks import EvalPlan, choice_options
 from finer.models.backends import Generation, HFBackend, OpenAIBackend
 from finer.models.images import image_data_url
 from finer.prompts import render
+from finer.run_folder import OutputLock
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.testing.fake_openai import FakeOpenAI, Fault
 
@@ -601,3 +602,14 @@ def test_openai_max_tokens_becomes_max_completion_tokens_where_refused(demo: Pat
         with pytest.raises(FinerError, match="every request failed"):
             evaluate(config)
         assert all("max_tokens" in r["json"] for r in server.requests)
+
+
+def test_a_second_eval_into_the_same_folder_is_refused_before_any_call(
+    demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval"
+    with FakeOpenAI(Scripted(demo)) as server, OutputLock(out):
+        argv = ["eval", "--dataset", str(demo), "--backend", "openai", "--model", "vlm-1"]
+        code, _, err = run_cli([*argv, "--base-url", server.url, "--out", str(out)], capsys)
+        assert server.count == 0
+    assert code == 2 and f"pid {os.getpid()}" in err and "being written by another run" in err

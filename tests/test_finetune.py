@@ -3,6 +3,7 @@ adapters, mixtures, recipes and the errors a user can fix."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import logging
@@ -355,6 +356,54 @@ def test_resume_continues_from_the_last_checkpoint(
     assert "resuming from" in caplog.text and (out / RUN_FILE).is_file()
     with pytest.raises(FinerError, match="finished run.*--overwrite"):
         run_finetune(_config("llava", demo, out, format="direct"))
+
+
+def test_an_interrupted_run_keeps_the_earlier_adapter_and_resume_keeps_its_checkpoints(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Interrupted after its first checkpoint, an `overwrite` run leaves the earlier adapter in place and
+    says how to go on; `--resume` over a recipe's `overwrite: true` continues from that checkpoint."""
+    from transformers import Trainer
+
+    out = tmp_path / "run"
+    run_finetune(_config("llava", demo, out, max_steps=1, format="direct"))
+    earlier = (out / "adapter_model.safetensors").read_bytes()
+    save = Trainer._save_checkpoint
+
+    def save_then_interrupt(self: Trainer, *args: object, **kwargs: object) -> None:
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C right after checkpoint-1
+
+    recipe = dataclasses.asdict(_config("llava", demo, out, max_steps=3, save_steps=1, format="direct"))
+    recipe["overwrite"] = True
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="finer"):
+        patch.setattr(Trainer, "_save_checkpoint", save_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_finetune(FinetuneConfig.from_sources(recipe))
+    assert (out / "adapter_model.safetensors").read_bytes() == earlier and (out / RUN_FILE).is_file()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("interrupted")]
+    assert len(said) == 1 and "checkpoint-1" in said[0] and "--resume" in said[0]
+    resumed = run_finetune(FinetuneConfig.from_sources(recipe, {"resume": True}))
+    assert resumed["resumed_from"] == "checkpoint-1" and resumed["global_step"] == 3
+    assert json.loads((out / RUN_FILE).read_text())["global_step"] == 3
+    assert (out / "adapter_model.safetensors").read_bytes() != earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder, lock or old run left
+
+
+def test_resume_wins_over_a_recipes_overwrite_and_both_on_the_command_line_are_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    recipe = load_recipe("demo-tiny")
+    assert recipe["overwrite"] is True
+    config = FinetuneConfig.from_sources(recipe, {"resume": True}, origin=("recipe", "command line"))
+    assert config.resume and not config.overwrite
+    later = FinetuneConfig.from_sources({"resume": True}, {"overwrite": True})
+    assert later.overwrite and not later.resume
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--config", "demo-tiny", "--resume", "--overwrite"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "command line: resume and overwrite together" in err and "pass one" in err
 
 
 def test_llava_training_template_keeps_the_inference_prompt() -> None:

@@ -27,6 +27,7 @@ from finer.data.build import BuildConfig, build, iter_concepts
 from finer.data.grounding import GroundConfig, ground, parse_grounding_reply
 from finer.data.knowledge import Exemplars, KnowledgeOptions
 from finer.errors import FinerError
+from finer.run_folder import OutputLock
 from finer.schema import Concept
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage
 from finer.testing.fake_openai import FakeOpenAI, Fault
@@ -610,3 +611,29 @@ def test_hf_backend_grounds_and_extracts_with_a_tiny_model(
     sent = {cid: len(ids) for cid, ids in attributes["exemplars"]["images"].items()}
     assert sent == {"Cerulean_Warbler": 2, "Magnolia_Warbler": 2}
     assert attributes["calls"] >= 2 and built_birds["coarse_sources"] == {"rules": 2}
+
+
+def test_overwrite_crashed_mid_swap_keeps_the_earlier_output(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed as the new output goes in, the earlier one is whole again for the next run (finer.run_folder);
+    a second run into a folder being written is refused."""
+    out = tmp_path / "g"
+    rename = Path.rename
+
+    def crash(self: Path, target: Path) -> Path:
+        if self.name == ".g.partial":
+            raise KeyboardInterrupt  # what SIGKILL would leave: nothing after this runs
+        return rename(self, target)
+
+    with FakeOpenAI(grounder) as server:
+        ground(config(built, out, server, splits=["test"]))
+        before = (out / "grounding.json").read_text()
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            patch.setattr(Path, "rename", crash)
+            ground(config(built, out, server, splits=["test"], overwrite=True))
+        with pytest.raises(FinerError, match="not empty; pass --overwrite"):
+            ground(config(built, out, server, splits=["test"]))
+        assert (out / "grounding.json").read_text() == before
+        with OutputLock(out), pytest.raises(FinerError, match="being written by another run"):
+            ground(config(built, out, server, splits=["test"], overwrite=True))

@@ -40,11 +40,12 @@ from typing import Any, Literal
 import yaml
 
 from finer.errors import FinerError, one_line
+from finer.run_folder import OutputLock, staged_subfolder, write_json
 
 from .compose import COMPOSE_FILE, DTYPES, ComposeConfig, compose
 from .config import SourcedConfig
-from .runs import release_memory, write_json
-from .sft import RUN_FILE, FinetuneConfig, load_recipe, run_finetune
+from .runs import release_memory
+from .sft import RUN_FILE, FinetuneConfig, load_recipe, run_finetune, unfinished_checkpoint
 
 __all__ = ["CELL_FILE", "GRID_FILE", "Cell", "GridConfig", "load_grid", "run_grid", "write_results"]
 
@@ -228,12 +229,10 @@ def _check_sources(out: Path, cells: list[Cell]) -> None:
 
 def _train(config: FinetuneConfig) -> None:
     """Run `config` unless its folder holds a finished run; resume an unfinished one from its checkpoint."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     folder = Path(config.output_dir or "")
     if (folder / RUN_FILE).is_file():
         return
-    resume = folder.is_dir() and get_last_checkpoint(str(folder)) is not None
+    resume = unfinished_checkpoint(folder) is not None
     if folder.is_dir() and not resume:
         shutil.rmtree(folder)
     run_finetune(dataclasses.replace(config, resume=resume))
@@ -288,10 +287,8 @@ class _Runner:
             run,
         )
         _train(config)
-        partial = folder / ".model.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        merge_adapter(folder / "adapter", partial)
-        partial.rename(merged)
+        with staged_subfolder(merged) as partial:
+            merge_adapter(folder / "adapter", partial)
         release_memory()
         return str(merged)
 
@@ -381,6 +378,11 @@ def run_grid(grid: GridConfig) -> dict[str, Any]:
     """Run (or resume) every cell of `grid` into `grid.out`; returns the records and the result files."""
     out = Path(grid.out or "").expanduser().absolute()
     grid.check()
+    with OutputLock(out):  # a second grid into the same folder is refused, not interleaved
+        return _run_grid(grid, out)
+
+
+def _run_grid(grid: GridConfig, out: Path) -> dict[str, Any]:
     _claim(out, grid.settings())
     cells = grid.cells()
     _check_sources(out, cells)

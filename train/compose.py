@@ -22,12 +22,12 @@ import importlib.metadata
 import importlib.resources
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from finer.errors import FinerError, one_line
+from finer.run_folder import staged_output
 
 from .config import SourcedConfig
 
@@ -84,20 +84,10 @@ def _encoder(model_type: str, spec: str) -> Encoder:
     )
 
 
-def _prepare_out(config: ComposeConfig) -> tuple[Path, Path]:
-    """(the output folder, its `.partial` sibling); refuses to replace a folder unless asked, and never one
-    that is not a model."""
-    out = Path(config.out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise FinerError(f"--out {out} is a file; pass a folder path")
-    if out.exists() and any(out.iterdir()):
-        if not config.overwrite:
-            raise FinerError(f"--out {out} is not empty; pass --overwrite to replace it or choose another")
-        if not (out / "config.json").is_file():
-            raise FinerError(f"--out {out} holds files that are not a model; choose another folder")
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    return out, partial
+def _replaceable(out: Path) -> None:
+    """`--overwrite` replaces a model, never a folder of something else."""
+    if not (out / "config.json").is_file():
+        raise FinerError(f"--out {out} holds files that are not a model; choose another folder")
 
 
 def _quiet_transformers() -> Any:
@@ -229,11 +219,17 @@ def _image_token_check(model: Any, processor: Any, image_token_id: int) -> tuple
 
 def compose(config: ComposeConfig) -> dict[str, Any]:
     """Compose, check and save model and processor into `config.out` (atomically); returns compose.json."""
-    from transformers import LlavaConfig, LlavaProcessor
-
     if config.dtype not in DTYPES:
         raise FinerError(f"--dtype {config.dtype}: choose one of {', '.join(DTYPES)}")
-    out, partial = _prepare_out(config)
+    with staged_output(config.out, overwrite=config.overwrite, check=_replaceable) as staged:
+        summary = _compose(config, staged.out, staged.partial)
+    return summary
+
+
+def _compose(config: ComposeConfig, out: Path, partial: Path) -> dict[str, Any]:
+    """`compose`'s body: model, processor and compose.json saved into `partial`."""
+    from transformers import LlavaConfig, LlavaProcessor
+
     vision_config, encoder = _vision_config(config.vision, config.vision_feature_layer)
     lm, tokenizer = _load_llm(config.llm, config.dtype)
     tower, image_processor = _load_vision(config.vision, vision_config, encoder, lm.dtype)
@@ -278,16 +274,9 @@ def compose(config: ComposeConfig) -> dict[str, Any]:
         },
         "versions": {p: importlib.metadata.version(p) for p in ("finer", "torch", "transformers")},
     }
-    try:
-        model.save_pretrained(partial)
-        processor.save_pretrained(partial)
-        (partial / COMPOSE_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    (partial / COMPOSE_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     logger.info(
         "composed %s (%s, %s) + %s: %d image tokens of %dx%d pixels",
         config.vision,

@@ -38,6 +38,7 @@ class SourcedConfig:
         read as underscores.
         """
         values: dict[str, Any] = {}
+        set_in: dict[str, int] = {}
         hints = typing.get_type_hints(cls)
         for i, source in enumerate(sources):
             where = origin[i] if i < len(origin) else "config"
@@ -48,7 +49,24 @@ class SourcedConfig:
                         f"{where}: unknown key {key!r}; known keys: {', '.join(cls.field_names())}"
                     )
                 values[name] = _checked(where, name, hints[name], value)
+                set_in[name] = i
+        if values.get("resume") and values.get("overwrite"):
+            _resume_or_overwrite(values, set_in, origin)
         return cls(**values)
+
+
+def _resume_or_overwrite(values: dict[str, Any], set_in: dict[str, int], origin: tuple[str, ...]) -> None:
+    """`resume` continues the run in the output folder, `overwrite` starts it over. Set in one mapping they
+    contradict each other (refused); from two, the later wins, so `--resume` keeps the checkpoints that a
+    recipe's `overwrite: true` would clear."""
+    resume_at, overwrite_at = set_in["resume"], set_in["overwrite"]
+    if resume_at == overwrite_at:
+        where = origin[resume_at] if resume_at < len(origin) else "config"
+        raise FinerError(
+            f"{where}: resume and overwrite together: --resume continues the run in the output folder, "
+            "--overwrite starts it over; pass one"
+        )
+    values["overwrite" if resume_at > overwrite_at else "resume"] = False
 
 
 @dataclass

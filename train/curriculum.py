@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from finer.errors import FinerError
+from finer.run_folder import OutputLock, staged_subfolder, write_json
 
 from .config import SourcedConfig
 from .data import Format, load_split
 from .grpo import GrpoConfig, run_grpo
-from .runs import release_memory, write_json
-from .sft import RUN_FILE, FinetuneConfig, _versions, eval_rows, run_finetune
+from .runs import release_memory
+from .sft import RUN_FILE, FinetuneConfig, _versions, eval_rows, run_finetune, unfinished_checkpoint
 
 __all__ = [
     "CURRICULA",
@@ -232,24 +233,23 @@ def run_curriculum(config: CurriculumConfig, where: str = "curriculum") -> dict[
             "max_new_tokens": config.eval_max_new_tokens,
         }
     out = Path(config.output_dir or "")
-    results = [_run_stage(stage, evaluation, out) for stage in stages]
-    summary = {
-        "model": config.model,
-        "output_dir": str(out),
-        "final_model": str(stages[-1].model_dir),
-        "eval": evaluation,
-        "stages": results,
-        "duration_s": round(time.perf_counter() - started, 2),
-        "versions": _versions(),
-    }
-    write_json(out / SUMMARY_FILE, summary)
+    with OutputLock(out):  # a second curriculum into the same folder is refused, not interleaved
+        results = [_run_stage(stage, evaluation, out) for stage in stages]
+        summary = {
+            "model": config.model,
+            "output_dir": str(out),
+            "final_model": str(stages[-1].model_dir),
+            "eval": evaluation,
+            "stages": results,
+            "duration_s": round(time.perf_counter() - started, 2),
+            "versions": _versions(),
+        }
+        write_json(out / SUMMARY_FILE, summary)
     return summary
 
 
 def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> dict[str, Any]:
     """Train the stage unless it is finished, merge its weights forward, evaluate; its summary row."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     began = time.perf_counter()
     if stage.changed():  # only reached with overwrite: run_curriculum refused otherwise
         logger.info("%s: settings changed; discarding %s", stage.label, stage.folder)
@@ -259,8 +259,9 @@ def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> di
         status = "skipped"
         logger.info("%s: finished earlier; skipped", stage.label)
     else:
-        resume = stage.train_dir.is_dir()
-        status = "resumed" if resume and get_last_checkpoint(str(stage.train_dir)) else "trained"
+        checkpoint = unfinished_checkpoint(stage.train_dir)  # in train/'s staging folder, once interrupted
+        resume = checkpoint is not None or stage.train_dir.is_dir()
+        status = "resumed" if checkpoint else "trained"
         logger.info("%s: %s with %s from %s", stage.label, status, stage.trainer, stage.config.model)
         stage.folder.mkdir(parents=True, exist_ok=True)
         state = {"name": stage.name, "trainer": stage.trainer, "hash": stage.hash}
@@ -328,11 +329,9 @@ def _merge(stage: Stage) -> tuple[Any, Any]:
     processor = AutoProcessor.from_pretrained(stage.train_dir)  # the processor the stage trained with
     # GRPO saves its tokenizer padding on the left (for generation); a later SFT stage trains as the base did.
     processor.tokenizer.padding_side = AutoProcessor.from_pretrained(start).tokenizer.padding_side
-    partial = stage.folder / ".model.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    processor.save_pretrained(partial)
-    partial.rename(stage.model_dir)
+    with staged_subfolder(stage.model_dir) as partial:
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
     return model, processor
 
 

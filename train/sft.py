@@ -35,11 +35,11 @@ from finer.models.families import (
     plan_training,
     resolve_chat_template,
 )
+from finer.run_folder import OutputLock, partial_path, recover, staged_subfolder, swap_in, write_json
 
 from .config import TrainerConfig
 from .data import AttributeMode, Format, Mixture, crop_to_boxes, drop_too_long, load_mixture, load_split
 from .instruct import mix_instructions
-from .runs import write_json
 
 __all__ = [
     "RUN_FILE",
@@ -49,6 +49,8 @@ __all__ = [
     "load_recipe",
     "recipe_names",
     "run_finetune",
+    "training_folder",
+    "unfinished_checkpoint",
     "write_run_file",
 ]
 
@@ -179,31 +181,100 @@ def _cpu_threads(config: FinetuneConfig) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _prepare_output_dir(config: TrainerConfig) -> Path:
-    """Refuse to clobber a finished or unrelated folder; with `overwrite`, clear an earlier run."""
+def _main_process() -> bool:
+    """Of a multi-process launch, the one process that locks, checks and swaps the output folder."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _last_checkpoint(folder: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def unfinished_checkpoint(output_dir: str | Path) -> str | None:
+    """The last checkpoint of an interrupted run into `output_dir`: in its staging folder, or (a run
+    interrupted before runs were staged) in `output_dir` itself when that holds no finished run."""
+    out = Path(output_dir)
+    in_place = None if (out / RUN_FILE).is_file() else _last_checkpoint(out)
+    return _last_checkpoint(partial_path(out)) or in_place
+
+
+@contextlib.contextmanager
+def training_folder(config: TrainerConfig) -> Iterator[None]:
+    """Hold `output_dir`'s lock for the whole run and, when the run returns, swap its staging folder in.
+
+    Runs train into `.NAME.partial` beside `output_dir` (`_prepare_output_dir`, `finer.run_folder`): an
+    earlier run stays in `output_dir` until the new one is complete, and an interrupted run's checkpoints
+    wait in the staging folder for `--resume`.
+    """
+    if not config.output_dir or not _main_process():
+        yield
+        return
+    out = Path(config.output_dir).expanduser().absolute()
+    with OutputLock(out, "--output-dir"):
+        try:
+            yield
+        except KeyboardInterrupt:
+            logger.warning(_interrupted(Path(config.output_dir)))
+            raise
+        swap_in(partial_path(out), out)
+
+
+def _interrupted(out: Path) -> str:
+    """One line: what an interrupted run kept, and how to go on."""
+    work = partial_path(out)
+    checkpoint = _last_checkpoint(work)
+    kept = f"{out} is unchanged" if out.exists() else f"{out} was not written"
+    if checkpoint is None:
+        return f"interrupted before the first checkpoint: {kept}; nothing to resume"
+    return (
+        f"interrupted: {kept}; this run's checkpoints are kept in {work} (last {Path(checkpoint).name}): "
+        "run the same command with --resume to continue"
+    )
+
+
+def _prepare_output_dir(config: TrainerConfig) -> Path:
+    """Where this run trains: the staging folder beside `output_dir`, cleared unless `--resume` continues
+    its checkpoints. Refuses to replace a finished run without `overwrite`, or a folder that is not a run."""
     out = Path(config.output_dir or "")
-    if not out.exists() or not any(out.iterdir()):
-        return out
-    finished = (out / RUN_FILE).is_file()
-    checkpoint = get_last_checkpoint(str(out))
-    if config.overwrite:
-        if not finished and checkpoint is None and not (out / "adapter_config.json").is_file():
-            raise FinerError(
-                f"--output-dir {out} holds files that are not a finer run; choose another folder"
-            )
-        shutil.rmtree(out, ignore_errors=True)  # every process of a multi-process launch clears it
-    elif finished:
-        raise FinerError(f"--output-dir {out} holds a finished run; pass --overwrite to replace it")
-    elif checkpoint is None and not config.resume:
-        raise FinerError(f"--output-dir {out} is not empty; pass --overwrite to replace it or choose another")
-    elif checkpoint is not None and not config.resume:
+    work = partial_path(out)
+    if not _main_process():
+        return work
+    recover(out)
+    if config.resume and not _last_checkpoint(work) and unfinished_checkpoint(out):
+        out.rename(work)  # interrupted before runs were staged: continue it where runs train now
+    if config.resume and _last_checkpoint(work):
+        return work
+    if out.is_dir() and any(out.iterdir()):
+        _check_replaceable(out, config.overwrite)
+        logger.info("%s holds an earlier run: it stays until this one is complete, then is replaced", out)
+    interrupted = _last_checkpoint(work)
+    if interrupted and not config.overwrite and not config.resume:
         raise FinerError(
-            f"--output-dir {out} holds an unfinished run ({Path(checkpoint).name}); "
+            f"{work} holds an interrupted run ({Path(interrupted).name}); "
             "pass --resume to continue it or --overwrite to start over"
         )
-    return out
+    shutil.rmtree(work, ignore_errors=True)
+    return work
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """A non-empty `output_dir` is replaced only with `overwrite`, and only when it holds a run."""
+    checkpoint = _last_checkpoint(out)
+    finished = (out / RUN_FILE).is_file()
+    where = f"--output-dir {out}"
+    if not overwrite and finished:
+        raise FinerError(f"{where} holds a finished run; pass --overwrite to replace it")
+    if not overwrite and checkpoint is not None:
+        raise FinerError(
+            f"{where} holds an unfinished run ({Path(checkpoint).name}); "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+    if not overwrite:
+        raise FinerError(f"{where} is not empty; pass --overwrite to replace it or choose another")
+    if not (finished or checkpoint is not None or (out / "adapter_config.json").is_file()):
+        raise FinerError(f"{where} holds files that are not a finer run; choose another folder")
 
 
 def _model_path(config: TrainerConfig) -> str:
@@ -217,12 +288,9 @@ def _model_path(config: TrainerConfig) -> str:
             return config.model
         from finer.testing import build_tiny_vlm
 
-        partial = path.with_name(f".{path.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
         logger.info("building the tiny %s model into %s", config.tiny_model, path)
-        build_tiny_vlm(config.tiny_model, partial)
-        shutil.rmtree(path, ignore_errors=True)
-        partial.rename(path)
+        with staged_subfolder(path) as partial:
+            build_tiny_vlm(config.tiny_model, partial)
     return config.model
 
 
@@ -288,6 +356,7 @@ class Prepared:
     plan: TrainPlan
     template: str
     trainable: dict[str, tuple[int, int]]
+    work_dir: Path  # where it trains: `output_dir`'s staging folder
 
 
 def build_trainer(config: FinetuneConfig) -> Prepared:
@@ -347,7 +416,7 @@ def build_trainer(config: FinetuneConfig) -> Prepared:
     # Measured with the trainer's own collator: exactly the tokens the model will see.
     drop_too_long(mixture, lambda row: trainer.data_collator([row])["input_ids"].shape[1], config.max_length)
     trainer.train_dataset = mixture.dataset
-    return Prepared(trainer, mixture, family, plan, template, trainable)
+    return Prepared(trainer, mixture, family, plan, template, trainable, output_dir)
 
 
 def _versions() -> dict[str, str]:
@@ -356,17 +425,17 @@ def _versions() -> dict[str, str]:
 
 
 def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Train, save the adapter and processor, optionally score generations; returns the run summary."""
-    with _cpu_threads(config):
+    """Train, save the adapter and processor, optionally score generations; returns the run summary.
+
+    `output_dir` is replaced only when the run is complete (`training_folder`)."""
+    with _cpu_threads(config), training_folder(config):
         return _run(config, time.perf_counter())
 
 
 def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
     """`run_finetune`'s body; `finer_run.json` is written last, so only a finished run has it."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     prepared = build_trainer(config)
-    trainer, mixture = prepared.trainer, prepared.mixture
+    trainer, mixture, work = prepared.trainer, prepared.mixture, prepared.work_dir
     logger.info("family %s; chat template: %s", prepared.family.name, prepared.template)
     logger.info(
         "LoRA targets: %s; trained in full: %s", prepared.plan.target_modules, prepared.plan.modules_to_save
@@ -380,15 +449,15 @@ def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
             count["held_out"],
             count["too_long"],
         )
-    checkpoint = get_last_checkpoint(config.output_dir) if config.resume else None
+    checkpoint = _last_checkpoint(work) if config.resume else None
     if checkpoint:
         logger.info(
             "resuming from %s (the Trainer's checkpoint: weights, optimizer, scheduler, RNG)", checkpoint
         )
     elif config.resume:
-        logger.warning("--resume: no checkpoint in %s, starting from the beginning", config.output_dir)
+        logger.warning("--resume: no checkpoint in %s, starting from the beginning", work)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(config.output_dir)  # adapter_model.safetensors + adapter_config.json + processor
+    trainer.save_model(str(work))  # adapter_model.safetensors + adapter_config.json + processor
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary: dict[str, Any] = {
         "config": dataclasses.asdict(config),
@@ -430,7 +499,7 @@ def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
         summary["eval"] = {"split": config.eval_split, **evaluation}
     summary["duration_s"] = round(time.perf_counter() - started, 2)
     if main_process:
-        write_run_file(config.output_dir, summary)
+        write_run_file(work, summary)
     return summary
 
 

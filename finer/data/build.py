@@ -3,16 +3,15 @@
 `build()` is the whole of `finer build`: resolve the source, pick concepts, fill coarse labels, stream
 every split's rows through the image check into Arrow files, then write `concepts.jsonl`, `build.json`
 and (on request) the original FINER files. The output appears under `--out` only when everything is
-written: a crash leaves a `.partial` folder beside it, never a folder that looks finished.
+written (`finer.run_folder`): a crash leaves a `.partial` folder beside it, never a folder that looks
+finished, and `--overwrite` replaces an earlier build only once the new one is complete.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import platform
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,10 +29,11 @@ from tqdm.auto import tqdm
 import finer
 from finer.builders import ImageRecord, Source, get_source
 from finer.data.coarse import CoarseLabeller
-from finer.errors import FinerError
 from finer.data.knowledge import KnowledgeOptions, add_coarse_report, add_knowledge
 from finer.data.knowledge import coarse_labeller as knowledge_coarse_labeller
+from finer.errors import FinerError
 from finer.models.client import public_url
+from finer.run_folder import staged_output, write_split_state
 from finer.schema import Concept, image_features
 
 CONCEPTS_FILE = "concepts.jsonl"
@@ -73,7 +73,22 @@ def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) ->
     """Build one source into `config.out`; returns the build.json content."""
     started = time.perf_counter()
     source = get_source(config.source)(config.root)
-    out = _prepare_out(config.out, config.overwrite)
+    with staged_output(config.out, overwrite=config.overwrite) as staged:
+        summary, concepts = _build_into(staged.partial, config, source, coarse_labeller, started)
+    if config.export_finer:
+        from finer.data.export import export_finer
+
+        extractors = Counter(c.attributes.extractor for c in concepts if c.attributes.extractor)
+        model = extractors.most_common(1)[0][0] if extractors else "none"
+        dataset = datasets.load_from_disk(str(staged.out))
+        export_finer(dataset, concepts, config.export_finer, source.name, model)
+    return summary
+
+
+def _build_into(
+    partial: Path, config: BuildConfig, source: Source, coarse_labeller: CoarseLabeller | None, started: float
+) -> tuple[dict[str, Any], list[Concept]]:
+    """Everything of the build, written into `partial`; build.json's content and the concepts."""
     splits = _pick_splits(source, config.splits)
     concepts = _pick_concepts(source.concepts(), config.limit_classes)
     knowledge = (not source.bundled_knowledge) if config.knowledge is None else config.knowledge
@@ -82,53 +97,20 @@ def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) ->
     report = add_knowledge(source, concepts, config.knowledge_options) if knowledge else {}
     add_coarse_report(report, labeller)
 
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     timings: dict[str, float] = {"concepts_s": round(time.perf_counter() - started, 3)}
-    try:
-        reports = {}
-        features = image_features(sorted({c.name for c in concepts}))
-        for split in splits:
-            t0 = time.perf_counter()
-            reports[split] = _write_split(source, split, concepts, features, partial / split, config)
-            timings[f"{split}_s"] = round(time.perf_counter() - t0, 3)
-        (partial / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
-        with open(partial / CONCEPTS_FILE, "w", encoding="utf-8") as fh:
-            for concept in concepts:
-                fh.write(json.dumps(concept.to_json(), ensure_ascii=False) + "\n")
-        summary = _summary(config, source, concepts, reports, knowledge, report, timings, started)
-        (partial / BUILD_FILE).write_text(
-            json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n"
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if config.export_finer:
-        from finer.data.export import export_finer
-
-        extractors = Counter(c.attributes.extractor for c in concepts if c.attributes.extractor)
-        model = extractors.most_common(1)[0][0] if extractors else "none"
-        export_finer(datasets.load_from_disk(str(out)), concepts, config.export_finer, source.name, model)
-    return summary
-
-
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise FinerError(f"--out {out} is a file; pass a folder path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FinerError(f"--out {out} is not empty; pass --overwrite to replace it or choose another folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FinerError(f"--out {out}: cannot create its parent folder ({err.strerror})") from None
-    if not os.access(out.parent, os.W_OK):
-        raise FinerError(f"--out {out}: {out.parent} is not writable; choose a folder you can write to")
-    return out
+    reports = {}
+    features = image_features(sorted({c.name for c in concepts}))
+    for split in splits:
+        t0 = time.perf_counter()
+        reports[split] = _write_split(source, split, concepts, features, partial / split, config)
+        timings[f"{split}_s"] = round(time.perf_counter() - t0, 3)
+    (partial / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
+    with open(partial / CONCEPTS_FILE, "w", encoding="utf-8") as fh:
+        for concept in concepts:
+            fh.write(json.dumps(concept.to_json(), ensure_ascii=False) + "\n")
+    summary = _summary(config, source, concepts, reports, knowledge, report, timings, started)
+    (partial / BUILD_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    return summary, concepts
 
 
 def _pick_splits(source: Source, wanted: list[str] | None) -> list[str]:
@@ -220,16 +202,7 @@ def _write_split(
         report.rows = writer.finalize()[0]
     dataset = datasets.Dataset.from_file(str(arrow), split=split)
     dataset.info.write_to_directory(str(folder))
-    state = {
-        "_data_files": [{"filename": arrow.name}],
-        "_fingerprint": dataset._fingerprint,
-        "_format_columns": None,
-        "_format_kwargs": {},
-        "_format_type": None,
-        "_output_all_columns": False,
-        "_split": split,
-    }
-    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    write_split_state(folder, arrow.name, dataset._fingerprint, split)
     if report.skipped:
         tqdm.write(
             f"{source.name}/{split}: skipped {len(report.skipped)} unreadable image(s), see build.json"

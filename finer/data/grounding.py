@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 import finer
 from finer.appendlog import AppendLog
-from finer.data.attributes import cub_phrase
 from finer.cache import Cache, cache_key
+from finer.data.attributes import cub_phrase
 from finer.data.datasets_io import load_built, pick_split
 from finer.errors import FinerError
 from finer.models.client import (
@@ -56,9 +56,10 @@ from finer.models.client import (
     refuses_images,
     run_sync,
 )
-from finer.prompts import render, template_sha256
 from finer.models.images import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, encode_image, open_image
 from finer.models.vlm import HFChat
+from finer.prompts import render, template_sha256
+from finer.run_folder import check_out, staged_output, write_split_state
 
 __all__ = [
     "COLUMN",
@@ -250,20 +251,13 @@ def _check(config: GroundConfig) -> None:
 
 
 def _prepare_out(config: GroundConfig) -> Path:
-    """`--out` as an absolute path, refused when it would overwrite work or touch the input."""
+    """`--out` as an absolute path, refused when it would touch the input (a non-empty one without
+    `--overwrite` is refused by `staged_output`)."""
     out = Path(config.out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise FinerError(f"--out {out} is a file; pass a folder path")
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise FinerError(f"--out {out} is not empty; pass --overwrite to replace it or choose another folder")
     source = Path(config.dataset).expanduser().absolute()
     if source.exists() and (out == source or source in out.parents or out in source.parents):
         raise FinerError(f"--out {out} overlaps the input dataset {source}: the input is never modified")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FinerError(f"--out {out}: cannot create its parent folder ({err.strerror})") from None
-    return out
+    return check_out(out)
 
 
 def _pick(config: GroundConfig) -> dict[str, datasets.Dataset]:
@@ -502,16 +496,7 @@ def _write_split(
         rows = writer.finalize()[0]
     written = datasets.Dataset.from_file(str(arrow), split=dataset.split)
     written.info.write_to_directory(str(folder))
-    state = {
-        "_data_files": [{"filename": arrow.name}],
-        "_fingerprint": written._fingerprint,
-        "_format_columns": None,
-        "_format_kwargs": {},
-        "_format_type": None,
-        "_output_all_columns": False,
-        "_split": str(dataset.split) if dataset.split else None,
-    }
-    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    write_split_state(folder, arrow.name, written._fingerprint, str(dataset.split) if dataset.split else None)
     return rows
 
 
@@ -686,11 +671,17 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     """Ground (or resume grounding) `config.dataset` into `config.out`; returns grounding.json's content.
 
     Raises a one-line `FinerError` for what the user can fix, `ImagesRefused` when the endpoint takes no
-    images (grounding without images is meaningless), and when every call failed.
+    images (grounding without images is meaningless), and when every call failed. The partial folder
+    (`finer.run_folder`) holds the results log across runs; `--out` is replaced only when complete.
     """
-    started = time.perf_counter()
     _check(config)
-    out = _prepare_out(config)
+    with staged_output(_prepare_out(config), overwrite=config.overwrite, resumable=True) as staged:
+        return _ground(config, staged.out, staged.partial)
+
+
+def _ground(config: GroundConfig, out: Path, partial: Path) -> dict[str, Any]:
+    """`ground`'s body, writing into `partial` (its results log kept from an interrupted run)."""
+    started = time.perf_counter()
     picked = _pick(config)
     if config.check_cub is not None:
         _cub_files(config.check_cub)  # a wrong root fails before any call is paid for
@@ -705,7 +696,6 @@ def ground(config: GroundConfig) -> dict[str, Any]:
         row.get("source") == "cub200" for split_rows in rows.values() for row in split_rows
     ):
         raise FinerError(f"--check-cub: DATASET {config.dataset} has no cub200 rows to compare")
-    partial = out.with_name(f".{out.name}.partial")
     _clear_partial(partial)
     results_path = partial / RESULTS_FILE
     log = AppendLog(results_path)
@@ -825,9 +815,6 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     tidy = partial / f".{RESULTS_FILE}.tmp"
     tidy.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept_records), encoding="utf-8")
     tidy.replace(results_path)  # the finished record holds this run's images only
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
     return summary
 
 
