@@ -27,9 +27,11 @@ from typing import Any, Literal
 
 import datasets
 
+from finer.data.datasets_io import load_concepts
 from finer.errors import FinerError
+from finer.eval.distractors import DEFAULT_MODEL, distractor_setup
 from finer.eval.scoring import LEVELS
-from finer.eval.tasks import LabelPool, choice_options, closed_list
+from finer.eval.tasks import LabelPool, choice_question, closed_list
 from finer.models.families import check_trainable
 from finer.prompts import render
 
@@ -42,7 +44,6 @@ from .sft import (
     _prepare_output_dir,
     _trainer_arguments,
     _versions,
-    training_folder,
     write_run_file,
 )
 
@@ -51,13 +52,16 @@ __all__ = ["GrpoConfig", "GrpoFormat", "grpo_dataset", "run_grpo"]
 logger = logging.getLogger(__name__)
 
 GrpoFormat = Literal["open", "choice"]
+DistractorKind = Literal["siblings", "random", "clip"]
+DistractorSpace = Literal["text", "image", "both"]
 _LABELS = ("superordinate", "coarse", "fine")
 
 
 @dataclass
 class GrpoConfig(TrainerConfig):
     """One GRPO run. `format` "open" asks the `direct` prompt at `level`; "choice" a `choices`-way question
-    (options seeded per image by `seed`, as `finer eval --mode choice` does). `reward_weights` name rewards of
+    (options seeded per image by `seed`, wrong options drawn as `distractors` says, as `finer eval --mode
+    choice` does). `reward_weights` name rewards of
     `finer.train.rewards.REWARDS` (accuracy, format, grounding). `batch_size` counts completions per device
     step and must be a multiple of `num_generations`. The shared fields, and what their `None` means
     ("decide from the machine", as in SFT), are `TrainerConfig`'s; GRPO's LoRA rank and learning rate are
@@ -66,6 +70,9 @@ class GrpoConfig(TrainerConfig):
     format: GrpoFormat = "open"
     level: str = "fine"
     choices: int = 5
+    distractors: DistractorKind = "siblings"
+    distractor_model: str = DEFAULT_MODEL
+    distractor_space: DistractorSpace = "text"
     reward_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     lora_r: int = 64
     lora_alpha: int = 128
@@ -91,10 +98,14 @@ def grpo_dataset(
     prompts_dir: str | Path | None = None,
     need_attributes: bool = False,
     crop: bool = False,
+    distractors: str = "siblings",
+    distractor_model: str = DEFAULT_MODEL,
+    distractor_space: str = "text",
 ) -> tuple[datasets.Dataset, dict[str, dict[str, int]]]:
     """Prompt-only rows of `specs`' `split` for GRPO, and per source how many rows came in and were kept.
 
-    Choice questions draw distractors from the labels of the dataset itself; a row without a label at
+    Choice questions draw distractors from the labels of the dataset itself (`distractors`: siblings,
+    random, or clip neighbours mined from its concepts, `finer.eval.distractors`); a row without a label at
     `level` cannot be asked as a choice and is skipped (counted). With `crop`, the rows keep `bbox` and
     their images are cropped to it when read (`crop_to_boxes`), nothing is rewritten.
     """
@@ -125,6 +136,11 @@ def grpo_dataset(
         pool = LabelPool.of(rows, level)
         if fmt == "choice" and len(pool.labels) < 2:
             raise FinerError(f"dataset {spec!r} has a single {level} label: nothing to choose from")
+        mined = None
+        if fmt == "choice":
+            concepts = load_concepts(spec, _LABELS) or [{c: row[c] for c in _LABELS} for row in rows]
+            model, space = distractor_model, distractor_space
+            mined = distractor_setup(distractors, spec, concepts, model=model, space=space)[1]
         keep, prompts, letters, options = [], [], [], []
         closed: dict[str, list[str] | None] = {}
         for i, row in enumerate(rows):
@@ -132,7 +148,16 @@ def grpo_dataset(
             if fmt == "choice":
                 if not _canonical(row[level]):
                     continue
-                opts, letter = choice_options(row, level, pool, choices, seed)
+                question = choice_question(
+                    row,
+                    level,
+                    pool,
+                    choices,
+                    seed,
+                    distractors=distractors,
+                    neighbours=mined.levels.get(level) if mined else None,
+                )
+                opts, letter = question.options, question.answer
                 prompts.append(render("choice", prompts_dir=prompts_dir, choices=opts, parent=None))
                 letters.append(letter)
                 options.append(opts)
@@ -163,14 +188,7 @@ def grpo_dataset(
 
 
 def run_grpo(config: GrpoConfig) -> dict[str, Any]:
-    """Train with GRPO, save the adapter and processor, write `finer_run.json`; returns the run summary.
-
-    `output_dir` is replaced only when the run is complete (`training_folder`)."""
-    with training_folder(config):
-        return _run_grpo(config)
-
-
-def _run_grpo(config: GrpoConfig) -> dict[str, Any]:
+    """Train with GRPO, save the adapter and processor, write `finer_run.json`; returns the run summary."""
     from transformers import AutoProcessor
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig, GRPOTrainer
@@ -195,6 +213,9 @@ def _run_grpo(config: GrpoConfig) -> dict[str, Any]:
         prompts_dir=config.prompts_dir,
         need_attributes=bool(weights.get("grounding")),
         crop=config.crop_to_bbox,
+        distractors=config.distractors,
+        distractor_model=config.distractor_model,
+        distractor_space=config.distractor_space,
     )
     output_dir = _prepare_output_dir(config)
 
@@ -221,9 +242,9 @@ def _run_grpo(config: GrpoConfig) -> dict[str, Any]:
         peft_config=plan.lora_config(config.lora_r, config.lora_alpha, config.lora_dropout),
     )
     trainable = check_trainable(trainer.model, plan)
-    checkpoint = get_last_checkpoint(str(output_dir)) if config.resume else None
+    checkpoint = get_last_checkpoint(config.output_dir) if config.resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(str(output_dir))  # adapter_model.safetensors + adapter_config.json + processor
+    trainer.save_model(config.output_dir)  # adapter_model.safetensors + adapter_config.json + processor
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
     rewards = [entry["reward"] for entry in history if "reward" in entry]
@@ -254,5 +275,5 @@ def _run_grpo(config: GrpoConfig) -> dict[str, Any]:
     }
     summary["duration_s"] = round(time.perf_counter() - started, 2)
     if trainer.is_world_process_zero():
-        write_run_file(output_dir, summary)
+        write_run_file(config.output_dir, summary)
     return summary

@@ -1,10 +1,8 @@
 """`finer export-lmms-eval`: our benchmark as an lmms-eval task, so the same questions and scoring run there.
 
-The export writes three files per task: ``<task>.yaml`` (lmms-eval's task config), ``<task>_hooks.py`` (the
-``!function`` hooks the YAML names) and ``<task>_settings.json`` (mode, level, options and the dataset's
-label pool, which choice distractors and closed lists are drawn from), with the task name made a module name
-(``[^A-Za-z0-9_]`` → ``_``). Each task carries its own hooks and settings, so several tasks share one
-folder without one export changing another's level or options. The hooks delegate to `LmmsTask`, which
+The export writes three files to one folder: ``<task>.yaml`` (lmms-eval's task config), ``utils.py`` (the
+``!function`` hooks the YAML names) and ``finer_task.json`` (mode, level, options and the dataset's label
+pool, which choice distractors and closed lists are drawn from). The hooks delegate to `LmmsTask`, which
 asks through `finer.eval.tasks.EvalPlan` and scores with `finer.eval.scoring`: the prompts, options and
 scores are those of `finer eval`, so `finer` must be installed where lmms-eval runs.
 
@@ -12,10 +10,7 @@ What the files follow, as read in lmms-eval's source (EvolvingLMMs-Lab/lmms-eval
 ``TaskConfig`` / ``ConfigurableTask`` / ``ConfigurableMessagesTask``, ``lmms_eval/protocol.py``, the
 ``import_function`` YAML constructor in ``lmms_eval/utils.py``, ``lmms_eval/tasks/__init__.py``):
 
-- ``!function module.name`` imports ``name`` from ``module.py`` beside the YAML (a file, not a package);
-- callable hooks may get the task's ``lmms_eval_specific_kwargs`` as a second argument (``doc_to_text``,
-  ``doc_to_visual``, ``doc_to_messages``; ``doc_to_text`` also as a keyword, always, for some models),
-  and ``process_results`` may get ``full_docs``: every hook accepts them;
+- ``!function utils.name`` imports ``name`` from ``utils.py`` beside the YAML (a file, not a package);
 - chat models (``ConfigurableMessagesTask``) call ``doc_to_messages(doc)``: a list of ``{"role", "content"}``
   with blocks ``{"type": "text", "text"}`` and ``{"type": "image", "url": PIL image}``; simple models call
   ``doc_to_visual`` and ``doc_to_text`` instead, so both are written;
@@ -28,9 +23,7 @@ What the files follow, as read in lmms-eval's source (EvolvingLMMs-Lab/lmms-eval
   ``datasets.load_dataset(dataset_path, ...)`` (a Hub repo);
 - ``generation_kwargs`` without ``until`` stop at a blank line (``TaskConfig.__post_init__``), which would
   cut an answer given after one: ``until: []`` keeps the whole answer, as `finer eval` does;
-- ``metadata`` as a mapping: its ``version`` becomes the task version (a list is ignored);
-- ``dataset_path`` is read as it is written (relative to where lmms-eval runs, not to the YAML), so a
-  local dataset is written as an absolute path: move the dataset, export again.
+- ``metadata`` as a mapping: its ``version`` becomes the task version (a list is ignored).
 """
 
 from __future__ import annotations
@@ -43,6 +36,7 @@ from typing import Any
 
 import finer
 from finer.errors import FinerError
+from finer.eval.distractors import DEFAULT_MODEL, check_distractors, distractor_setup
 from finer.eval.scoring import LEVELS, score, score_choice
 from finer.eval.tasks import EvalPlan, Task
 from finer.prompts import template_sha256
@@ -50,30 +44,28 @@ from finer.prompts import template_sha256
 __all__ = [
     "EXPORT_MODES",
     "METRICS",
-    "CPU_MODEL_ARGS",
+    "SETTINGS_FILE",
+    "UTILS_FILE",
     "ExportConfig",
     "LmmsTask",
     "export_lmms_eval",
-    "run_hint",
 ]
 
 #: Modes that fit lmms-eval's one generation per document (attrseek needs the model's first answer).
 EXPORT_MODES: tuple[str, ...] = ("direct", "choice")
 #: The metrics `process_results` returns per mode, all averaged over documents.
 METRICS: dict[str, tuple[str, ...]] = {"direct": ("modified_em", "strict_em", "f1"), "choice": ("accuracy",)}
-#: What `--model_args` needs beside ``pretrained=`` for lmms-eval's transformers models (``llava_hf``,
-#: ``qwen2_5_vl``, ``huggingface``, …) to run on a CPU: they default to CUDA.
-CPU_MODEL_ARGS = "device=cpu,device_map=cpu"
+SETTINGS_FILE = "finer_task.json"
+UTILS_FILE = "utils.py"
 #: Bumped when the generated task changes meaning, so that lmms-eval's version column tells results apart.
 TASK_VERSION = "1.0"
 _HOOKS = ("doc_to_visual", "doc_to_text", "doc_to_messages", "doc_to_target", "process_results")
 _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
-_HOOKS_MODULE = '''"""lmms-eval hooks of the finer task {task!r} (`finer export-lmms-eval`, finer {version}).
+_UTILS = '''"""lmms-eval hooks of the finer task in this folder (`finer export-lmms-eval`, finer {version}).
 
 Questions and scores come from the installed `finer` package, configured by {settings} beside this file;
-export again rather than editing it. lmms-eval may pass the task's `lmms_eval_specific_kwargs` (and
-`full_docs`): the task's own settings file decides everything, so they are accepted and not needed.
+regenerate the folder rather than editing it.
 """
 
 from pathlib import Path
@@ -83,29 +75,29 @@ from finer.eval.lmms_eval import LmmsTask
 _TASK = LmmsTask.load(Path(__file__).with_name("{settings}"))
 
 
-def doc_to_visual(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> list:
+def doc_to_visual(doc: dict) -> list:
     return _TASK.doc_to_visual(doc)
 
 
-def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
+def doc_to_text(doc: dict) -> str:
     return _TASK.doc_to_text(doc)
 
 
-def doc_to_messages(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> list[dict]:
+def doc_to_messages(doc: dict) -> list[dict]:
     return _TASK.doc_to_messages(doc)
 
 
-def doc_to_target(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
+def doc_to_target(doc: dict) -> str:
     return _TASK.doc_to_target(doc)
 
 
-def process_results(doc: dict, results: list[str], full_docs: object = None) -> dict[str, float]:
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     return _TASK.process_results(doc, results)
 '''
 
 
 class LmmsTask:
-    """One exported task at run time: what its generated hooks module calls, per lmms-eval document.
+    """One exported task at run time: what the generated utils.py's hooks call, per lmms-eval document.
 
     A document is a row of the built dataset (docs/design.md §3), with its image decoded by `datasets`.
     """
@@ -118,8 +110,15 @@ class LmmsTask:
             "gold_parent": False,
             "choices": settings["choices"],
             "seed": settings["seed"],
+            **settings.get("distractors", {}),
         }
-        self.plan = EvalPlan(run=run, concepts=settings["concepts"], images=None)
+        mined = settings.get("neighbours")
+        self.plan = EvalPlan(
+            run=run,
+            concepts=settings["concepts"],
+            images=None,
+            neighbours={self.level: mined} if mined else None,
+        )
 
     @classmethod
     def load(cls, path: Path) -> LmmsTask:
@@ -186,6 +185,9 @@ class ExportConfig:
     choices: int = 5
     seed: int = 0
     max_new_tokens: int = 128
+    distractors: str = "siblings"
+    distractor_model: str = DEFAULT_MODEL
+    distractor_space: str = "text"
 
 
 def _default_name(dataset: str, level: str, mode: str) -> str:
@@ -193,19 +195,6 @@ def _default_name(dataset: str, level: str, mode: str) -> str:
     stem = re.sub(r"[^a-z0-9]+", "_", Path(dataset.rstrip("/")).name.lower()).strip("_")
     stem = stem.removeprefix("finer_") or "dataset"  # a repo named finer-cub gives finer_cub_fine
     return "_".join(["finer", stem, level, *(["choice"] if mode == "choice" else [])])
-
-
-def _module(task: str) -> str:
-    """The stem of a task's hooks module and settings file: a module name, so ``!function`` can import it."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", task)
-
-
-def run_hint(task: str, folder: Path | str) -> str:
-    """The lmms-eval command that runs the exported task on a CPU."""
-    return (
-        f"python -m lmms_eval --model llava_hf --model_args pretrained=ID,{CPU_MODEL_ARGS} "
-        f"--tasks {task} --include_path {folder}"
-    )
 
 
 def _q(value: str) -> str:
@@ -216,24 +205,17 @@ def _q(value: str) -> str:
 def _yaml(config: ExportConfig, task: str, dataset: Path | None) -> str:
     """The task config; written by hand because PyYAML cannot emit lmms-eval's ``!function`` tags."""
     lines = [
-        f"# lmms-eval task written by `finer export-lmms-eval` (finer {finer.__version__}).",
-        f"# Run it on a CPU with   {run_hint(task, 'DIR')}",
-        "# (DIR: this folder; --model: lmms-eval's class for your model's family, e.g. llava_hf or",
-        f"# qwen2_5_vl; on a GPU leave out {CPU_MODEL_ARGS}). {_module(task)}_hooks.py imports `finer`:",
-        "# install it where lmms-eval runs.",
+        f"# lmms-eval task written by `finer export-lmms-eval` (finer {finer.__version__}). Run it with",
+        f"#   python -m lmms_eval --model MODEL --model_args pretrained=ID --tasks {task} --include_path DIR",
+        "# (DIR: this folder). utils.py imports `finer`: install it where lmms-eval runs.",
         f"task: {_q(task)}",
     ]
     if dataset is not None:
-        lines += [
-            "# dataset_path is absolute (lmms-eval reads it where it runs): move the data, export again.",
-            f"dataset_path: {_q(str(dataset))}",
-            "dataset_kwargs:",
-            "  load_from_disk: true",
-        ]
+        lines += [f"dataset_path: {_q(str(dataset))}", "dataset_kwargs:", "  load_from_disk: true"]
     else:
         lines.append(f"dataset_path: {_q(config.dataset)}")
     lines += [f"test_split: {_q(config.split)}", "output_type: generate_until"]
-    lines += [f"{hook}: !function {_module(task)}_hooks.{hook}" for hook in _HOOKS]
+    lines += [f"{hook}: !function utils.{hook}" for hook in _HOOKS]
     lines += [
         "generation_kwargs:",
         f"  max_new_tokens: {config.max_new_tokens}",
@@ -269,31 +251,19 @@ def _check(config: ExportConfig) -> str:
         raise FinerError(f"--choices must be between 2 and 26, not {config.choices}")
     if config.max_new_tokens < 1:
         raise FinerError("--max-new-tokens must be at least 1")
-    task = config.task or _default_name(config.dataset, config.level, config.mode)
+    check_distractors(config.distractors, config.distractor_space)
+    kind = f"_{config.distractors}" if config.mode == "choice" and config.distractors != "siblings" else ""
+    task = config.task or _default_name(config.dataset, config.level, config.mode) + kind
     if not _TASK_NAME.fullmatch(task):
         raise FinerError(f"--task {task!r}: use letters, digits, '_', '-' and '.'")
     return task
 
 
-def _refuse_clash(settings: Path, task: str) -> None:
-    """Two task names that make one module name ("a.b", "a_b") would share hooks: refuse the second."""
-    try:
-        other = json.loads(settings.read_text(encoding="utf-8")).get("task")
-    except (OSError, ValueError, AttributeError):
-        return
-    if other not in (None, task):
-        raise FinerError(
-            f"--task {task!r}: {settings.parent} holds task {other!r}, whose files have the same name "
-            f"({settings.name}); choose another --task or --out"
-        )
-
-
 def export_lmms_eval(config: ExportConfig) -> dict[str, Path]:
-    """Write the task's YAML, hooks module and settings into ``config.out``; returns the paths by role
-    (``yaml``, ``hooks``, ``settings``). Another task's files there stay as they are.
+    """Write the task's YAML, utils.py and settings into ``config.out``; returns the paths by role.
 
-        The split is loaded once to check that it exists with the columns the hooks read, and for the label
-        pool (the dataset's concepts), which is stored so that the task needs no second look-up at run time.
+    The split is loaded once to check that it exists with the columns the hooks read, and for the label
+    pool (the dataset's concepts), which is stored so that the task needs no second look-up at run time.
     """
     from finer.eval.engine import LABEL_COLUMNS, load_split
 
@@ -313,23 +283,26 @@ def export_lmms_eval(config: ExportConfig) -> dict[str, Path]:
         "finer_version": finer.__version__,
         "concepts": [{k: c[k] for k in ("superordinate", "coarse", "fine")} for c in concepts],
     }
+    if config.mode == "choice":  # the neighbours travel with the task: lmms-eval needs no encoder
+        drawn, mined = distractor_setup(
+            config.distractors,
+            config.dataset,
+            concepts,
+            model=config.distractor_model,
+            space=config.distractor_space,
+        )
+        settings["distractors"] = drawn
+        settings["neighbours"] = mined.levels.get(config.level) if mined else None
     LmmsTask(settings).plan.levels(config.level)  # choice: refuses a level with a single label
     local = Path(config.dataset).expanduser()
     out = Path(config.out).expanduser()
     if out.exists() and not out.is_dir():
         raise FinerError(f"--out {out} is a file; pass a folder")
     out.mkdir(parents=True, exist_ok=True)
-    stem = _module(task)
-    paths = {
-        "yaml": out / f"{task}.yaml",
-        "hooks": out / f"{stem}_hooks.py",
-        "settings": out / f"{stem}_settings.json",
-    }
-    _refuse_clash(paths["settings"], task)
+    paths = {"yaml": out / f"{task}.yaml", "utils": out / UTILS_FILE, "settings": out / SETTINGS_FILE}
     paths["settings"].write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["hooks"].write_text(
-        _HOOKS_MODULE.format(task=task, version=finer.__version__, settings=paths["settings"].name),
-        encoding="utf-8",
+    paths["utils"].write_text(
+        _UTILS.format(version=finer.__version__, settings=SETTINGS_FILE), encoding="utf-8"
     )
     paths["yaml"].write_text(
         _yaml(config, task, local.resolve() if local.is_dir() else None), encoding="utf-8"

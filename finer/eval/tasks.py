@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,17 @@ from finer.eval.scoring import LEVELS, extract_answer, strict_em
 from finer.prompts import render
 
 __all__ = [
+    "DISTRACTOR_KINDS",
     "FINER_LEVELS",
     "MODES",
     "MODE_TEMPLATES",
+    "Choice",
     "EvalPlan",
     "LabelPool",
     "Task",
+    "canonical_label",
     "choice_options",
+    "choice_question",
     "closed_list",
 ]
 
@@ -41,6 +45,8 @@ MODES: tuple[str, ...] = ("direct", "attrseek", "probe", "choice", "finer")
 MODE_TEMPLATES: dict[str, str] = {"finer": "train_finer"}
 #: Levels the `finer` replay asks: its first question names the superordinate.
 FINER_LEVELS: tuple[str, ...] = ("coarse", "fine")
+#: How the wrong options of a choice question are drawn (`--distractors`; `finer.eval.distractors`).
+DISTRACTOR_KINDS: tuple[str, ...] = ("siblings", "random", "clip")
 
 
 @dataclass
@@ -60,7 +66,7 @@ class Task:
     attributes_turn: int | None = None
 
 
-def _canonical(labels: str | list[str]) -> str:
+def canonical_label(labels: str | list[str]) -> str:
     """The canonical label of a column that holds one string (superordinate) or a list (coarse, fine)."""
     if isinstance(labels, str):
         return labels
@@ -80,9 +86,10 @@ class LabelPool:
     def of(cls, concepts: list[dict[str, Any]], level: str) -> LabelPool:
         seen: dict[str, tuple[str, str, str]] = {}
         for concept in concepts:
-            label = _canonical(concept[level])
+            label = canonical_label(concept[level])
             if label and label.lower() not in seen:
-                seen[label.lower()] = (label, concept["superordinate"], _canonical(concept["coarse"]).lower())
+                coarse = canonical_label(concept["coarse"]).lower()
+                seen[label.lower()] = (label, concept["superordinate"], coarse)
         by_superordinate: dict[str, list[str]] = defaultdict(list)
         by_coarse: dict[tuple[str, str], list[str]] = defaultdict(list)
         for _, (label, superordinate, coarse) in sorted(seen.items()):
@@ -91,30 +98,71 @@ class LabelPool:
         return cls([entry[0] for _, entry in sorted(seen.items())], dict(by_superordinate), dict(by_coarse))
 
 
-def choice_options(
-    row: dict[str, Any], level: str, pool: LabelPool | list[dict[str, Any]], k: int, seed: int
-) -> tuple[list[str], str]:
-    """The options of a k-way question about ``row`` at ``level`` and the gold letter.
+@dataclass(frozen=True)
+class Choice:
+    """A k-way question's options, the gold letter, and why each option is there: ``kinds[i]`` is "gold",
+    "sibling" (shares the gold's parent label), "random" or "clip" (a nearest neighbour by the encoder, its
+    cosine similarity to the gold in ``similarity[i]``)."""
 
-    ``pool`` is the level's `LabelPool`, or the dataset's concepts to build it from. Distractors are hard
-    negatives first: at the fine level, labels sharing the row's canonical coarse label, then those sharing
-    its superordinate, then any other; at the coarse level, groups sharing the superordinate, then any
-    other. A label the row accepts at that level is never a distractor. Fewer options come back when the
-    dataset has fewer labels. Seeded by (seed, source, image id, level).
+    options: list[str]
+    answer: str
+    kinds: list[str]
+    similarity: list[float | None]
+
+
+def _nearest_first(neighbours: Sequence[tuple[str, float]], rng: random.Random) -> list[tuple[str, float]]:
+    """The neighbours by decreasing similarity, equal similarities in an order drawn from ``rng``."""
+    return sorted(neighbours, key=lambda entry: (-entry[1], rng.random()))
+
+
+def choice_question(
+    row: dict[str, Any],
+    level: str,
+    pool: LabelPool | list[dict[str, Any]],
+    k: int,
+    seed: int,
+    *,
+    distractors: str = "siblings",
+    neighbours: Mapping[str, Sequence[tuple[str, float]]] | None = None,
+) -> Choice:
+    """The k-way question about ``row`` at ``level``: options, gold letter and each option's kind.
+
+    ``pool`` is the level's `LabelPool`, or the dataset's concepts to build it from. ``distractors``:
+    "siblings" draws hard negatives first — at the fine level labels sharing the row's canonical coarse label,
+    then those sharing its superordinate, then any other; at the coarse level groups sharing the
+    superordinate, then any other —; "random" draws from every label; "clip" takes the labels nearest the
+    gold in ``neighbours`` (the level's lists of `finer.eval.distractors.Neighbours`), ties in an order drawn
+    from the seed, and fills up at random when they run out. A label the row accepts at that level is never a
+    distractor. Fewer options come back when the dataset has fewer labels. Seeded by (seed, source, image
+    id, level).
     """
+    if distractors not in DISTRACTOR_KINDS:
+        raise FinerError(f"--distractors {distractors}: choose one of {', '.join(DISTRACTOR_KINDS)}")
     if not isinstance(pool, LabelPool):
         pool = LabelPool.of(pool, level)
     rng = random.Random(cache_key(seed, row.get("source", ""), row["image_id"], level))
     golds = [row[level]] if isinstance(row[level], str) else list(row[level])
-    gold = _canonical(row[level])
-    superordinate, coarse = row["superordinate"], _canonical(row["coarse"]).lower()
-    tiers = [pool.labels]
-    if level != "superordinate":
-        tiers.insert(0, pool.by_superordinate.get(superordinate, []))
-    if level == "fine" and coarse:
-        tiers.insert(0, pool.by_coarse.get((superordinate, coarse), []))
+    gold = canonical_label(row[level])
+    superordinate, coarse = row["superordinate"], canonical_label(row["coarse"]).lower()
     chosen: list[str] = []
-    for tier in tiers:
+    kinds: dict[str, str] = {}
+    similarity: dict[str, float] = {}
+    if distractors == "clip":
+        if neighbours is None:
+            raise FinerError("--distractors clip needs the mined neighbours of the dataset")
+        for label, score in _nearest_first(neighbours.get(gold.lower(), []), rng):
+            if len(chosen) == k - 1:
+                break
+            if label.lower() not in {c.lower() for c in chosen} and not strict_em(label, golds):
+                chosen.append(label)
+                kinds[label], similarity[label] = "clip", score
+    tiers: list[tuple[list[str], str]] = [(pool.labels, "random")]
+    if distractors == "siblings" and level != "superordinate":
+        sharing = pool.by_superordinate.get(superordinate, [])
+        tiers.insert(0, (sharing, "sibling" if level == "coarse" else "random"))
+    if distractors == "siblings" and level == "fine" and coarse:
+        tiers.insert(0, (pool.by_coarse.get((superordinate, coarse), []), "sibling"))
+    for tier, kind in tiers:
         need = k - 1 - len(chosen)
         if need <= 0:
             break
@@ -128,10 +176,24 @@ def choice_options(
         picked = fresh(drawn)
         if len(picked) < need and len(drawn) < len(tier):  # labels that only normalise like a gold
             picked = fresh(rng.sample(tier, len(tier)))
+        kinds.update(dict.fromkeys(picked[:need], kind))
         chosen += picked[:need]
     options = [gold, *chosen]
     rng.shuffle(options)
-    return options, chr(ord("A") + options.index(gold))
+    return Choice(
+        options,
+        chr(ord("A") + options.index(gold)),
+        ["gold" if option == gold else kinds[option] for option in options],
+        [similarity.get(option) for option in options],
+    )
+
+
+def choice_options(
+    row: dict[str, Any], level: str, pool: LabelPool | list[dict[str, Any]], k: int, seed: int
+) -> tuple[list[str], str]:
+    """The options and gold letter of `choice_question` with sibling distractors (the default)."""
+    question = choice_question(row, level, pool, k, seed)
+    return question.options, question.answer
 
 
 def closed_list(source: str, level: str, concepts: list[dict[str, Any]]) -> list[str] | None:
@@ -153,9 +215,12 @@ class EvalPlan:
         concepts: list[dict[str, Any]],
         images: Callable[[int], Image.Image] | None,
         prompts_dir: Path | str | None = None,
+        neighbours: Mapping[str, Mapping[str, Sequence[tuple[str, float]]]] | None = None,
     ) -> None:
-        """``run`` identifies the run in every record (model, adapter, mode, options, template hash)."""
+        """``run`` identifies the run in every record (model, adapter, mode, options, template hash);
+        ``neighbours`` are the mined lists per level that ``run["distractors"] == "clip"`` draws from."""
         self.run = run
+        self.neighbours = neighbours or {}
         self.mode: str = run["mode"]
         self.concepts = concepts
         self.images = images
@@ -190,7 +255,7 @@ class EvalPlan:
 
     def askable(self, row: dict[str, Any], level: str) -> bool:
         """Whether the row can be asked at ``level``: a multiple-choice question needs a gold option."""
-        return self.mode != "choice" or bool(_canonical(row[level]))
+        return self.mode != "choice" or bool(canonical_label(row[level]))
 
     def task(self, index: int, row: dict[str, Any], level: str) -> Task:
         """Render the question about row ``index`` (its labels in ``row``) at ``level``."""
@@ -207,7 +272,7 @@ class EvalPlan:
         }
         parent = None
         if self.run["gold_parent"] and level != "superordinate":
-            parent = row["superordinate"] if level == "coarse" else _canonical(row["coarse"]) or None
+            parent = row["superordinate"] if level == "coarse" else canonical_label(row["coarse"]) or None
         image = None if self.images is None else (lambda: self.images(index))  # type: ignore[misc]
         dir_ = self.prompts_dir
         if self.mode == "probe":
@@ -217,17 +282,26 @@ class EvalPlan:
                 level=level,
                 attributes=list(row.get("attributes_required") or []),
                 superordinate=row["superordinate"],
-                coarse=_canonical(row["coarse"]),
+                coarse=canonical_label(row["coarse"]),
             )
             return Task(record["key"], record, first, None)
         if self.mode == "finer":
             return self._finer(record, row, level, image)
         if self.mode == "choice":
-            options, answer = choice_options(
-                row, level, self.pools[level], self.run["choices"], self.run["seed"]
+            kind = self.run.get("distractors") or "siblings"
+            question = choice_question(
+                row,
+                level,
+                self.pools[level],
+                self.run["choices"],
+                self.run["seed"],
+                distractors=kind,
+                neighbours=self.neighbours.get(level),
             )
-            record.update(options=options, answer=answer)
-            first = render("choice", prompts_dir=dir_, choices=options, parent=parent)
+            record.update(options=question.options, answer=question.answer, option_kinds=question.kinds)
+            if kind == "clip":
+                record["option_similarity"] = question.similarity
+            first = render("choice", prompts_dir=dir_, choices=question.options, parent=parent)
             return Task(record["key"], record, first, image)
         closed = (record["source"], level)
         if closed not in self._closed:
@@ -258,7 +332,7 @@ class EvalPlan:
         first question names the superordinate and asks the group (the coarse answer); at the fine level the
         attribute and name questions follow about the model's own group (the gold group with `gold_parent`),
         the model's earlier answers being the assistant turns. No gold fine label reaches the prompt."""
-        gold_group = _canonical(row["coarse"]) if self.run["gold_parent"] else None
+        gold_group = canonical_label(row["coarse"]) if self.run["gold_parent"] else None
 
         def users(group: str) -> list[dict]:
             messages = render(

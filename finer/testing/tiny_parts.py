@@ -10,6 +10,10 @@ the production path:
 - `llama`: a `LlamaForCausalLM` with a BOS-adding tokenizer that pads with `<unk>` (lmsys/vicuna-*).
 - `qwen2`: a `Qwen2ForCausalLM` with tied embeddings, no BOS, `<|im_end|>` as EOS (Qwen/Qwen2.5-*-Instruct).
 
+`build_tiny_clip` writes a whole contrastive encoder as the Hub ships openai/clip-vit-*: `CLIPModel`, its
+tokenizer (`<|startoftext|> … <|endoftext|>`, padded with `<|endoftext|>`) and image processor, for the
+choice-distractor mining (`finer.eval.distractors`), which embeds class names and images with it.
+
 Sizes are `finer.testing.tiny_vlm`'s, and so is the tokenizer trainer: 32x32 images in 8-pixel patches
 (16 patches), a 64-wide two-layer language model. Each builds in about a second on a CPU.
 """
@@ -21,6 +25,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from tokenizers import processors
 from transformers import (
     BitImageProcessorPil,
     CLIPConfig,
@@ -43,7 +48,15 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from finer.testing.tiny_vlm import _IMAGE_SIZE, _PATCH, _VISION, _cache_dir, _text_config, _train_tokenizer
 
-__all__ = ["TINY_LLMS", "TINY_VISION", "build_tiny_llm", "build_tiny_vision", "tiny_part_path"]
+__all__ = [
+    "TINY_LLMS",
+    "TINY_VISION",
+    "build_tiny_clip",
+    "build_tiny_llm",
+    "build_tiny_vision",
+    "tiny_clip_path",
+    "tiny_part_path",
+]
 
 TINY_VISION: tuple[str, ...] = ("clip", "siglip", "dinov2")
 TINY_LLMS: tuple[str, ...] = ("llama", "qwen2")
@@ -59,6 +72,8 @@ _CONTRASTIVE_TEXT = {
     "eos_token_id": 2,
 }
 _SQUARE = {"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
+#: Text positions of the whole tiny CLIP: room for "a photo of a {fine}, a type of {coarse}" in our BPE.
+_CLIP_TEXT_POSITIONS = 64
 
 
 def _clip() -> tuple[PreTrainedModel, BaseImageProcessor]:
@@ -67,6 +82,39 @@ def _clip() -> tuple[PreTrainedModel, BaseImageProcessor]:
     )
     processor = CLIPImageProcessorPil(size={"shortest_edge": _IMAGE_SIZE}, crop_size=_SQUARE)
     return CLIPModel(config), processor
+
+
+def _clip_tokenizer() -> PreTrainedTokenizerFast:
+    """CLIP's layout on our byte-level BPE: start and end token around every text, padded with the end
+    token (CLIP pools the text at the first end token)."""
+    start, end = "<|startoftext|>", "<|endoftext|>"
+    tokenizer = _train_tokenizer([start, end], bos=start, eos=end, pad=end, unk=end, add_bos=False)
+    ids = [(start, tokenizer.convert_tokens_to_ids(start)), (end, tokenizer.convert_tokens_to_ids(end))]
+    tokenizer.backend_tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{start} $A {end}", pair=f"{start} $A {end} $B {end}", special_tokens=ids
+            ),
+        ]
+    )
+    tokenizer.model_max_length = _CLIP_TEXT_POSITIONS
+    return tokenizer
+
+
+def _whole_clip() -> tuple[PreTrainedModel, PreTrainedTokenizerFast, BaseImageProcessor]:
+    tokenizer = _clip_tokenizer()
+    text = {
+        **_CONTRASTIVE_TEXT,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": _CLIP_TEXT_POSITIONS,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = CLIPConfig(text_config=text, vision_config=_TOWER, projection_dim=_VISION["hidden_size"])
+    processor = CLIPImageProcessorPil(size={"shortest_edge": _IMAGE_SIZE}, crop_size=_SQUARE)
+    return CLIPModel(config), tokenizer, processor
 
 
 def _siglip() -> tuple[PreTrainedModel, BaseImageProcessor]:
@@ -145,6 +193,23 @@ def build_tiny_llm(kind: str, out_dir: Path, *, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def build_tiny_clip(out_dir: Path, *, seed: int = 0) -> Path:
+    """A random-weight `CLIPModel` with its tokenizer and image processor in `out_dir` (openai/clip-vit-*'s
+    layout: `AutoModel`, `AutoTokenizer` and `AutoImageProcessor` load it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, tokenizer, processor = _whole_clip()
+    for part in (model, tokenizer, processor):
+        part.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+@cache
+def tiny_clip_path() -> Path:
+    """The folder of the whole tiny CLIP (seed 0), built once per process; read-only, deleted at exit."""
+    return build_tiny_clip(_cache_dir() / "clip-whole")
 
 
 @cache
