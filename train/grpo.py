@@ -44,6 +44,7 @@ from .sft import (
     _prepare_output_dir,
     _trainer_arguments,
     _versions,
+    training_folder,
     write_run_file,
 )
 
@@ -188,7 +189,14 @@ def grpo_dataset(
 
 
 def run_grpo(config: GrpoConfig) -> dict[str, Any]:
-    """Train with GRPO, save the adapter and processor, write `finer_run.json`; returns the run summary."""
+    """Train with GRPO, save the adapter and processor, write `finer_run.json`; returns the run summary.
+
+    `output_dir` is replaced only when the run is complete (`training_folder`)."""
+    with training_folder(config):
+        return _run_grpo(config)
+
+
+def _run_grpo(config: GrpoConfig) -> dict[str, Any]:
     from transformers import AutoProcessor
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig, GRPOTrainer
@@ -242,9 +250,9 @@ def run_grpo(config: GrpoConfig) -> dict[str, Any]:
         peft_config=plan.lora_config(config.lora_r, config.lora_alpha, config.lora_dropout),
     )
     trainable = check_trainable(trainer.model, plan)
-    checkpoint = get_last_checkpoint(config.output_dir) if config.resume else None
+    checkpoint = get_last_checkpoint(str(output_dir)) if config.resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(config.output_dir)  # adapter_model.safetensors + adapter_config.json + processor
+    trainer.save_model(str(output_dir))  # adapter_model.safetensors + adapter_config.json + processor
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
     rewards = [entry["reward"] for entry in history if "reward" in entry]
@@ -275,5 +283,5 @@ def run_grpo(config: GrpoConfig) -> dict[str, Any]:
     }
     summary["duration_s"] = round(time.perf_counter() - started, 2)
     if trainer.is_world_process_zero():
-        write_run_file(config.output_dir, summary)
+        write_run_file(output_dir, summary)
     return summary

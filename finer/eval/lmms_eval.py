@@ -1,8 +1,10 @@
 """`finer export-lmms-eval`: our benchmark as an lmms-eval task, so the same questions and scoring run there.
 
-The export writes three files to one folder: ``<task>.yaml`` (lmms-eval's task config), ``utils.py`` (the
-``!function`` hooks the YAML names) and ``finer_task.json`` (mode, level, options and the dataset's label
-pool, which choice distractors and closed lists are drawn from). The hooks delegate to `LmmsTask`, which
+The export writes three files per task: ``<task>.yaml`` (lmms-eval's task config), ``<task>_hooks.py`` (the
+``!function`` hooks the YAML names) and ``<task>_settings.json`` (mode, level, options and the dataset's
+label pool, which choice distractors and closed lists are drawn from), with the task name made a module name
+(``[^A-Za-z0-9_]`` → ``_``). Each task carries its own hooks and settings, so several tasks share one
+folder without one export changing another's level or options. The hooks delegate to `LmmsTask`, which
 asks through `finer.eval.tasks.EvalPlan` and scores with `finer.eval.scoring`: the prompts, options and
 scores are those of `finer eval`, so `finer` must be installed where lmms-eval runs.
 
@@ -10,7 +12,10 @@ What the files follow, as read in lmms-eval's source (EvolvingLMMs-Lab/lmms-eval
 ``TaskConfig`` / ``ConfigurableTask`` / ``ConfigurableMessagesTask``, ``lmms_eval/protocol.py``, the
 ``import_function`` YAML constructor in ``lmms_eval/utils.py``, ``lmms_eval/tasks/__init__.py``):
 
-- ``!function utils.name`` imports ``name`` from ``utils.py`` beside the YAML (a file, not a package);
+- ``!function module.name`` imports ``name`` from ``module.py`` beside the YAML (a file, not a package);
+- callable hooks may get the task's ``lmms_eval_specific_kwargs`` as a second argument (``doc_to_text``,
+  ``doc_to_visual``, ``doc_to_messages``; ``doc_to_text`` also as a keyword, always, for some models),
+  and ``process_results`` may get ``full_docs``: every hook accepts them;
 - chat models (``ConfigurableMessagesTask``) call ``doc_to_messages(doc)``: a list of ``{"role", "content"}``
   with blocks ``{"type": "text", "text"}`` and ``{"type": "image", "url": PIL image}``; simple models call
   ``doc_to_visual`` and ``doc_to_text`` instead, so both are written;
@@ -23,7 +28,9 @@ What the files follow, as read in lmms-eval's source (EvolvingLMMs-Lab/lmms-eval
   ``datasets.load_dataset(dataset_path, ...)`` (a Hub repo);
 - ``generation_kwargs`` without ``until`` stop at a blank line (``TaskConfig.__post_init__``), which would
   cut an answer given after one: ``until: []`` keeps the whole answer, as `finer eval` does;
-- ``metadata`` as a mapping: its ``version`` becomes the task version (a list is ignored).
+- ``metadata`` as a mapping: its ``version`` becomes the task version (a list is ignored);
+- ``dataset_path`` is read as it is written (relative to where lmms-eval runs, not to the YAML), so a
+  local dataset is written as an absolute path: move the dataset, export again.
 """
 
 from __future__ import annotations
@@ -44,28 +51,30 @@ from finer.prompts import template_sha256
 __all__ = [
     "EXPORT_MODES",
     "METRICS",
-    "SETTINGS_FILE",
-    "UTILS_FILE",
+    "CPU_MODEL_ARGS",
     "ExportConfig",
     "LmmsTask",
     "export_lmms_eval",
+    "run_hint",
 ]
 
 #: Modes that fit lmms-eval's one generation per document (attrseek needs the model's first answer).
 EXPORT_MODES: tuple[str, ...] = ("direct", "choice")
 #: The metrics `process_results` returns per mode, all averaged over documents.
 METRICS: dict[str, tuple[str, ...]] = {"direct": ("modified_em", "strict_em", "f1"), "choice": ("accuracy",)}
-SETTINGS_FILE = "finer_task.json"
-UTILS_FILE = "utils.py"
+#: What `--model_args` needs beside ``pretrained=`` for lmms-eval's transformers models (``llava_hf``,
+#: ``qwen2_5_vl``, ``huggingface``, …) to run on a CPU: they default to CUDA.
+CPU_MODEL_ARGS = "device=cpu,device_map=cpu"
 #: Bumped when the generated task changes meaning, so that lmms-eval's version column tells results apart.
 TASK_VERSION = "1.0"
 _HOOKS = ("doc_to_visual", "doc_to_text", "doc_to_messages", "doc_to_target", "process_results")
 _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
-_UTILS = '''"""lmms-eval hooks of the finer task in this folder (`finer export-lmms-eval`, finer {version}).
+_HOOKS_MODULE = '''"""lmms-eval hooks of the finer task {task!r} (`finer export-lmms-eval`, finer {version}).
 
 Questions and scores come from the installed `finer` package, configured by {settings} beside this file;
-regenerate the folder rather than editing it.
+export again rather than editing it. lmms-eval may pass the task's `lmms_eval_specific_kwargs` (and
+`full_docs`): the task's own settings file decides everything, so they are accepted and not needed.
 """
 
 from pathlib import Path
@@ -75,29 +84,29 @@ from finer.eval.lmms_eval import LmmsTask
 _TASK = LmmsTask.load(Path(__file__).with_name("{settings}"))
 
 
-def doc_to_visual(doc: dict) -> list:
+def doc_to_visual(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> list:
     return _TASK.doc_to_visual(doc)
 
 
-def doc_to_text(doc: dict) -> str:
+def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
     return _TASK.doc_to_text(doc)
 
 
-def doc_to_messages(doc: dict) -> list[dict]:
+def doc_to_messages(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> list[dict]:
     return _TASK.doc_to_messages(doc)
 
 
-def doc_to_target(doc: dict) -> str:
+def doc_to_target(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
     return _TASK.doc_to_target(doc)
 
 
-def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+def process_results(doc: dict, results: list[str], full_docs: object = None) -> dict[str, float]:
     return _TASK.process_results(doc, results)
 '''
 
 
 class LmmsTask:
-    """One exported task at run time: what the generated utils.py's hooks call, per lmms-eval document.
+    """One exported task at run time: what its generated hooks module calls, per lmms-eval document.
 
     A document is a row of the built dataset (docs/design.md §3), with its image decoded by `datasets`.
     """
@@ -197,6 +206,19 @@ def _default_name(dataset: str, level: str, mode: str) -> str:
     return "_".join(["finer", stem, level, *(["choice"] if mode == "choice" else [])])
 
 
+def _module(task: str) -> str:
+    """The stem of a task's hooks module and settings file: a module name, so ``!function`` can import it."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", task)
+
+
+def run_hint(task: str, folder: Path | str) -> str:
+    """The lmms-eval command that runs the exported task on a CPU."""
+    return (
+        f"python -m lmms_eval --model llava_hf --model_args pretrained=ID,{CPU_MODEL_ARGS} "
+        f"--tasks {task} --include_path {folder}"
+    )
+
+
 def _q(value: str) -> str:
     """A YAML double-quoted scalar (JSON strings are valid YAML)."""
     return json.dumps(value, ensure_ascii=False)
@@ -205,17 +227,24 @@ def _q(value: str) -> str:
 def _yaml(config: ExportConfig, task: str, dataset: Path | None) -> str:
     """The task config; written by hand because PyYAML cannot emit lmms-eval's ``!function`` tags."""
     lines = [
-        f"# lmms-eval task written by `finer export-lmms-eval` (finer {finer.__version__}). Run it with",
-        f"#   python -m lmms_eval --model MODEL --model_args pretrained=ID --tasks {task} --include_path DIR",
-        "# (DIR: this folder). utils.py imports `finer`: install it where lmms-eval runs.",
+        f"# lmms-eval task written by `finer export-lmms-eval` (finer {finer.__version__}).",
+        f"# Run it on a CPU with   {run_hint(task, 'DIR')}",
+        "# (DIR: this folder; --model: lmms-eval's class for your model's family, e.g. llava_hf or",
+        f"# qwen2_5_vl; on a GPU leave out {CPU_MODEL_ARGS}). {_module(task)}_hooks.py imports `finer`:",
+        "# install it where lmms-eval runs.",
         f"task: {_q(task)}",
     ]
     if dataset is not None:
-        lines += [f"dataset_path: {_q(str(dataset))}", "dataset_kwargs:", "  load_from_disk: true"]
+        lines += [
+            "# dataset_path is absolute (lmms-eval reads it where it runs): move the data, export again.",
+            f"dataset_path: {_q(str(dataset))}",
+            "dataset_kwargs:",
+            "  load_from_disk: true",
+        ]
     else:
         lines.append(f"dataset_path: {_q(config.dataset)}")
     lines += [f"test_split: {_q(config.split)}", "output_type: generate_until"]
-    lines += [f"{hook}: !function utils.{hook}" for hook in _HOOKS]
+    lines += [f"{hook}: !function {_module(task)}_hooks.{hook}" for hook in _HOOKS]
     lines += [
         "generation_kwargs:",
         f"  max_new_tokens: {config.max_new_tokens}",
@@ -259,11 +288,25 @@ def _check(config: ExportConfig) -> str:
     return task
 
 
-def export_lmms_eval(config: ExportConfig) -> dict[str, Path]:
-    """Write the task's YAML, utils.py and settings into ``config.out``; returns the paths by role.
+def _refuse_clash(settings: Path, task: str) -> None:
+    """Two task names that make one module name ("a.b", "a_b") would share hooks: refuse the second."""
+    try:
+        other = json.loads(settings.read_text(encoding="utf-8")).get("task")
+    except (OSError, ValueError, AttributeError):
+        return
+    if other not in (None, task):
+        raise FinerError(
+            f"--task {task!r}: {settings.parent} holds task {other!r}, whose files have the same name "
+            f"({settings.name}); choose another --task or --out"
+        )
 
-    The split is loaded once to check that it exists with the columns the hooks read, and for the label
-    pool (the dataset's concepts), which is stored so that the task needs no second look-up at run time.
+
+def export_lmms_eval(config: ExportConfig) -> dict[str, Path]:
+    """Write the task's YAML, hooks module and settings into ``config.out``; returns the paths by role
+    (``yaml``, ``hooks``, ``settings``). Another task's files there stay as they are.
+
+        The split is loaded once to check that it exists with the columns the hooks read, and for the label
+        pool (the dataset's concepts), which is stored so that the task needs no second look-up at run time.
     """
     from finer.eval.engine import LABEL_COLUMNS, load_split
 
@@ -299,10 +342,17 @@ def export_lmms_eval(config: ExportConfig) -> dict[str, Path]:
     if out.exists() and not out.is_dir():
         raise FinerError(f"--out {out} is a file; pass a folder")
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"yaml": out / f"{task}.yaml", "utils": out / UTILS_FILE, "settings": out / SETTINGS_FILE}
+    stem = _module(task)
+    paths = {
+        "yaml": out / f"{task}.yaml",
+        "hooks": out / f"{stem}_hooks.py",
+        "settings": out / f"{stem}_settings.json",
+    }
+    _refuse_clash(paths["settings"], task)
     paths["settings"].write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["utils"].write_text(
-        _UTILS.format(version=finer.__version__, settings=SETTINGS_FILE), encoding="utf-8"
+    paths["hooks"].write_text(
+        _HOOKS_MODULE.format(task=task, version=finer.__version__, settings=paths["settings"].name),
+        encoding="utf-8",
     )
     paths["yaml"].write_text(
         _yaml(config, task, local.resolve() if local.is_dir() else None), encoding="utf-8"
