@@ -510,6 +510,16 @@ def test_llm_coarse_labeller(tmp_path: Path) -> None:
     assert labeller.stats.calls == 3 and labeller.stats.concepts == 3
 
 
+def test_a_coarse_label_cut_at_the_token_limit_is_not_kept(tmp_path: Path) -> None:
+    """ "Long-tailed Tit" cut after two words would pass for a group name; a cut reply is no answer."""
+    concepts = [Concept(concept_id="1", fine=["Bushtit"], superordinate="Bird")]
+    with FakeOpenAI(lambda request: "Long-tailed Tit family", default_max_tokens=2) as server:
+        labeller = LlmCoarseLabeller("m", server.url, cache=Cache(tmp_path), progress=False)
+        labeller.label(concepts, HEAD_NOUN)
+    assert concepts[0].coarse_source == "rules" and concepts[0].coarse != ["Long-tailed Tit"]
+    assert labeller.stats.failures == [{"concept_id": "1", "reason": "reply cut at the token limit"}]
+
+
 # --- offline extractors --------------------------------------------------------------------------------
 
 

@@ -64,8 +64,7 @@ def extract(concepts: list[Concept], server: FakeOpenAI, cache: Path, **options:
         model="m",
         base_url=server.url,
         cache=Cache(cache),
-        progress=False,
-        **options,
+        **{"progress": False, **options},
     )
 
 
@@ -215,6 +214,14 @@ def test_a_hanging_endpoint_ends_within_the_timeout_and_retries(tmp_path: Path) 
         elapsed = time.monotonic() - started
     assert elapsed < 5, f"waited {elapsed:.1f} s"
     assert server.count == 2 and usage.retries == 1 and usage.failed_calls == 1
+
+
+def test_retries_show_in_the_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeOpenAI(lambda request: HONEST) as server:
+        server.inject(Fault.server_error())
+        stats = extract(albatross(), server, tmp_path, progress=True, max_retries=2)
+    assert stats.retries == 1 and stats.failed_calls == 0
+    assert "retries=1" in capsys.readouterr().err
 
 
 def test_timeout_and_retries_are_options_of_every_endpoint_command() -> None:

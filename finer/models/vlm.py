@@ -3,7 +3,7 @@
 The exemplar extractor (`finer build --extractor vlm`) and per-image grounding (`finer ground`) both send
 images as bounded-size base64 JPEG data URLs inside chat messages, so a reply's cache key covers the exact
 pixels sent, and both treat an endpoint's 400 about images as "this model takes no images". `HFChat` puts
-a local transformers VLM behind the same `complete()` as `finer.models.client.ChatClient`, gathering
+a local transformers VLM behind the same `reply()` as `finer.models.client.ChatClient`, gathering
 concurrent calls
 into left-padded batches, so every step has one code path whichever backend answers.
 """
@@ -39,7 +39,7 @@ def _hf_conversation(messages: list[dict]) -> tuple[list[dict], list[Image.Image
 
 
 class HFChat:
-    """A local transformers VLM answering `complete()` calls in batches of up to `batch_size`, left-padded.
+    """A local transformers VLM answering `reply()` calls in batches of up to `batch_size`, left-padded.
 
     Calls made concurrently (the steps start one per concept or image, bounded by their own worker count)
     are gathered for up to `linger_s`, then generated together in a worker thread while the event loop
@@ -83,12 +83,6 @@ class HFChat:
             self._server.cancel()
             await asyncio.gather(self._server, return_exceptions=True)
 
-    async def complete(
-        self, messages: list[dict], *, template_sha256: str, schema: dict[str, Any] | None = None
-    ) -> str:
-        """The model's reply to `messages` (chat-completions shape, images as data URLs)."""
-        return (await self.reply(messages, template_sha256=template_sha256)).text
-
     async def reply(
         self,
         messages: list[dict],
@@ -97,8 +91,9 @@ class HFChat:
         schema: dict[str, Any] | None = None,
         max_tokens: int | None = None,
     ) -> Reply:
-        """`complete`, with "length" as finish reason when generation stopped at `max_new_tokens` (fixed
-        for the model; `max_tokens` is not applied locally)."""
+        """The model's reply to `messages` (chat-completions shape, images as data URLs); finish reason
+        "length" when generation stopped at `max_new_tokens` (fixed for the model: `max_tokens` is not
+        applied locally)."""
         assert self._wake is not None, "use `async with HFChat(...)`"
         conversation, images = _hf_conversation(messages)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
