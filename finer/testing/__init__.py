@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     )
     from finer.testing.tiny_vlm import (
         CHAT_TEMPLATES,
+        NEEDS_TORCHVISION,
         TINY_FAMILIES,
+        TINY_FOR_FAMILY,
         build_tiny_vlm,
         tiny_image,
         tiny_vlm_path,
@@ -28,7 +30,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHAT_TEMPLATES",
+    "NEEDS_TORCHVISION",
     "TINY_FAMILIES",
+    "TINY_FOR_FAMILY",
     "TINY_LLMS",
     "TINY_VISION",
     "build_tiny_llm",

@@ -136,174 +136,174 @@ SMOLVLM_CHAT_TEMPLATE = (
 LLAVA_NEXT_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n"
     "' + message['content'][0]['text'] + '\n"
-    '<</SYS>>\n'
-    '\n'
+    "<</SYS>>\n"
+    "\n"
     "' }}{% elif message['role'] == 'user' %}{{ '[INST] ' }}{# Render all images first #}{% for"
     " content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n"
     "' }}{% endfor %}{# Render all text next #}{% for content in message['content'] |"
     " selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{{' [/INST]' }}{%"
     " elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}{%"
     " else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{%"
-    ' endfor %}'
+    " endfor %}"
 )
 #: Qwen/Qwen2.5-VL-*-Instruct: the same bytes as Qwen2-VL's.
 QWEN2_5_VL_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE
 #: Qwen/Qwen3-VL-*-Instruct (TRL's qwen3_vl.jinja): no default system turn, tool calls.
 QWEN3_VL_CHAT_TEMPLATE = (
-    '{%- if tools %}\n'
+    "{%- if tools %}\n"
     "    {{- '<|im_start|>system\\n' }}\n"
     "    {%- if messages[0].role == 'system' %}\n"
-    '        {%- if messages[0].content is string %}\n'
-    '            {{- messages[0].content }}\n'
-    '        {%- else %}\n'
-    '            {%- for content in messages[0].content %}\n'
+    "        {%- if messages[0].content is string %}\n"
+    "            {{- messages[0].content }}\n"
+    "        {%- else %}\n"
+    "            {%- for content in messages[0].content %}\n"
     "                {%- if 'text' in content %}\n"
-    '                    {{- content.text }}\n'
-    '                {%- endif %}\n'
-    '            {%- endfor %}\n'
-    '        {%- endif %}\n'
+    "                    {{- content.text }}\n"
+    "                {%- endif %}\n"
+    "            {%- endfor %}\n"
+    "        {%- endif %}\n"
     "        {{- '\\n\\n' }}\n"
-    '    {%- endif %}\n'
+    "    {%- endif %}\n"
     '    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou'
     ' are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
-    '    {%- for tool in tools %}\n'
+    "    {%- for tool in tools %}\n"
     '        {{- "\\n" }}\n'
-    '        {{- tool | tojson }}\n'
-    '    {%- endfor %}\n'
+    "        {{- tool | tojson }}\n"
+    "    {%- endfor %}\n"
     '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and'
     ' arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>,'
     ' \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
-    '{%- else %}\n'
+    "{%- else %}\n"
     "    {%- if messages[0].role == 'system' %}\n"
     "        {{- '<|im_start|>system\\n' }}\n"
-    '        {%- if messages[0].content is string %}\n'
-    '            {{- messages[0].content }}\n'
-    '        {%- else %}\n'
-    '            {%- for content in messages[0].content %}\n'
+    "        {%- if messages[0].content is string %}\n"
+    "            {{- messages[0].content }}\n"
+    "        {%- else %}\n"
+    "            {%- for content in messages[0].content %}\n"
     "                {%- if 'text' in content %}\n"
-    '                    {{- content.text }}\n'
-    '                {%- endif %}\n'
-    '            {%- endfor %}\n'
-    '        {%- endif %}\n'
+    "                    {{- content.text }}\n"
+    "                {%- endif %}\n"
+    "            {%- endfor %}\n"
+    "        {%- endif %}\n"
     "        {{- '<|im_end|>\\n' }}\n"
-    '    {%- endif %}\n'
-    '{%- endif %}\n'
-    '{%- set image_count = namespace(value=0) %}\n'
-    '{%- set video_count = namespace(value=0) %}\n'
-    '{%- for message in messages %}\n'
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- set image_count = namespace(value=0) %}\n"
+    "{%- set video_count = namespace(value=0) %}\n"
+    "{%- for message in messages %}\n"
     '    {%- if message.role == "user" %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
-    '        {%- if message.content is string %}\n'
-    '            {{- message.content }}\n'
-    '        {%- else %}\n'
-    '            {%- for content in message.content %}\n'
+    "        {%- if message.content is string %}\n"
+    "            {{- message.content }}\n"
+    "        {%- else %}\n"
+    "            {%- for content in message.content %}\n"
     "                {%- if content.type == 'image' or 'image' in content or 'image_url' in content"
-    ' %}\n'
-    '                    {%- set image_count.value = image_count.value + 1 %}\n'
-    '                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n'
-    '                    <|vision_start|><|image_pad|><|vision_end|>\n'
+    " %}\n"
+    "                    {%- set image_count.value = image_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|image_pad|><|vision_end|>\n"
     "                {%- elif content.type == 'video' or 'video' in content %}\n"
-    '                    {%- set video_count.value = video_count.value + 1 %}\n'
-    '                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n'
-    '                    <|vision_start|><|video_pad|><|vision_end|>\n'
+    "                    {%- set video_count.value = video_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|video_pad|><|vision_end|>\n"
     "                {%- elif 'text' in content %}\n"
-    '                    {{- content.text }}\n'
-    '                {%- endif %}\n'
-    '            {%- endfor %}\n'
-    '        {%- endif %}\n'
+    "                    {{- content.text }}\n"
+    "                {%- endif %}\n"
+    "            {%- endfor %}\n"
+    "        {%- endif %}\n"
     "        {{- '<|im_end|>\\n' }}\n"
     '    {%- elif message.role == "assistant" %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
-    '        {%- if message.content is string %}\n'
-    '            {{- message.content }}\n'
-    '        {%- else %}\n'
-    '            {%- for content_item in message.content %}\n'
+    "        {%- if message.content is string %}\n"
+    "            {{- message.content }}\n"
+    "        {%- else %}\n"
+    "            {%- for content_item in message.content %}\n"
     "                {%- if 'text' in content_item %}\n"
-    '                    {{- content_item.text }}\n'
-    '                {%- endif %}\n'
-    '            {%- endfor %}\n'
-    '        {%- endif %}\n'
-    '        {%- if message.tool_calls %}\n'
-    '            {%- for tool_call in message.tool_calls %}\n'
-    '                {%- if (loop.first and message.content) or (not loop.first) %}\n'
+    "                    {{- content_item.text }}\n"
+    "                {%- endif %}\n"
+    "            {%- endfor %}\n"
+    "        {%- endif %}\n"
+    "        {%- if message.tool_calls %}\n"
+    "            {%- for tool_call in message.tool_calls %}\n"
+    "                {%- if (loop.first and message.content) or (not loop.first) %}\n"
     "                    {{- '\\n' }}\n"
-    '                {%- endif %}\n'
-    '                {%- if tool_call.function %}\n'
-    '                    {%- set tool_call = tool_call.function %}\n'
-    '                {%- endif %}\n'
+    "                {%- endif %}\n"
+    "                {%- if tool_call.function %}\n"
+    "                    {%- set tool_call = tool_call.function %}\n"
+    "                {%- endif %}\n"
     '                {{- \'<tool_call>\\n{"name": "\' }}\n'
-    '                {{- tool_call.name }}\n'
+    "                {{- tool_call.name }}\n"
     '                {{- \'", "arguments": \' }}\n'
-    '                {%- if tool_call.arguments is string %}\n'
-    '                    {{- tool_call.arguments }}\n'
-    '                {%- else %}\n'
-    '                    {{- tool_call.arguments | tojson }}\n'
-    '                {%- endif %}\n'
+    "                {%- if tool_call.arguments is string %}\n"
+    "                    {{- tool_call.arguments }}\n"
+    "                {%- else %}\n"
+    "                    {{- tool_call.arguments | tojson }}\n"
+    "                {%- endif %}\n"
     "                {{- '}\\n</tool_call>' }}\n"
-    '            {%- endfor %}\n'
-    '        {%- endif %}\n'
+    "            {%- endfor %}\n"
+    "        {%- endif %}\n"
     "        {{- '<|im_end|>\\n' }}\n"
     '    {%- elif message.role == "tool" %}\n'
     '        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}\n'
     "            {{- '<|im_start|>user' }}\n"
-    '        {%- endif %}\n'
+    "        {%- endif %}\n"
     "        {{- '\\n<tool_response>\\n' }}\n"
-    '        {%- if message.content is string %}\n'
-    '            {{- message.content }}\n'
-    '        {%- else %}\n'
-    '            {%- for content in message.content %}\n'
+    "        {%- if message.content is string %}\n"
+    "            {{- message.content }}\n"
+    "        {%- else %}\n"
+    "            {%- for content in message.content %}\n"
     "                {%- if content.type == 'image' or 'image' in content or 'image_url' in content"
-    ' %}\n'
-    '                    {%- set image_count.value = image_count.value + 1 %}\n'
-    '                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n'
-    '                    <|vision_start|><|image_pad|><|vision_end|>\n'
+    " %}\n"
+    "                    {%- set image_count.value = image_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|image_pad|><|vision_end|>\n"
     "                {%- elif content.type == 'video' or 'video' in content %}\n"
-    '                    {%- set video_count.value = video_count.value + 1 %}\n'
-    '                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n'
-    '                    <|vision_start|><|video_pad|><|vision_end|>\n'
+    "                    {%- set video_count.value = video_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|video_pad|><|vision_end|>\n"
     "                {%- elif 'text' in content %}\n"
-    '                    {{- content.text }}\n'
-    '                {%- endif %}\n'
-    '            {%- endfor %}\n'
-    '        {%- endif %}\n'
+    "                    {{- content.text }}\n"
+    "                {%- endif %}\n"
+    "            {%- endfor %}\n"
+    "        {%- endif %}\n"
     "        {{- '\\n</tool_response>' }}\n"
     '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
     "            {{- '<|im_end|>\\n' }}\n"
-    '        {%- endif %}\n'
-    '    {%- endif %}\n'
-    '{%- endfor %}\n'
-    '{%- if add_generation_prompt %}\n'
+    "        {%- endif %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
     "    {{- '<|im_start|>assistant\\n' }}\n"
-    '{%- endif %}\n'
+    "{%- endif %}\n"
 )
 #: google/gemma-3-*-it (TRL's gemma3.jinja): renders BOS itself, the assistant's role is "model".
 GEMMA3_CHAT_TEMPLATE = (
-    '{{ bos_token }}\n'
+    "{{ bos_token }}\n"
     "{%- if messages[0]['role'] == 'system' -%}\n"
     "    {%- if messages[0]['content'] is string -%}\n"
     "        {%- set first_user_prefix = messages[0]['content'] + '\n"
-    '\n'
+    "\n"
     "' -%}\n"
-    '    {%- else -%}\n'
+    "    {%- else -%}\n"
     "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n"
-    '\n'
+    "\n"
     "' -%}\n"
-    '    {%- endif -%}\n'
-    '    {%- set loop_messages = messages[1:] -%}\n'
-    '{%- else -%}\n'
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
     '    {%- set first_user_prefix = "" -%}\n'
-    '    {%- set loop_messages = messages -%}\n'
-    '{%- endif -%}\n'
-    '{%- for message in loop_messages -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
     "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
     '        {{ raise_exception("Conversation roles must alternate'
     ' user/assistant/user/assistant/...") }}\n'
-    '    {%- endif -%}\n'
+    "    {%- endif -%}\n"
     "    {%- if (message['role'] == 'assistant') -%}\n"
     '        {%- set role = "model" -%}\n'
-    '    {%- else -%}\n'
+    "    {%- else -%}\n"
     "        {%- set role = message['role'] -%}\n"
-    '    {%- endif -%}\n'
+    "    {%- endif -%}\n"
     "    {{ '<start_of_turn>' + role + '\n"
     '\' + (first_user_prefix if loop.first else "") }}\n'
     "    {%- if message['content'] is string -%}\n"
@@ -314,18 +314,18 @@ GEMMA3_CHAT_TEMPLATE = (
     "                {{ '<start_of_image>' }}\n"
     "            {%- elif item['type'] == 'text' -%}\n"
     "                {{ item['text'] | trim }}\n"
-    '            {%- endif -%}\n'
-    '        {%- endfor -%}\n'
-    '    {%- else -%}\n'
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
     '        {{ raise_exception("Invalid content type") }}\n'
-    '    {%- endif -%}\n'
+    "    {%- endif -%}\n"
     "    {{ '<end_of_turn>\n"
     "' }}\n"
-    '{%- endfor -%}\n'
-    '{%- if add_generation_prompt -%}\n'
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
     "    {{'<start_of_turn>model\n"
     "'}}\n"
-    '{%- endif -%}\n'
+    "{%- endif -%}\n"
 )
 CHAT_TEMPLATES: dict[str, str] = {
     "llava": LLAVA_CHAT_TEMPLATE,
@@ -382,15 +382,19 @@ _EXTRA = (
     "Choose one option: (A) (B) (C) (D) (E). The answer is B.",
     "0 1 2 3 4 5 6 7 8 9 10 100 2024 none unknown yes no",
 )
+Turns = Sequence[tuple[str, str, str]]
 # (first user, assistant, next user) text, as the three templates lay turns out between their special tokens
-_TURNS = (
+_TURNS: Turns = (
     ("USER: ", " ASSISTANT: ", " USER: "),
     ("User: ", "\nAssistant: ", "\nUser: "),
     ("system\nYou are a helpful assistant.\nuser\n", "\nassistant\n", "\nuser\n"),
 )
+# The same for LLaVA-NeXT's Mistral turns and Gemma 3's, whose tokenizers are trained on these instead.
+_INST_TURNS: Turns = (("[INST] ", " [/INST] ", " [INST] "),)
+_GEMMA_TURNS: Turns = (("user\n", "\nmodel\n", "\nuser\n"),)
 
 
-def _corpus() -> list[str]:
+def _corpus(turns: Turns = _TURNS) -> list[str]:
     """A few thousand words of the domain's English in the templates' turn layouts, so common words and the
     role names become single tokens, split as the rendered conversations split them."""
     rng = random.Random(0)
@@ -401,19 +405,28 @@ def _corpus() -> list[str]:
 
     lines = list(_EXTRA)
     for subject in _SUBJECTS * 8:
-        user, assistant, next_user = rng.choice(_TURNS)
+        user, assistant, next_user = rng.choice(turns)
         lines.append(f"{user}{question(subject)}{assistant}{subject}.{next_user}{question(subject)}")
     return lines
 
 
 def _train_tokenizer(
-    special_tokens: list[str], *, bos: str | None, eos: str, pad: str, unk: str, add_bos: bool
+    special_tokens: list[str],
+    *,
+    bos: str | None,
+    eos: str,
+    pad: str,
+    unk: str,
+    add_bos: bool,
+    turns: Turns = _TURNS,
+    named_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Byte-level BPE (any text encodes, no unknowns) with the family's special tokens as single tokens.
 
     Qwen2 and SmolLM ship byte-level BPEs too; Llama's is a SentencePiece BPE, which splits the templates'
     words much the same way (a leading space joins the next word). `add_bos` prepends `bos` when encoding with
-    special tokens, as Llama's tokenizer (LLaVA) does.
+    special tokens, as Llama's tokenizer (LLaVA) does. `named_tokens` become tokenizer attributes
+    (`tokenizer.image_token`, `tokenizer.image_token_id`), as Gemma 3's processor reads them.
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -424,7 +437,7 @@ def _train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(), trainer)
+    tokenizer.train_from_iterator(_corpus(turns), trainer)
     byte_level = processors.ByteLevel(trim_offsets=False)
     if add_bos:
         assert bos is not None
@@ -441,6 +454,7 @@ def _train_tokenizer(
         pad_token=pad,
         unk_token=unk,
         model_max_length=_TEXT["max_position_embeddings"],
+        **(named_tokens or {}),
     )
 
 
@@ -496,6 +510,55 @@ def _llava() -> tuple[PreTrainedModel, ProcessorMixin]:
     return LlavaForConditionalGeneration(config), processor
 
 
+#: LLaVA-NeXT's anyres tiles, tiny: a 32x32 image is one tile plus the base view, a 32x64 one two tiles.
+_PINPOINTS = [[_IMAGE_SIZE, _IMAGE_SIZE], [_IMAGE_SIZE, 2 * _IMAGE_SIZE], [2 * _IMAGE_SIZE, _IMAGE_SIZE]]
+
+
+def _llava_next() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """LLaVA-NeXT as llava-hf/llava-v1.6-mistral-7b-hf ships it: CLIP tower, anyres tiling over
+    `image_grid_pinpoints` (base view + tiles, a learnt newline after each row), Mistral, CLS dropped."""
+    tokenizer = _train_tokenizer(
+        ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        unk="<unk>",
+        add_bos=True,
+        turns=_INST_TURNS,
+    )
+    image_token = "<image>"
+    config = LlavaNextConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            **_VISION,
+            "image_size": _IMAGE_SIZE,
+            "patch_size": _PATCH,
+            "projection_dim": _VISION["hidden_size"],
+        },
+        text_config={"model_type": "mistral", **_text_config(tokenizer)},
+        image_token_index=tokenizer.convert_tokens_to_ids(image_token),
+        image_grid_pinpoints=_PINPOINTS,
+        image_seq_length=(_IMAGE_SIZE // _PATCH) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": _IMAGE_SIZE},
+        crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE},
+        image_grid_pinpoints=_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_NEXT_CHAT_TEMPLATE,
+        image_token=image_token,
+    )
+    return LlavaNextForConditionalGeneration(config), processor
+
+
 _QWEN2_VL_SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -503,11 +566,9 @@ _QWEN2_VL_SPECIALS = [
 ]  # fmt: skip
 
 
-def qwen2_vl_parts() -> tuple[PreTrainedModel, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
-    """The tiny Qwen2-VL's model, tokenizer and image processor, none needing torchvision (transformers'
-    `Qwen2VLProcessor` does, through its video processor). Qwen2-VL: 14-px patches merged 2x2, M-RoPE; the
-    pixel bounds keep a small image at 4 to 16 image tokens."""
-    tokenizer = _train_tokenizer(
+def _qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2's byte-level BPE layout: no BOS, `<|im_end|>` ends a turn, `<|endoftext|>` pads."""
+    return _train_tokenizer(
         _QWEN2_VL_SPECIALS,
         bos=None,
         eos="<|im_end|>",
@@ -515,7 +576,24 @@ def qwen2_vl_parts() -> tuple[PreTrainedModel, PreTrainedTokenizerFast, Qwen2VLI
         unk="<|endoftext|>",
         add_bos=False,
     )
+
+
+def _qwen_vision_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The image, video and vision start/end token ids every Qwen-VL config carries."""
     ids = tokenizer.convert_tokens_to_ids
+    return {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+    }
+
+
+def qwen2_vl_parts() -> tuple[PreTrainedModel, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
+    """The tiny Qwen2-VL's model, tokenizer and image processor, none needing torchvision (transformers'
+    `Qwen2VLProcessor` does, through its video processor). Qwen2-VL: 14-px patches merged 2x2, M-RoPE; the
+    pixel bounds keep a small image at 4 to 16 image tokens."""
+    tokenizer = _qwen_tokenizer()
     config = Qwen2VLConfig(
         text_config={
             "model_type": "qwen2_vl_text",
@@ -533,10 +611,7 @@ def qwen2_vl_parts() -> tuple[PreTrainedModel, PreTrainedTokenizerFast, Qwen2VLI
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
         },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **_qwen_vision_ids(tokenizer),
     )
     image_processor = Qwen2VLImageProcessorPil(**_QWEN2_VL_PIXELS)
     return Qwen2VLForConditionalGeneration(config), tokenizer, image_processor
@@ -556,6 +631,102 @@ def _qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
     return model, processor
+
+
+def _qwen2_5_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qwen2.5-VL: Qwen2-VL's 14-px patches and 2x2 merge, an RMSNorm/SwiGLU tower with window attention
+    (`fullatt_block_indexes` lists the full-attention layers: here the last of two), M-RoPE."""
+    from transformers import Qwen2VLVideoProcessor  # a stub that raises on use when torchvision is missing
+
+    tokenizer = _qwen_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "model_type": "qwen2_5_vl_text",
+            **_text_config(tokenizer),
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        },
+        vision_config={
+            "depth": _VISION["num_hidden_layers"],
+            "hidden_size": _VISION["hidden_size"],
+            "intermediate_size": _VISION["intermediate_size"],
+            "num_heads": _VISION["num_attention_heads"],
+            "out_hidden_size": _TEXT["hidden_size"],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,  # pixels: 2x2 merged units, half of a 4x4-unit image
+            "fullatt_block_indexes": [_VISION["num_hidden_layers"] - 1],
+        },
+        **_qwen_vision_ids(tokenizer),
+    )
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(**_QWEN2_VL_PIXELS),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**_QWEN2_VL_PIXELS),
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config), processor
+
+
+# Qwen3-VL: 16-px patches merged 2x2 (32-px units); the bounds keep a small image at 4 to 16 image tokens.
+_QWEN3_VL_PIXELS = {"min_pixels": 64 * 64, "max_pixels": 128 * 128}
+_QWEN3_VL_IMAGE = {
+    "patch_size": 16,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
+
+def _qwen3_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qwen3-VL: SigLIP-2-like tower with learnt (interpolated) position embeddings, DeepStack mergers that
+    feed vision layers `deepstack_visual_indexes` into the first LLM layers, interleaved M-RoPE, Qwen3 LM."""
+    from transformers import Qwen3VLVideoProcessor  # a stub that raises on use when torchvision is missing
+
+    tokenizer = _qwen_tokenizer()
+    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    config = Qwen3VLConfig(
+        text_config={
+            "model_type": "qwen3_vl_text",
+            **_text_config(tokenizer),
+            "head_dim": head_dim,  # Qwen3 sets it explicitly (default 128)
+            # Qwen3-VL-*'s [24, 20, 20] of 64 rotary pairs, scaled to head_dim 16's 8 pairs.
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            },
+        },
+        vision_config={
+            "depth": _VISION["num_hidden_layers"],
+            "hidden_size": _VISION["hidden_size"],
+            "intermediate_size": _VISION["intermediate_size"],
+            "num_heads": _VISION["num_attention_heads"],
+            "out_hidden_size": _TEXT["hidden_size"],
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,  # an 8x8 grid, interpolated to the image's patch grid
+            # The real ones tap three intermediate layers of 24-27; both of the two here exist.
+            "deepstack_visual_indexes": list(range(_VISION["num_hidden_layers"])),
+        },
+        **_qwen_vision_ids(tokenizer),
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(**_QWEN3_VL_IMAGE, **_QWEN3_VL_PIXELS),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(
+            **_QWEN3_VL_IMAGE,
+            size={
+                "shortest_edge": _QWEN3_VL_PIXELS["min_pixels"],
+                "longest_edge": 4 * _QWEN3_VL_PIXELS["max_pixels"],
+            },
+        ),
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    )
+    return Qwen3VLForConditionalGeneration(config), processor
 
 
 def _idefics3() -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -595,11 +766,84 @@ def _idefics3() -> tuple[PreTrainedModel, ProcessorMixin]:
     return Idefics3ForConditionalGeneration(config), processor
 
 
+def _gemma3() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Gemma 3 (google/gemma-3-*-it): SigLIP tower without its pooling head, patches average-pooled to
+    `mm_tokens_per_image` soft tokens between `<start_of_image>` and `<end_of_image>`, Gemma 3 LM with
+    alternating sliding-window and global layers. Generation stops at `<end_of_turn>`, as the real one's
+    does."""
+    tokenizer = _train_tokenizer(
+        [
+            "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+            "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+        ],
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        unk="<unk>",
+        add_bos=True,
+        turns=_GEMMA_TURNS,
+        named_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+    )  # fmt: skip
+    ids = tokenizer.convert_tokens_to_ids
+    patches_per_side = _IMAGE_SIZE // _PATCH  # 4 -> pooled 2x2 -> 4 image tokens
+    mm_tokens_per_image = (patches_per_side // 2) ** 2
+    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    config = Gemma3Config(
+        text_config={
+            "model_type": "gemma3_text",
+            **_text_config(tokenizer),
+            "head_dim": head_dim,
+            "query_pre_attn_scalar": head_dim,
+            "sliding_window": 512,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        vision_config={
+            "model_type": "siglip_vision_model",
+            **_VISION,
+            "image_size": _IMAGE_SIZE,
+            "patch_size": _PATCH,
+            "vision_use_head": False,
+        },
+        mm_tokens_per_image=mm_tokens_per_image,
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"),
+    )
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pan_and_scan=False,
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=mm_tokens_per_image,
+    )
+    return Gemma3ForConditionalGeneration(config), processor
+
+
+def _tiny_name(family: str) -> str:
+    """A tiny model's name, given itself or its registry family's name (`"qwen2.5-vl"` -> `"qwen2_5_vl"`)."""
+    name = TINY_FOR_FAMILY.get(family, family)
+    if name not in _BUILDERS:
+        known = ", ".join(f"{f} ({t})" for f, t in TINY_FOR_FAMILY.items())
+        raise ValueError(f"unknown tiny VLM family {family!r}; choose one of {known}")
+    return name
+
+
 def unavailable_reason(family: str) -> str | None:
-    """Why `family` cannot be built or loaded in this environment, or None when it can (for test skips)."""
-    if family == "qwen2_vl" and not is_torchvision_available():
+    """Why `family` (a tiny model or registry family name) cannot be built or loaded here, or None when it can
+    (for test skips)."""
+    name = TINY_FOR_FAMILY.get(family, family)
+    if name in NEEDS_TORCHVISION and not is_torchvision_available():
         return (
-            "Qwen2-VL needs torchvision: transformers' Qwen2VLProcessor always loads a video processor, "
+            f"{name} needs torchvision: transformers' Qwen-VL processors always load a video processor, "
             "and video processors require torchvision"
         )
     return None
@@ -607,30 +851,37 @@ def unavailable_reason(family: str) -> str | None:
 
 _BUILDERS: dict[str, Callable[[], tuple[PreTrainedModel, ProcessorMixin]]] = {
     "llava": _llava,
+    "llava_next": _llava_next,
     "qwen2_vl": _qwen2_vl,
+    "qwen2_5_vl": _qwen2_5_vl,
+    "qwen3_vl": _qwen3_vl,
     "idefics3": _idefics3,
+    "gemma3": _gemma3,
 }
+#: Tokens that end generation besides the tokenizer's EOS, as in the real checkpoints' generation configs.
+_STOP_TOKENS: dict[str, tuple[str, ...]] = {"gemma3": ("<end_of_turn>",)}
 
 
 def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0) -> Path:
-    """Build a random-weight VLM of `family` (one of `TINY_FAMILIES`); save it and its processor in `out_dir`.
+    """Build a random-weight VLM of `family` (one of `TINY_FAMILIES`, or a registry family name as in
+    `TINY_FOR_FAMILY`); save it and its processor in `out_dir`.
 
     The weights depend only on `seed` (the global torch RNG is left as it was). The folder holds safetensors,
     config, generation config and processor files, and loads offline with `AutoProcessor.from_pretrained` and
     `AutoModelForImageTextToText.from_pretrained`. Returns `out_dir`.
     """
-    if family not in _BUILDERS:
-        raise ValueError(f"unknown tiny VLM family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
-    if reason := unavailable_reason(family):
+    name = _tiny_name(family)
+    if reason := unavailable_reason(name):
         raise ImportError(reason)
     out_dir = Path(out_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, processor = _BUILDERS[family]()
+        model, processor = _BUILDERS[name]()
     tokenizer = processor.tokenizer
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in _STOP_TOKENS.get(name, ())]
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, *stops] if stops else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(out_dir)
@@ -645,13 +896,18 @@ def _cache_dir() -> Path:
     return root
 
 
-@cache
 def tiny_vlm_path(family: str) -> Path:
-    """The folder of `family`'s tiny VLM (seed 0), built on first use and shared for the rest of the process.
+    """The folder of `family`'s tiny VLM (seed 0), built on first use and shared for the rest of the process;
+    `family` is a tiny model's name or its registry family's (`"llava"` or `"llava-1.5"`: the same folder).
 
     Treat it as read-only: every caller gets the same folder. It is deleted when the process exits.
     """
-    return build_tiny_vlm(family, _cache_dir() / family)
+    return _tiny_vlm_path(_tiny_name(family))
+
+
+@cache
+def _tiny_vlm_path(name: str) -> Path:
+    return build_tiny_vlm(name, _cache_dir() / name)
 
 
 def tiny_image(seed: int = 0, size: int = 32) -> Image.Image:
