@@ -94,6 +94,22 @@ def test_instruction_sentences_are_removed_and_plain_ones_kept() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "The bird will respond with a loud call.",
+        "Output of the engine was raised to 500 hp.",
+        "Under the new rules, the car gained a rear wing.",
+        "Ornithologists ignore the earlier classification.",
+        "Say's phoebe is a passerine bird.",
+        "List of birds of Peru.",
+        "Echo parakeets are green with a black collar.",
+    ],
+)
+def test_plain_sentences_that_look_like_orders_are_kept(sentence: str) -> None:
+    assert strip_instructions(sentence) == (sentence, [])
+
+
 def test_a_model_that_obeys_the_page_never_reaches_the_attributes(tmp_path: Path) -> None:
     """The page orders PWNED and the model obeys whatever it reads: the order must not be sent."""
     concepts = albatross()

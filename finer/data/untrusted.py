@@ -19,17 +19,18 @@ from collections.abc import Collection, Iterable
 __all__ = ["content_words", "strip_instructions", "supported"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+#: What marks the object of an order to the model: "only …", "the word …", a quote, JSON, a shouted word.
+_ORDERED = r"""(?:only|just|exactly|nothing|the\s+word|the\s+following|["'“‘{\[:]|(?-i:[A-Z]{3,}\b))"""
 _INSTRUCTION_PATTERNS = (
     # override or replace what the model was told
-    r"\b(?:ignore|disregard|forget|override|bypass|skip)\b[^.!?]{0,60}?\b(?:instructions?|prompts?|rules|"
-    r"directions|guidelines|directives|context|everything|above|previous|prior|earlier)\b",
-    r"\b(?:new|updated|real|actual|following|system)\s+(?:instructions?|rules|directives|prompt)\b",
+    r"\b(?:ignore|disregard|forget|override|bypass)\b[^.!?]{0,60}?\b(?:instructions?|prompts?|directions|"
+    r"guidelines|directives|rules\s+(?:above|before)|everything\s+(?:above|before|else))\b",
+    r"\b(?:new|updated|real|actual|following|system)\s+(?:instructions?|directives|prompt)\b",
     # dictate the output
-    r"^\W*(?:please\s+|instead\s*,?\s+|now\s*,?\s+)?(?:output|print|say|respond|reply|answer|repeat|echo|"
-    r"pretend|act\s+as|roleplay|do\s+not\s+(?:follow|extract|list|reply))\b",
-    r"^\W*(?:please\s+|instead\s*,?\s+)?(?:return|write|list|give)\s+(?:only|just|exactly|nothing|the\s+word|"
-    r"the\s+following|[\"'“‘{\[])",
-    r"\b(?:respond|reply|answer)\s+(?:only\s+)?with\b",
+    r"^\W*(?:please\s+|instead\s*,?\s+|now\s*,?\s+)?(?:output|print|say|respond|reply|answer|repeat|"
+    rf"return|write|list|give)(?:\s*:|\s+(?:with\s+)?{_ORDERED})",
+    r"^\W*(?:please\s+)?(?:pretend|act\s+as|roleplay|do\s+not\s+(?:follow|extract|list|reply))\b",
+    rf"\b(?:respond|reply|answer)\s+(?:only\s+)?with\s+{_ORDERED}",
     r"\b(?:the\s+)?(?:only\s+)?(?:correct\s+)?(?:required|likely)\s+(?:attributes?|list)\s+(?:is|are|must)\b",
     # address the model
     r"\b(?:you\s+are\s+(?:now\s+)?(?:an?\s+)?(?:ai|assistant|language\s+model|chatbot|llm|model)|"
