@@ -1,8 +1,10 @@
 """The design notes live in the repository (docs/): every reference to them names a section that exists,
-nothing points at the old design file, and no help text points at files a pip user does not have."""
+nothing points at the old design file, and no help text or message points at files a pip user does not
+have (docstrings and comments, read in a checkout, may)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from pathlib import Path
@@ -78,3 +80,32 @@ def test_help_points_at_nothing_a_pip_user_lacks(command: str, capsys: pytest.Ca
         main([*([command] if command else []), "--help"])
     out = capsys.readouterr().out
     assert out.strip() and not CHECKOUT_ONLY.search(out), out
+
+
+def _messages(path: Path) -> list[tuple[int, str]]:
+    """The string constants of a module that are not docstrings: messages, help texts, report text."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_no_message_names_a_checkout_only_path() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {text[:80]!r}"
+        for folder in ("finer", "builders", "train")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for line, text in _messages(path)
+        if CHECKOUT_ONLY.search(text)
+    ]
+    assert not found, f"messages naming files a pip user does not have: {found}"

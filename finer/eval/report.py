@@ -180,7 +180,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     rules = (
         "the original FINER rules (`--finer-original`)"
         if metrics["rules"] == "finer-original"
-        else "ours (whole words within the first 20, four normalisations; docs/design.md §1)"
+        else "ours (whole words within the first 20, four normalisations; `finer.eval.scoring`)"
     )
     lines = [
         "# Evaluation report",

@@ -346,7 +346,7 @@ def resolve_chat_template(family: Family, processor: object, override: str | Pat
             )
         file = family.template.removeprefix(OURS)
         processor.chat_template = _ours(file)  # type: ignore[attr-defined]
-        return f"finer prompts/chat_templates/{file}"
+        return f"finer's chat_templates/{file}"
     try:
         swapped = get_training_chat_template(processor)
     except ValueError:
