@@ -140,9 +140,11 @@ def test_attributes_the_page_does_not_support_are_dropped(tmp_path: Path) -> Non
 def test_support_allows_plurals_hyphens_and_compounds() -> None:
     sent = "A black-throated warbler with white wing-bars and a crested head; the eyes are red."
     required, likely, dropped = supported_attributes(
-        ["black throat", "white wing bars", "red eye", "crest"], ["wingbar PWNED", "head crests"], sent
+        ["black throat", "white wing bars", "red eye", "crest", "rust-coloured markings"],
+        ["wingbar PWNED", "head crests"],
+        sent,
     )
-    assert required == ["black throat", "white wing bars", "red eye", "crest"]
+    assert required == ["black throat", "white wing bars", "red eye", "crest", "rust-coloured markings"]
     assert likely == ["head crests"] and dropped == ["wingbar PWNED"]
 
 

@@ -322,6 +322,7 @@ def rule_attributes(text: str) -> tuple[list[str], list[str]]:
 
 # --- checking a reply against the text sent -------------------------------------------------------
 
+_COLOURING = "colour color coloured colored marking pattern tipped edged tinged tint contrasting"
 #: Words an attribute may use though the page does not: parts, colours, shades and patterns.
 VISUAL_VOCABULARY = vocabulary_stems(
     [
@@ -330,6 +331,7 @@ VISUAL_VOCABULARY = vocabulary_stems(
         *(w.replace("u?", "") for w in _COLOUR_WORDS.split()),
         *_SHADES.split(),
         *_PATTERN_WORDS.split(),
+        *_COLOURING.split(),
     ]
 )
 
