@@ -1,9 +1,17 @@
-# Every target works from a fresh clone: the first one run creates .venv.
+# Every target works from a fresh clone: the first one run creates .venv (VENV=/path for another).
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FINER := $(BIN)/finer
+PIP := $(BIN)/python -m pip install --quiet
+
+# torch + torchvision, one matched pair from one index. Empty: the default (CUDA) build where nvidia-smi
+# runs; elsewhere the CPU wheel index if it answers within 5 s (else pip spends minutes retrying it, or
+# pairs a local find-links torch with an index's torchvision), else the default index. A CUDA version:
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cu124`.
+TORCH_INDEX ?=
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 # Defaults run on the embedded offline demo; override on the command line, e.g.
 #   make build-dataset SOURCE=cub200 ROOT=/data/CUB_200_2011 OUT=data/cub200 ARGS=--no-knowledge
@@ -16,16 +24,37 @@ ARGS ?=
 
 install: $(STAMP)
 
-# Torch first, so that a machine without a GPU never pulls the CUDA wheels: a wheel in pip's local
-# find-links wins, else the CPU index where no NVIDIA driver is present, else the default (CUDA) build.
+# torch and torchvision are installed together before the package, so that pip resolves them as a pair
+# (torchvision pins its torch) from the one index chosen above; a torch or torchvision already there that
+# does not import with the other is removed first (pip would keep it). The last step imports both, since a
+# pair from two builds (a +cpu torch beside a CUDA torchvision) installs fine and only fails at import.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null \
-	  || $(BIN)/python -m pip install --quiet --no-index "torch>=2.6" 2>/dev/null \
-	  || { command -v nvidia-smi >/dev/null \
-	       && $(BIN)/python -m pip install --quiet "torch>=2.6" \
-	       || $(BIN)/python -m pip install --quiet "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu; }
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@if $(BIN)/python -c "import torch, torchvision" 2>/dev/null; then \
+	  echo "torch + torchvision: already installed in $(VENV)"; \
+	else \
+	  $(BIN)/python -m pip uninstall --quiet --yes torch torchvision 2>/dev/null; \
+	  if [ -n "$(TORCH_INDEX)" ]; then \
+	    echo "torch + torchvision from $(TORCH_INDEX)"; \
+	    $(PIP) torch torchvision --index-url "$(TORCH_INDEX)"; \
+	  elif command -v nvidia-smi >/dev/null 2>&1; then \
+	    echo "torch + torchvision: the default (CUDA) build, nvidia-smi found"; \
+	    $(PIP) torch torchvision; \
+	  else \
+	    echo "torch + torchvision: no nvidia-smi, trying the CPU build from $(TORCH_CPU_INDEX)"; \
+	    $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" 2>/dev/null \
+	      && $(PIP) torch torchvision --index-url $(TORCH_CPU_INDEX) --timeout 5 --retries 0 \
+	      && $(BIN)/python -c "import torch, torchvision" 2>/dev/null \
+	      || { echo "torch + torchvision: the CPU index is unreachable or gave no working pair; the default build"; \
+	           $(BIN)/python -m pip uninstall --quiet --yes torch torchvision 2>/dev/null; \
+	           $(PIP) torch torchvision; }; \
+	  fi; \
+	fi
+	$(PIP) -e ".[dev]"
+	@err=$$($(BIN)/python -c "import torch, torchvision" 2>&1 >/dev/null) || { \
+	  echo "make install: torch and torchvision in $(VENV) do not import together ($$(echo "$$err" | tail -n 1)); pick one index for both: make install TORCH_INDEX=https://download.pytorch.org/whl/<cpu|cu124|...>" >&2; \
+	  exit 1; }
+	@$(BIN)/python -c "import torch, torchvision; print(f'torch {torch.__version__} + torchvision {torchvision.__version__} in $(VENV), CUDA available: {torch.cuda.is_available()}')"
 	touch $(STAMP)
 
 test: $(STAMP)
