@@ -216,7 +216,10 @@ def training_folder(config: TrainerConfig) -> Iterator[None]:
         try:
             yield
         except KeyboardInterrupt:
-            logger.warning(_interrupted(Path(config.output_dir)))
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm([logging.getLogger("finer")]):  # on a line of its own, not the bar's
+                logger.warning(_interrupted(Path(config.output_dir)))
             raise
         swap_in(partial_path(out), out)
 
