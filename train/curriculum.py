@@ -260,8 +260,10 @@ def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> di
         logger.info("%s: finished earlier; skipped", stage.label)
     else:
         checkpoint = unfinished_checkpoint(stage.train_dir)  # in train/'s staging folder, once interrupted
-        resume = checkpoint is not None or stage.train_dir.is_dir()
-        status = "resumed" if checkpoint else "trained"
+        if checkpoint is None and stage.train_dir.is_dir():
+            shutil.rmtree(stage.train_dir)  # a run killed before its first checkpoint: nothing to continue
+        resume = checkpoint is not None
+        status = "resumed" if resume else "trained"
         logger.info("%s: %s with %s from %s", stage.label, status, stage.trainer, stage.config.model)
         stage.folder.mkdir(parents=True, exist_ok=True)
         state = {"name": stage.name, "trainer": stage.trainer, "hash": stage.hash}
