@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -100,6 +103,85 @@ TIMEOUT_HELP = "Seconds an endpoint request may take before it is retried (raise
 RETRIES_HELP = "Retries of a failed or timed-out request (backoff; Retry-After honoured)."
 
 
+BaseUrls = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--base-url",
+        help="OpenAI-compatible endpoint (else OPENAI_BASE_URL); repeat it or give a comma list to spread "
+        "the calls over replicas, --concurrency each.",
+    ),
+]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Count the calls, tokens and USD the run would spend; send nothing.")
+]
+Prices = Annotated[
+    Path | None,
+    typer.Option(help="YAML of model: {input, output} USD per million tokens (and batch_discount)."),
+]
+MaxCost = Annotated[
+    float | None, typer.Option(min=0, help="Start no call that would take the spend past this many USD.")
+]
+Rpm = Annotated[float | None, typer.Option(min=1, help="Requests per minute, held by all workers together.")]
+Tpm = Annotated[float | None, typer.Option(min=1, help="Tokens per minute, held by all workers together.")]
+#: Exit status of a run stopped by --max-cost (2 is bad input, 1 a run with failed items).
+OVER_BUDGET_EXIT = 3
+
+
+def _urls(base_url: list[str] | None) -> str | None:
+    """Repeated `--base-url` options as the one comma list the client takes."""
+    return ",".join(base_url) if base_url else None
+
+
+@contextmanager
+def _paid_run(out: Path, *, dry_run: bool, **limits: Any) -> Iterator[tuple[Path, Any]]:
+    """The run's policy (`--prices`, `--max-cost`, `--rpm`, `--tpm`) active for every client it opens, and
+    the folder it writes. `--dry-run` writes into a scratch folder, prints the projection and exits 0."""
+    from finer.models.policy import RunPolicy, use_policy
+
+    policy = RunPolicy.from_options(dry_run=dry_run, **limits)
+    with use_policy(policy):
+        if policy.projection is None:
+            yield out, policy
+            return
+        with tempfile.TemporaryDirectory(prefix="finer-dry-run-") as scratch:
+            yield Path(scratch) / "out", policy
+    _print_projection(policy.projection.to_json(policy.prices))
+    raise typer.Exit(0)
+
+
+def _print_projection(projected: dict[str, Any]) -> None:
+    """The dry run's projection, one line per step (template @ model) and the total."""
+    typer.echo(f"dry run: nothing was sent (prices: {projected['prices']})")
+    for name, step in projected["steps"].items():
+        estimate = "" if step["text_tokens_counted"] == "tokenizer" else "*"
+        typer.echo(
+            f"  {name}: {step['calls']} calls ({step['cached_calls']} cached, free); input "
+            f"{step['input_text_tokens']}{estimate} text + {step['input_image_tokens']} image tokens; output "
+            f"{step['output_tokens']} tokens ({step['output_tokens_from']}); {step['usd']} USD"
+        )
+    typer.echo(
+        f"total: {projected['calls']} calls ({projected['cached_calls']} cached), "
+        f"{projected['tokens']} tokens, {projected['usd']} USD"
+    )
+    typer.echo(
+        "* estimated at 4 characters a token (no tokenizer for the model here). Repair turns, and follow-up "
+        "turns that depend on a reply, are not projected."
+    )
+
+
+def _endpoint_only(backend: Backend, *, dry_run: bool, max_cost: float | None) -> None:
+    """`--dry-run` and `--max-cost` price endpoint calls: a local model (--backend hf) makes none."""
+    if backend != Backend.openai and (dry_run or max_cost is not None):
+        raise FinerError("--dry-run and --max-cost price endpoint calls; they need --backend openai")
+
+
+def _stop_if_over_budget(policy: Any) -> None:
+    """Exit non-zero with one line when `--max-cost` stopped the run (what was done is written)."""
+    if policy.budget is not None and policy.budget.refused:
+        typer.echo(f"error: {policy.budget.message()}", err=True)
+        raise typer.Exit(OVER_BUDGET_EXIT)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"finer {finer.__version__}")
@@ -146,10 +228,8 @@ def build(
         Backend, typer.Option(help="--extractor vlm: an OpenAI-compatible endpoint or a local model (hf).")
     ] = Backend.openai,
     model: Annotated[str | None, typer.Option(help="LLM/VLM name at the endpoint.")] = None,
-    base_url: Annotated[
-        str | None, typer.Option(help="OpenAI-compatible endpoint (else OPENAI_BASE_URL).")
-    ] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent LLM calls.")] = 16,
+    base_url: BaseUrls = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent LLM calls (per endpoint).")] = 16,
     timeout: Annotated[float, typer.Option(min=1, help=TIMEOUT_HELP)] = DEFAULT_TIMEOUT_S,
     max_retries: Annotated[int, typer.Option(min=0, help=RETRIES_HELP)] = DEFAULT_MAX_RETRIES,
     wiki_api: Annotated[str | None, typer.Option(help="MediaWiki API URL of a Wikipedia mirror.")] = None,
@@ -170,6 +250,11 @@ def build(
     ] = None,
     push_to_hub: Annotated[str | None, typer.Option(help="Publish to this Hub dataset repo.")] = None,
     private: Annotated[bool, typer.Option(help="Make the Hub repo private.")] = False,
+    dry_run: DryRun = False,
+    prices: Prices = None,
+    max_cost: MaxCost = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
 ) -> None:
     """Turn a fine-grained dataset on disk into image-attribute-label rows."""
     from finer.data.build import BuildConfig
@@ -178,45 +263,48 @@ def build(
 
     shaping = [name for name, given in (("--model", model), ("--wiki-api", wiki_api)) if given]
     knowledge, wikipedia = resolve_knowledge(knowledge, extractor.value if extractor else None, shaping)
-    summary = run_build(
-        BuildConfig(
-            source=source,
-            out=out,
-            root=root,
-            splits=_split_list(splits),
-            limit_classes=limit_classes,
-            limit_per_class=limit_per_class,
-            knowledge=knowledge,
-            embed_images=embed_images,
-            crop_to_bbox=crop_to_bbox,
-            check_images=check_images,
-            overwrite=overwrite,
-            export_finer=export_finer,
-            knowledge_options=KnowledgeOptions(
-                extractor=extractor.value if extractor else None,
-                model=model,
-                base_url=base_url,
-                concurrency=concurrency,
-                wiki_api=wiki_api,
-                wiki_lang=wiki_lang,
-                wiki_words=wiki_words,
-                cache=cache,
-                prompts_dir=prompts_dir,
-                exemplars=exemplars,
-                max_image_side=max_image_side,
-                backend=backend.value,
-                wikipedia=wikipedia,
-                timeout=timeout,
-                max_retries=max_retries,
-            ),
+    limits = {"prices": prices, "max_cost": max_cost, "rpm": rpm, "tpm": tpm}
+    with _paid_run(out, dry_run=dry_run, **limits) as (folder, policy):
+        summary = run_build(
+            BuildConfig(
+                source=source,
+                out=folder,
+                root=root,
+                splits=_split_list(splits),
+                limit_classes=limit_classes,
+                limit_per_class=limit_per_class,
+                knowledge=knowledge,
+                embed_images=embed_images,
+                crop_to_bbox=crop_to_bbox,
+                check_images=check_images,
+                overwrite=overwrite,
+                export_finer=None if dry_run else export_finer,
+                knowledge_options=KnowledgeOptions(
+                    extractor=extractor.value if extractor else None,
+                    model=model,
+                    base_url=_urls(base_url),
+                    concurrency=concurrency,
+                    wiki_api=wiki_api,
+                    wiki_lang=wiki_lang,
+                    wiki_words=wiki_words,
+                    cache=cache,
+                    prompts_dir=prompts_dir,
+                    exemplars=exemplars,
+                    max_image_side=max_image_side,
+                    backend=backend.value,
+                    wikipedia=wikipedia,
+                    timeout=timeout,
+                    max_retries=max_retries,
+                ),
+            )
         )
-    )
     counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())
     typer.echo(
         f"wrote {out}: {summary['concepts']} concepts; rows: {counts} ({summary['durations']['total_s']} s)"
     )
     for warning in summary["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
+    _stop_if_over_budget(policy)
     if push_to_hub:
         from finer.hub.datasets import push_dataset
 
@@ -429,8 +517,10 @@ def evaluate(
     ),
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter id or path.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint.")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent endpoint calls (openai).")] = 16,
+    base_url: BaseUrls = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Concurrent endpoint calls (openai, per endpoint).")
+    ] = 16,
     timeout: Annotated[float, typer.Option(min=1, help=TIMEOUT_HELP)] = DEFAULT_TIMEOUT_S,
     max_retries: Annotated[int, typer.Option(min=0, help=RETRIES_HELP)] = DEFAULT_MAX_RETRIES,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N images.")] = None,
@@ -467,41 +557,49 @@ def evaluate(
             help="Delete --out's earlier predictions and start afresh (needed for another dataset)."
         ),
     ] = False,
+    dry_run: DryRun = False,
+    prices: Prices = None,
+    max_cost: MaxCost = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
 ) -> None:
     """Evaluate a model at superordinate, coarse and fine granularity (resumable; writes a report)."""
     from finer.eval.engine import EvalConfig
     from finer.eval.engine import evaluate as run_eval
 
-    result = run_eval(
-        EvalConfig(
-            dataset=dataset,
-            out=out,
-            model=model,
-            split=split,
-            mode=mode.value,
-            level=level.value,
-            backend=backend.value,
-            adapter=adapter,
-            batch_size=batch_size,
-            base_url=base_url,
-            concurrency=concurrency,
-            timeout=timeout,
-            max_retries=max_retries,
-            limit=limit,
-            gold_parent=gold_parent,
-            choices=choices,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            prompts_dir=prompts_dir,
-            finer_original=finer_original,
-            seed=seed,
-            crop_to_bbox=crop_to_bbox,
-            distractors=distractors.value,
-            **({"distractor_model": distractor_model} if distractor_model else {}),
-            distractor_space=distractor_space.value,
-            overwrite=overwrite,
+    _endpoint_only(backend, dry_run=dry_run, max_cost=max_cost)
+    limits = {"prices": prices, "max_cost": max_cost, "rpm": rpm, "tpm": tpm}
+    with _paid_run(out, dry_run=dry_run, **limits) as (folder, policy):
+        result = run_eval(
+            EvalConfig(
+                dataset=dataset,
+                out=folder,
+                model=model,
+                split=split,
+                mode=mode.value,
+                level=level.value,
+                backend=backend.value,
+                adapter=adapter,
+                batch_size=batch_size,
+                base_url=_urls(base_url),
+                concurrency=concurrency,
+                timeout=timeout,
+                max_retries=max_retries,
+                limit=limit,
+                gold_parent=gold_parent,
+                choices=choices,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                prompts_dir=prompts_dir,
+                finer_original=finer_original,
+                seed=seed,
+                crop_to_bbox=crop_to_bbox,
+                distractors=distractors.value,
+                **({"distractor_model": distractor_model} if distractor_model else {}),
+                distractor_space=distractor_space.value,
+                overwrite=overwrite,
+            )
         )
-    )
     for run in result["runs"]:
         levels = " · ".join(f"{lv} {v['em']:.3f} (n={v['count']})" for lv, v in run["levels"].items())
         this = "  <- this run" if run["label"] == result["current"] and len(result["runs"]) > 1 else ""
@@ -516,6 +614,7 @@ def evaluate(
         )
     for warning in result["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
+    _stop_if_over_budget(policy)
 
 
 @app.command()
@@ -606,11 +705,9 @@ def ground(
     backend: Annotated[Backend, typer.Option(help="An OpenAI-compatible endpoint or a local model.")] = (
         Backend.openai
     ),
-    base_url: Annotated[
-        str | None, typer.Option(help="OpenAI-compatible endpoint (else OPENAI_BASE_URL).")
-    ] = None,
+    base_url: BaseUrls = None,
     concurrency: Annotated[
-        int, typer.Option(min=1, help="Concurrent calls (openai) or batch size (hf).")
+        int, typer.Option(min=1, help="Concurrent calls (openai, per endpoint) or batch size (hf).")
     ] = 16,
     max_image_side: Annotated[int, typer.Option(min=32, help="Longer side of the images sent.")] = 768,
     limit: Annotated[int | None, typer.Option(min=1, help="Ground the first N rows of each split.")] = None,
@@ -626,30 +723,38 @@ def ground(
     allow_failures: Annotated[
         bool, typer.Option(help="Exit 0 although some images failed (their rows are marked 'failed').")
     ] = False,
+    dry_run: DryRun = False,
+    prices: Prices = None,
+    max_cost: MaxCost = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
 ) -> None:
     """Mark which of each concept's attributes a VLM sees in each image (column attributes_visible)."""
     from finer.data.grounding import GroundConfig
     from finer.data.grounding import ground as run_ground
 
-    summary = run_ground(
-        GroundConfig(
-            dataset=dataset,
-            out=out,
-            model=model,
-            backend=backend.value,
-            base_url=base_url,
-            concurrency=concurrency,
-            max_image_side=max_image_side,
-            limit=limit,
-            splits=_split_list(splits),
-            check_cub=check_cub,
-            cache=cache,
-            prompts_dir=prompts_dir,
-            overwrite=overwrite,
-            timeout=timeout,
-            max_retries=max_retries,
+    _endpoint_only(backend, dry_run=dry_run, max_cost=max_cost)
+    limits = {"prices": prices, "max_cost": max_cost, "rpm": rpm, "tpm": tpm}
+    with _paid_run(out, dry_run=dry_run, **limits) as (folder, policy):
+        summary = run_ground(
+            GroundConfig(
+                dataset=dataset,
+                out=folder,
+                model=model,
+                backend=backend.value,
+                base_url=_urls(base_url),
+                concurrency=concurrency,
+                max_image_side=max_image_side,
+                limit=limit,
+                splits=_split_list(splits),
+                check_cub=check_cub,
+                cache=cache,
+                prompts_dir=prompts_dir,
+                overwrite=overwrite,
+                timeout=timeout,
+                max_retries=max_retries,
+            )
         )
-    )
     images = summary["images"]
     counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())
     rate = summary["visible_rate"]
@@ -667,6 +772,7 @@ def ground(
         )
     for warning in summary["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
+    _stop_if_over_budget(policy)
     if images["failed"] and not allow_failures:
         typer.echo(
             f"error: {images['failed']} image(s) failed; run again to retry them, or pass --allow-failures",

@@ -455,7 +455,8 @@ async def _ask_all(
             ticker = asyncio.create_task(_tick(bar, usage))
             try:
                 async with asyncio.TaskGroup() as group:
-                    for _ in range(min(config.concurrency, len(pending))):
+                    # one worker per slot: several endpoints (--base-url a,b) take --concurrency each
+                    for _ in range(min(getattr(chat, "capacity", config.concurrency), len(pending))):
                         group.create_task(worker())
             except ExceptionGroup as errors:
                 # One worker's fatal error (images refused, endpoint down) stopped them all: one line.

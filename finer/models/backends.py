@@ -409,7 +409,7 @@ class OpenAIBackend:
             shared = _Shared(_RECENT * self.concurrency)
             try:
                 async with asyncio.TaskGroup() as group:
-                    for _ in range(self.concurrency):
+                    for _ in range(chat.capacity):  # --concurrency at each endpoint
                         group.create_task(self._worker(chat, tasks, shared, sink))
             except ExceptionGroup as errors:
                 # One worker's fatal error (endpoint down, images refused) stopped them all: one line.

@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Coroutine, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,6 +29,10 @@ import openai
 
 from finer.cache import Cache, cache_key
 from finer.errors import FinerError
+from finer.models.endpoints import Endpoint, EndpointPool, split_urls
+from finer.models.policy import DEFAULT_OUTPUT_TOKENS, RunPolicy, active_policy
+from finer.models.ratelimit import pause_seconds
+from finer.models.tokens import count_request
 from finer.prompts import to_openai
 
 __all__ = [
@@ -37,7 +42,8 @@ __all__ = [
     "Reply",
     "DEFAULT_MODEL",
     "OPTIONAL_PARAMETERS",
-    "PRICES",
+    "DryRun",
+    "OverBudget",
     "CallFailed",
     "ChatClient",
     "EndpointError",
@@ -64,19 +70,6 @@ DEFAULT_CONCURRENCY = 16
 #: Stands in for a key at endpoints that need none (a local vLLM or Ollama); the client insists on one.
 NO_KEY = "no-key"
 
-#: USD per million tokens (input, output): OpenAI list prices of 2025, for the estimate in build.json.
-#: A model not listed (any other endpoint's) is priced "unknown", never guessed.
-PRICES: dict[str, tuple[float, float]] = {
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1-nano": (0.10, 0.40),
-    "gpt-5": (1.25, 10.00),
-    "gpt-5-mini": (0.25, 2.00),
-    "gpt-5-nano": (0.05, 0.40),
-    "o4-mini": (1.10, 4.40),
-}
 #: Request parameters an endpoint may not support, and the words its 400 uses to say so: JSON-schema
 #: structured output (older vLLM, Ollama, most proxies), temperature (reasoning models), and max_tokens
 #: (OpenAI's reasoning models take `max_completion_tokens` instead, which is then sent). A 400 that merely
@@ -93,10 +86,11 @@ OPTIONAL_PARAMETERS: dict[str, tuple[str, ...]] = {
         "Unrecognized request argument supplied: max_completion_tokens",
     ),
 }
-_SNAPSHOT = re.compile(r"(.+?)(?:-\d{4}-\d{2}-\d{2})?")
 _SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_-]{2})[A-Za-z0-9_-]+|(Bearer\s+)\S+")
 
 T = TypeVar("T")
+#: Tokens the current task's request is expected to use (input and output), for `--tpm`.
+_EXPECTED: ContextVar[int] = ContextVar("finer_expected_tokens", default=0)
 #: Tries of the call the current task is making (`ChatClient._call` sets it, the httpx hook counts).
 _TRIES: ContextVar[list[int]] = ContextVar("finer_tries")
 
@@ -107,6 +101,14 @@ class EndpointError(FinerError):
 
 class CallFailed(Exception):
     """One call failed after the client's retries; the caller records it and goes on with the rest."""
+
+
+class DryRun(CallFailed):
+    """`--dry-run`: the call was counted, not sent; the step goes on as if it had failed."""
+
+
+class OverBudget(CallFailed):
+    """`--max-cost`: the call was not started, its projected cost would pass the budget."""
 
 
 # A 400 that names images: the model or server takes no image input (OpenAI, vLLM and Ollama say so).
@@ -123,12 +125,9 @@ def refuses_images(err: CallFailed) -> bool:
 
 
 def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    """USD for one call at list price, or None when the model (or its dated snapshot) is not in PRICES."""
-    match = _SNAPSHOT.fullmatch(model)
-    price = PRICES.get(model) or (PRICES.get(match.group(1)) if match else None)
-    if price is None:
-        return None
-    return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+    """USD for one call at the run's prices (`finer.models.pricing`: built-in, dated, or `--prices`), or
+    None when the model (or its dated snapshot) has no price: never guessed."""
+    return active_policy().prices.cost(model, prompt_tokens, completion_tokens)
 
 
 @dataclass
@@ -147,6 +146,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated_cost_usd: float | None = 0.0
+    #: Calls answered per endpoint, shown when a run spreads over several (`--base-url a,b`).
+    endpoints: dict[str, int] = field(default_factory=dict)
 
     def record(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.calls += 1
@@ -168,6 +169,7 @@ class Usage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "estimated_cost_usd": "unknown" if cost is None else round(cost, 6),
+            **({"calls_per_endpoint": dict(self.endpoints)} if len(self.endpoints) > 1 else {}),
         }
 
 
@@ -332,14 +334,25 @@ def _parsed(reply: Reply, parse: Callable[[str], T | None]) -> T | None:
         return None
 
 
+class _Unanswered(Exception):
+    """An endpoint sent no answer after its retries; `error` is what the run raises if no other is left."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class ChatClient:
     """One model at one endpoint for one run: `async with ChatClient(...) as chat: await chat.complete(...)`.
 
     Every reply is cached (namespace "llm") the moment it arrives, keyed by endpoint URL, model, template
     hash and request, never the API key; a cached reply costs no call. At most `concurrency` calls are in
-    flight. When the endpoint rejects JSON-schema `response_format` (or `temperature`) with a 400, the
-    client remembers it for the rest of the run and sends requests without it; callers parse either
-    kind of reply.
+    flight at each endpoint (`base_url` may list several replicas, comma-separated: the first one's URL
+    keys the cache, `finer.models.endpoints` spreads the calls). The run's `RunPolicy` (made active by the
+    CLI) prices calls, projects them instead under `--dry-run`, holds `--max-cost`, and paces every try
+    through its shared rate limiter, which a 429 pauses for the whole run. When the endpoint rejects
+    JSON-schema `response_format` (or `temperature`) with a 400, the client remembers it for the rest of
+    the run and sends requests without it; callers parse either kind of reply.
     """
 
     def __init__(
@@ -373,29 +386,50 @@ class ChatClient:
         if timeout <= 0 or max_retries < 0:
             raise FinerError("--timeout must be above 0 seconds and --max-retries at least 0")
         self.timeout, self.max_retries = timeout, max_retries
-        self._client = openai.AsyncOpenAI(
-            api_key=self._key or NO_KEY,
-            base_url=url,
-            timeout=timeout,
-            max_retries=max_retries,
-            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._count_try]}),
-        )
-        self.base_url = public_url(str(self._client.base_url))
-        self._slots = asyncio.Semaphore(concurrency)
+        self.policy: RunPolicy = active_policy()
+        self.policy.check_model(model)
+        hooks = {"request": [self._before_try], "response": [self._after_try]}
+        clients = [
+            openai.AsyncOpenAI(
+                api_key=self._key or NO_KEY,
+                base_url=each,
+                timeout=timeout,
+                max_retries=max_retries,
+                http_client=openai.DefaultAsyncHttpxClient(event_hooks=hooks),
+            )
+            for each in split_urls(url)
+        ]
+        self._pool = EndpointPool([Endpoint(public_url(str(c.base_url)), c, concurrency) for c in clients])
+        self.base_url = self._pool.endpoints[0].url
+        #: Input tokens counted before sending and billed, and the calls answered, for the estimates.
+        self._billed = (0, 0, 0)
 
-    async def _count_try(self, request: Any) -> None:
-        """httpx's hook before each try the `openai` client sends: a call's second try on is a retry,
-        counted as it happens (progress bars show it)."""
+    @property
+    def capacity(self) -> int:
+        """Calls this client takes at once over all its endpoints: the number of workers worth running."""
+        return self._pool.capacity
+
+    async def _before_try(self, request: Any) -> None:
+        """httpx's hook before each try the `openai` client sends: it waits its turn at the run's rate
+        limiter (retries count: the server sees them); a call's second try on is a retry, counted as it
+        happens (progress bars show it)."""
+        await self.policy.limiter.acquire(_EXPECTED.get())
         tries = _TRIES.get(None)
         if tries is not None:
             tries[0] += 1
             self.usage.retries += tries[0] > 1
 
+    async def _after_try(self, response: Any) -> None:
+        """httpx's hook on each response: a 429 pauses the whole run for what its headers ask."""
+        if response.status_code == 429:
+            self.policy.limiter.pause(pause_seconds(response.headers))
+
     async def __aenter__(self) -> ChatClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._client.close()
+        for endpoint in self._pool.endpoints:
+            await endpoint.client.close()
 
     @property
     def structured_output(self) -> str | None:
@@ -441,11 +475,30 @@ class ChatClient:
         # the request as intended, whatever the endpoint later refuses: a resumed run finds the same key
         key = cache_key(self.base_url, template_sha256, request)
         cached = self.cache.get(CACHE_NAMESPACE, key)
+        projection = self.policy.projection
         if _is_reply_entry(cached):
             self.usage.cache_hits += 1
+            if projection is not None:
+                projection.add_cached(template_sha256, self.model, cached.get("completion_tokens"))
             return Reply(cached["text"], cached["finish_reason"])
-        async with self._slots:
+        counted = count_request(self.model, messages)
+        if projection is not None:
+            projection.add(template_sha256, self.model, counted, max_tokens)
+            raise DryRun("not sent (--dry-run)")
+        expected_in, expected_out = self._expected(counted.total, max_tokens)
+        held = self._reserve(expected_in, expected_out)
+        expected = _EXPECTED.set(expected_in + (max_tokens or expected_out))  # OpenAI counts max_tokens
+        spent = 0.0
+        try:
             response = await self._create(request)
+            usage = response.usage
+            billed = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+            spent = self.policy.prices.cost(self.model, *billed)
+            self._billed = (self._billed[0] + counted.total, self._billed[1] + billed[0], self._billed[2] + 1)
+        finally:
+            _EXPECTED.reset(expected)
+            if self.policy.budget is not None:
+                self.policy.budget.settle(held, spent or 0.0)
         choice = response.choices[0] if response.choices else None
         text = (choice.message.content if choice else None) or ""
         finish_reason = str(choice.finish_reason) if choice and choice.finish_reason else "stop"
@@ -464,6 +517,27 @@ class ChatClient:
             },
         )
         return Reply(text, finish_reason)
+
+    def _expected(self, counted: int, max_tokens: int | None) -> tuple[int, int]:
+        """Input and output tokens a call is expected to bill: the count before sending, scaled by how
+        this run's answered calls compared (billed / counted), and their mean output (at most
+        `max_tokens`); before any answer, `max_tokens` or DEFAULT_OUTPUT_TOKENS."""
+        counted_total, billed_total, answered = self._billed
+        expected_in = round(counted * billed_total / counted_total) if counted_total else counted
+        if not answered or not self.usage.calls:
+            return expected_in, max_tokens or DEFAULT_OUTPUT_TOKENS
+        mean_out = math.ceil(self.usage.completion_tokens / self.usage.calls)
+        return expected_in, min(mean_out, max_tokens) if max_tokens else mean_out
+
+    def _reserve(self, input_tokens: int, output_tokens: int) -> float:
+        """Hold this call's projected cost in the run's budget (0 without one); raises `OverBudget`."""
+        budget = self.policy.budget
+        if budget is None:
+            return 0.0
+        cost = self.policy.prices.cost(self.model, input_tokens, output_tokens) or 0.0
+        if not budget.reserve(cost):
+            raise OverBudget(f"not started: --max-cost {budget.max_cost:g} USD reached")
+        return cost
 
     async def _create(self, request: dict[str, Any]) -> Any:
         """One chat completion (the client retries inside). A 400 that names an optional parameter
@@ -493,29 +567,52 @@ class ChatClient:
             return response
 
     async def _call(self, request: dict[str, Any]) -> Any:
-        """The client's call, its surviving errors sorted: a 400 for the caller, else ours (no chaining,
-        so no server text that might echo a secret rides along in a traceback)."""
+        """The call at the next free endpoint. One that does not answer after its retries is taken out
+        of rotation (`EndpointPool`) and the call goes to another; the run stops only when none is left."""
+        while True:
+            endpoint = await self._pool.acquire()
+            answered = True
+            try:
+                return await self._call_at(endpoint, request)
+            except _Unanswered as err:
+                answered = False
+                if len(self._pool.endpoints) == 1:
+                    raise err.error from None
+            finally:
+                await self._pool.release(endpoint, answered=answered)
+                if answered:
+                    self.usage.endpoints[endpoint.url] = self.usage.endpoints.get(endpoint.url, 0) + 1
+            if self._pool.all_down():
+                urls = ", ".join(each.url for each in self._pool.endpoints)
+                raise EndpointError(f"no endpoint answers after retries ({urls}); check --base-url")
+
+    async def _call_at(self, endpoint: Endpoint, request: dict[str, Any]) -> Any:
+        """The client's call at one endpoint, its surviving errors sorted: a 400 for the caller, else ours
+        (no chaining, so no server text that might echo a secret rides along in a traceback)."""
         token = _TRIES.set([0])
+        url = endpoint.url
         try:
-            return await self._client.chat.completions.create(**request)
+            return await endpoint.client.chat.completions.create(**request)
         except openai.BadRequestError:
             raise
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
             raise EndpointError(
-                f"{self.base_url} refused model {self.model!r} (HTTP {err.status_code}: "
+                f"{url} refused model {self.model!r} (HTTP {err.status_code}: "
                 f"{self._line(err)}); check OPENAI_API_KEY, --base-url and --model"
             ) from None
         except openai.APITimeoutError:
             tries = f"{self.max_retries + 1} tries of {self.timeout:g} s"
             if not self.usage.calls:  # nothing has ever come back: every other call would wait as long
-                raise EndpointError(
-                    f"{self.base_url} sent no reply within {tries}; check the server, or raise --timeout "
-                    "for a slow model"
+                raise _Unanswered(
+                    EndpointError(
+                        f"{url} sent no reply within {tries}; check the server, or raise --timeout "
+                        "for a slow model"
+                    )
                 ) from None
-            raise CallFailed(f"timed out ({tries})") from None
+            raise _Unanswered(CallFailed(f"timed out ({tries})")) from None
         except openai.APIConnectionError:
-            raise EndpointError(
-                f"cannot reach {self.base_url} after retries; check --base-url / OPENAI_BASE_URL"
+            raise _Unanswered(
+                EndpointError(f"cannot reach {url} after retries; check --base-url / OPENAI_BASE_URL")
             ) from None
         except openai.APIError as err:
             raise self._failure(err) from None

@@ -71,6 +71,25 @@ def _text_of(request: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def pretokens(text: str) -> int:
+    """The pieces GPT's BPE pre-tokenizer splits `text` into (words with their leading space, runs of
+    punctuation, spaces): a tokenizer-like count, close to the BPE token count for English text."""
+    return len(_PRETOKEN.findall(text))
+
+
+_PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\w+| ?[^\s\w]+|\s+(?!\S)|\s+")
+
+
+def _image_urls(request: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        block.get("image_url") or {}
+        for message in request.get("messages", [])
+        if isinstance(message.get("content"), list)
+        for block in message["content"]
+        if isinstance(block, dict) and block.get("type") == "image_url"
+    ]
+
+
 def has_images(request: dict[str, Any]) -> bool:
     """Whether any message carries an `image_url` block."""
     return any(
@@ -89,6 +108,10 @@ class FakeOpenAI:
     structured output; `images=False` rejects `image_url` content with a 400, like text-only models.
     It records every request (`requests`: path, lower-cased headers, body), counts them, and tracks the most
     requests it held at once (`max_in_flight`) so tests can check a concurrency bound.
+
+    Usage counts a word of text as a token, unless `count_tokens` says otherwise (`pretokens` is closer to
+    a real tokenizer); `bill_images=True` adds each image's tokens by OpenAI's tile rule, as OpenAI does.
+    Each logged request carries its arrival time (`time.monotonic()`) for rate-limit checks.
     """
 
     def __init__(
@@ -98,8 +121,12 @@ class FakeOpenAI:
         json_schema: bool = True,
         images: bool = True,
         delay: float = 0.0,
+        count_tokens: Callable[[str], int] | None = None,
+        bill_images: bool = False,
         default_max_tokens: int | None = None,
     ) -> None:
+        self.count_tokens = count_tokens or (lambda text: len(text.split()))
+        self.bill_images = bill_images
         self.responder = responder or (lambda request: {"required": [], "likely": []})
         self.default_max_tokens = default_max_tokens
         self.json_schema = json_schema
@@ -168,7 +195,7 @@ class FakeOpenAI:
         limit = request.get("max_completion_tokens") or request.get("max_tokens") or self.default_max_tokens
         if limit is not None and len(content.split()) > limit:  # a "token" is a word here
             content, finish = " ".join(content.split()[:limit]), "length"
-        prompt_tokens = len(_text_of(request).split())
+        prompt_tokens = self.count_tokens(_text_of(request)) + self._image_tokens(request)
         completion_tokens = len(content.split())
         body = {
             "id": f"chatcmpl-fake-{len(self.requests)}",
@@ -189,6 +216,18 @@ class FakeOpenAI:
             },
         }
         return 200, dict(fault.headers), body, delay
+
+    def _image_tokens(self, request: dict[str, Any]) -> int:
+        """Tokens of the images as sent, by OpenAI's tile rule (when `bill_images`)."""
+        if not self.bill_images:
+            return 0
+        from finer.models.tokens import image_size, image_tokens
+
+        total = 0
+        for image in _image_urls(request):
+            size = image_size(image.get("url", "")) or (512, 512)
+            total += image_tokens(*size, image.get("detail", "auto"), request.get("model", ""))
+        return total
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -216,6 +255,7 @@ class FakeOpenAI:
                             "path": self.path,
                             "headers": {k.lower(): v for k, v in self.headers.items()},
                             "json": request,
+                            "time": time.monotonic(),
                         }
                     )
                     server._in_flight += 1
