@@ -14,6 +14,7 @@ import dataclasses
 import importlib.metadata
 import importlib.resources
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -306,15 +307,34 @@ def _wait_for(file: Path, timeout_s: float = 300.0) -> None:
 
 
 def _base_model(config: TrainerConfig) -> tuple[str, Family]:
-    """The model to train (the demo's tiny one built first) and its family, read from its config alone."""
-    from transformers import AutoConfig
+    """The model to train (the demo's tiny one built first) and its family, read from its config alone.
 
+    A local folder's `config.json` is read directly and a Hub id that cannot be had is refused at once, so
+    that these mistakes are told before transformers loads (seconds, not a minute of retries)."""
     model_id = _model_path(config)
-    try:
-        model_type = AutoConfig.from_pretrained(model_id).model_type
-    except (OSError, ValueError) as err:
-        raise FinerError(f"cannot read the config of model {model_id!r}: {err}".splitlines()[0]) from None
+    model_type = _local_model_type(model_id)
+    if model_type is None:
+        from finer.models.hub_access import require_obtainable
+
+        require_obtainable(model_id)
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(model_id).model_type
+        except (OSError, ValueError) as err:
+            raise FinerError(f"cannot read the config of model {model_id!r}: {err}".splitlines()[0]) from None
     return model_id, detect_family(model_type, model_id)
+
+
+def _local_model_type(model_id: str) -> str | None:
+    """The `model_type` in a local model folder's `config.json`; None for a Hub id or a config without one."""
+    path = Path(model_id).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("model_type") or None
+    except (OSError, ValueError, AttributeError) as err:
+        raise FinerError(f"cannot read the config of model {model_id!r}: {err}".splitlines()[0]) from None
 
 
 def _load_model(model_id: str, bf16: bool, load_in_4bit: bool) -> Any:
@@ -367,12 +387,11 @@ def build_trainer(config: FinetuneConfig) -> Prepared:
 
     User errors surface before anything is written, so a failed start leaves nothing that looks like a run.
     """
+    _require_output_dir(config)
+    model_id, family = _base_model(config)
     from transformers import AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
-    if not config.output_dir:
-        raise FinerError("no output folder: pass --output-dir DIR or a --config recipe that sets one")
-    model_id, family = _base_model(config)
     mixture = load_mixture(
         config.datasets,
         fmt=config.format,
@@ -431,8 +450,16 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Train, save the adapter and processor, optionally score generations; returns the run summary.
 
     `output_dir` is replaced only when the run is complete (`training_folder`)."""
+    started = time.perf_counter()
+    _require_output_dir(config)  # the cheap checks before torch loads: a mistake is told in seconds
+    _base_model(config)
     with _cpu_threads(config), training_folder(config):
-        return _run(config, time.perf_counter())
+        return _run(config, started)
+
+
+def _require_output_dir(config: TrainerConfig) -> None:
+    if not config.output_dir:
+        raise FinerError("no output folder: pass --output-dir DIR or a --config recipe that sets one")
 
 
 def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:

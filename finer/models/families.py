@@ -20,13 +20,13 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
-from peft import LoraConfig
-from peft.utils.constants import DUMMY_TARGET_MODULES
+from typing import TYPE_CHECKING, Literal
 
 from finer.errors import FinerError
+
+if TYPE_CHECKING:  # torch and PEFT load when a model is planned: the configs that name policies stay light
+    import torch
+    from peft import LoraConfig
 
 __all__ = [
     "FAMILIES",
@@ -171,6 +171,9 @@ class TrainPlan:
 
     def lora_config(self, r: int, alpha: int, dropout: float) -> LoraConfig:
         """PEFT config; with no LoRA part, PEFT's dummy target keeps an adapter holding only full modules."""
+        from peft import LoraConfig
+        from peft.utils.constants import DUMMY_TARGET_MODULES
+
         return LoraConfig(
             r=r,
             lora_alpha=alpha,
@@ -195,6 +198,8 @@ def _lora_regex(model: torch.nn.Module, family: Family, part: Part) -> str:
     A root that is itself a linear layer (the output head) gets no LoRA; projector paths nested in the vision
     tower are excluded from it by a lookahead.
     """
+    import torch
+
     modules = dict(model.named_modules())
     roots = [r for r in family.roots(part) if not isinstance(modules[r], torch.nn.Linear)]
     carved = [c for c in family.projector if part == "vision" and _inside(c, family.vision)]
@@ -220,6 +225,7 @@ def _full_modules(model: torch.nn.Module, family: Family, part: Part) -> list[st
     PEFT cannot wrap a ModuleList; so those are split into their children, as is a vision tower holding the
     projector, whose children other than the projector are listed.
     """
+    import torch
     from transformers import PreTrainedModel
 
     carved = family.projector if part == "vision" else ()
