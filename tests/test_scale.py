@@ -5,18 +5,25 @@ The synthetic CUB copy and its grounding replies are test_grounding's."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_grounding import built, cub, grounder  # noqa: F401 - fixtures used by name
 
+from finer.cache import Cache
 from finer.cli import OVER_BUDGET_EXIT, main
 from finer.data.grounding import GroundConfig, ground
+from finer.models.client import ChatClient, Usage
 from finer.models.policy import Projection, RunPolicy, use_policy
 from finer.models.pricing import PriceTable
-from finer.testing.fake_openai import FakeOpenAI, pretokens
+from finer.models.ratelimit import CATCH_UP_S, RateLimiter
+from finer.models.tokens import count_request
+from finer.testing.fake_openai import FakeOpenAI, Fault, pretokens
 
 MODEL = "gpt-4o"
 #: Images of the synthetic CUB copy with attributes to ask about (test_grounding: 8, one unreadable).
@@ -153,3 +160,77 @@ def test_max_cost_refuses_a_model_without_a_price(
     with FakeOpenAI(grounder) as server:
         assert run_main(argv(server, "--prices", str(prices))) == 0
         assert server.count == ASKED
+
+
+# --- 2. rate limits held by all workers together ----------------------------------------------------
+
+
+def ask_many(urls: str, calls: int, *, concurrency: int, clients: int = 1, max_tokens: int = 20) -> Usage:
+    """`calls` different requests from `clients` clients of `concurrency` workers each, all at once."""
+    usage = Usage()
+
+    async def run() -> None:
+        chats = [
+            ChatClient(MODEL, urls, cache=Cache(tempfile.mkdtemp()), usage=usage, concurrency=concurrency)
+            for _ in range(clients)
+        ]
+        try:
+            await asyncio.gather(
+                *(
+                    chats[i % clients].reply(
+                        [{"role": "user", "content": f"question {i}: " + "word " * (i % 7)}],
+                        template_sha256="t",
+                        max_tokens=max_tokens,
+                    )
+                    for i in range(calls)
+                )
+            )
+        finally:
+            for chat in chats:
+                await chat.__aexit__()
+
+    asyncio.run(run())
+    return usage
+
+
+def test_rpm_and_tpm_hold_across_32_workers_of_two_clients() -> None:
+    """From the server's request log: requests are paced at --rpm and tokens at --tpm, whoever sends."""
+    rpm, tpm = 600.0, 12_000.0
+    with FakeOpenAI(lambda request: "ok") as server:
+        with use_policy(RunPolicy(limiter=RateLimiter(rpm=rpm))):
+            ask_many(server.url, 40, concurrency=16, clients=2)
+        times = sorted(entry["time"] for entry in server.requests)
+    assert len(times) == 40
+    for i, j in itertools.combinations(range(len(times)), 2):
+        # the first request, and what late sends may catch up, are the only slack
+        assert j - i <= (times[j] - times[i]) * rpm / 60 + 1 + CATCH_UP_S * rpm / 60, (i, j)
+    assert (times[-1] - times[0]) * rpm / 60 == pytest.approx(39, rel=0.05)
+
+    with FakeOpenAI(lambda request: "ok") as server:
+        with use_policy(RunPolicy(limiter=RateLimiter(tpm=tpm))):
+            ask_many(server.url, 30, concurrency=32)
+        log = sorted(server.requests, key=lambda entry: entry["time"])
+    tokens = [count_request(MODEL, e["json"]["messages"]).total + e["json"]["max_tokens"] for e in log]
+    for i, j in itertools.combinations(range(len(log)), 2):
+        sent = sum(tokens[i:j])  # the tokens of i..j-1 must have been paced out before j went
+        assert sent <= (log[j]["time"] - log[i]["time"]) * tpm / 60 + CATCH_UP_S * tpm / 60 + 1, (i, j)
+
+
+def test_a_429_pauses_the_whole_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """One request gets a 429 asking for 1 s: no worker sends anything until that second has passed."""
+    count, limited = itertools.count(), []
+
+    def responder(request: dict[str, Any]) -> Any:
+        if next(count) == 20:
+            limited.append(request)
+            return Fault(status=429, headers=(("x-ratelimit-reset-requests", "1s"),), message="slow down")
+        return "ok"
+
+    with FakeOpenAI(responder, delay=0.05) as server, use_policy(RunPolicy()):
+        usage = ask_many(server.url, 80, concurrency=16)
+    assert usage.calls == 80 and usage.failed_calls == 0
+    # the 429 left the server 0.05 s after its request arrived; what was sent before it came back may land
+    start = next(e["time"] for e in server.requests if e["json"] is limited[0]) + 0.05 + 0.1
+    during = [round(e["time"] - start, 3) for e in server.requests if start < e["time"] < start + 0.85]
+    assert not during, f"requests sent while the run was paused, at +{during} s"
+    assert "the whole run pauses 1.0 s" in capsys.readouterr().out

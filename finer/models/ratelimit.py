@@ -2,11 +2,12 @@
 
 Each request waits its turn before it is sent (its retries too: the server counts them). Requests and
 tokens are each paced evenly (one request every 60/rpm s; a request of n tokens holds the next back by
-n * 60/tpm s) and also kept under the limit in every sliding 60-s window, so a run never exceeds the
-account's limits in any minute. A 429 pauses the whole run for what the server asks (`Retry-After`,
-`retry-after-ms`, or OpenAI's `x-ratelimit-reset-requests` / `-tokens`), not only the request that got
-it. The limiter's state sits behind a thread lock and it sleeps with `asyncio.sleep`, so the clients of
-one run share it even across the event loops of its steps.
+n * 60/tpm s; sends that came late may catch up half a second's worth) and also kept under the limit in
+every sliding 60-s window, so a run never exceeds the account's limits in any minute. A 429 pauses the
+whole run for what the server asks (`Retry-After`, `retry-after-ms`, or OpenAI's
+`x-ratelimit-reset-requests` / `-tokens`), not only the request that got it. The limiter's state sits
+behind a thread lock and it sleeps with `asyncio.sleep`, so the clients of one run share it even across
+the event loops of its steps.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from email.utils import parsedate_to_datetime
 __all__ = ["RateLimiter", "pause_seconds"]
 
 WINDOW_S = 60.0
+#: Capacity a limit may catch up when sends came late (a busy event loop wakes its waiters late): half a
+#: second's worth, or one unit. Without it the late wake-ups are lost and a run falls well below --rpm.
+CATCH_UP_S = 0.5
 #: The pause after a 429 that names no wait: the `openai` client's own first backoff.
 DEFAULT_PAUSE_S = 1.0
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?")
@@ -33,7 +37,8 @@ class _Window:
     def __init__(self, per_minute: float) -> None:
         self.limit = per_minute
         self.interval = WINDOW_S / per_minute
-        self.next_at = 0.0
+        self.catch_up = max(CATCH_UP_S, self.interval)
+        self.next_at: float | None = None  # set by the first take: a run starts without a burst
         self.log: deque[tuple[float, float]] = deque()
         self.total = 0.0
 
@@ -41,7 +46,7 @@ class _Window:
         """Seconds until `amount` may start: its pace, and room in the window (a lone oversize one goes)."""
         while self.log and self.log[0][0] <= now - WINDOW_S:
             self.total -= self.log.popleft()[1]
-        wait = self.next_at - now
+        wait = -1.0 if self.next_at is None else self.next_at - now
         excess = self.total + amount - self.limit
         for at, taken in self.log:
             if excess <= 0:
@@ -51,7 +56,8 @@ class _Window:
         return wait
 
     def take(self, amount: float, now: float) -> None:
-        self.next_at = max(self.next_at, now) + amount * self.interval
+        start = now if self.next_at is None else max(self.next_at, now - self.catch_up)
+        self.next_at = start + amount * self.interval
         self.log.append((now, amount))
         self.total += amount
 

@@ -287,6 +287,8 @@ class FakeOpenAI:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    #: Room for many workers connecting at once: the default 5 drops SYNs, which the kernel resends 1 s later.
+    request_queue_size = 256
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up (a timeout, a refused run ending) is not a server error worth printing."""
