@@ -449,7 +449,7 @@ def finetune(
 ) -> None:
     """Fine-tune a VLM with LoRA on built datasets (TRL SFTTrainer + PEFT); recipe values, then options."""
 
-    from finer.train.sft import FinetuneConfig, run_finetune
+    from finer.train.sft import FinetuneConfig, describe_loss, run_finetune
 
     if push_to_hub:
         from huggingface_hub import get_token
@@ -494,7 +494,7 @@ def finetune(
     trained = sum(count["trained"] for count in summary["samples"].values())
     typer.echo(
         f"wrote {settings.output_dir}: {summary['global_step']} steps on {trained} conversations "
-        f"(mean loss {summary['train_loss']:.3f}, {summary['duration_s']} s)"
+        f"({describe_loss(summary)}, {summary['duration_s']} s)"
     )
     if push_to_hub:
         from finer.hub.model_cards import push_adapter

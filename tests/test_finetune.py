@@ -35,7 +35,14 @@ from finer.prompts import render
 from finer.testing import TINY_FAMILIES, tiny_vlm_path, unavailable_reason
 from finer.testing.tiny_vlm import LLAVA_CHAT_TEMPLATE
 from finer.train.data import load_mixture
-from finer.train.sft import RUN_FILE, FinetuneConfig, build_trainer, load_recipe, run_finetune
+from finer.train.sft import (
+    RUN_FILE,
+    FinetuneConfig,
+    build_trainer,
+    describe_loss,
+    load_recipe,
+    run_finetune,
+)
 
 TINY = [
     pytest.param(
@@ -354,6 +361,8 @@ def test_resume_continues_from_the_last_checkpoint(
         summary = run_finetune(_config("llava", demo, out, max_steps=3, format="direct", resume=True))
     assert summary["resumed_from"] == "checkpoint-2" and summary["global_step"] == 3
     assert "resuming from" in caplog.text and (out / RUN_FILE).is_file()
+    # The Trainer's mean loss covers the resumed steps only, and the line says so.
+    assert summary["train_loss_steps"] == [3, 3] and describe_loss(summary).endswith(" over steps 3–3")
     with pytest.raises(FinerError, match="finished run.*--overwrite"):
         run_finetune(_config("llava", demo, out, format="direct"))
 

@@ -46,6 +46,7 @@ __all__ = [
     "RUN_FILE",
     "FinetuneConfig",
     "build_trainer",
+    "describe_loss",
     "eval_rows",
     "load_recipe",
     "recipe_names",
@@ -501,6 +502,8 @@ def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
         "resumed_from": Path(checkpoint).name if checkpoint else None,
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
+        # The Trainer averages the loss over this run's own steps: after a resume, not the earlier ones.
+        "train_loss_steps": [_checkpoint_step(checkpoint) + 1, trainer.state.global_step],
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "losses": losses,
@@ -531,6 +534,18 @@ def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
     if main_process:
         write_run_file(work, summary)
     return summary
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    """The step a `checkpoint-N` folder was saved at; 0 for none."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
+
+
+def describe_loss(summary: dict[str, Any]) -> str:
+    """The final loss line: after a resume it names the steps this run trained ("... over steps 3–5")."""
+    first, last = summary["train_loss_steps"]
+    over = f" over steps {first}–{last}" if first > 1 else ""
+    return f"mean loss {summary['train_loss']:.3f}{over}"
 
 
 def write_run_file(output_dir: str | Path | None, summary: dict[str, Any]) -> None:
