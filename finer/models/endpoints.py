@@ -89,7 +89,7 @@ class EndpointPool:
             if answered:
                 endpoint.calls += 1
                 if not endpoint.healthy:
-                    endpoint.healthy, endpoint.cooldown = True, COOLDOWN_S
+                    endpoint.healthy = True
                     tqdm.write(f"endpoint {endpoint.url} answers again: back in rotation")
             elif len(self.endpoints) > 1:
                 now = self._clock()
@@ -97,6 +97,7 @@ class EndpointPool:
                     tqdm.write(
                         f"endpoint {endpoint.url} does not answer: out of rotation, probed again later"
                     )
+                    endpoint.cooldown = COOLDOWN_S
                 elif now < endpoint.down_until:  # a call sent before it went out: nothing new
                     self._changed.notify_all()
                     return

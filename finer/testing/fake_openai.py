@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sys
 import threading
 import time
@@ -134,6 +135,9 @@ class FakeOpenAI:
         self.delay = delay
         self.requests: list[dict[str, Any]] = []
         self.max_in_flight = 0
+        #: False: every request's connection is dropped unanswered (kept in `dropped`), as by a dead replica.
+        self.answering = True
+        self.dropped: list[dict[str, Any]] = []
         self._in_flight = 0
         self._faults: deque[Fault] = deque()
         self._lock = threading.Lock()
@@ -248,6 +252,12 @@ class FakeOpenAI:
                     request = json.loads(raw)
                 except json.JSONDecodeError:
                     self._send(400, {}, {"error": {"message": "request body is not JSON"}})
+                    return
+                if not server.answering:  # a dead replica: the connection drops, no reply
+                    with server._lock:
+                        server.dropped.append(request)
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 with server._lock:
                     server.requests.append(
