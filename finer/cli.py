@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -98,6 +99,11 @@ _DISTRACTORS_HELP = (
     "or clip, the labels nearest the gold by --distractor-model (mined once, stored beside the dataset)."
 )
 
+
+#: The default `finetune` and `grpo` show for an option a recipe may set (`--config`; else the config's own).
+FROM_RECIPE = "from the recipe"
+#: Options `finetune` and `grpo` cannot run without: given here or set by the recipe.
+_NEEDED = " Required, here or in the recipe."
 
 TIMEOUT_HELP = "Seconds an endpoint request may take before it is retried (raise it for a slow local VLM)."
 RETRIES_HELP = "Retries of a failed or timed-out request (backoff; Retry-After honoured)."
@@ -197,6 +203,18 @@ def _root(
     """Build image-attribute-label datasets, fine-tune VLMs with LoRA, evaluate at three granularities."""
 
 
+def _source_names() -> list[str]:
+    """The builders' source names without importing them (that loads `datasets`): `finer.builders.SOURCES`."""
+    import importlib.util
+    import pkgutil
+
+    spec = importlib.util.find_spec("finer.builders")
+    modules = pkgutil.iter_modules(spec.submodule_search_locations if spec else [])
+    return sorted(
+        m.name.replace("_", "-") for m in modules if m.name != "base" and not m.name.startswith("_")
+    )
+
+
 def _split_list(values: list[str] | None) -> list[str] | None:
     """`--splits train,test` and `--splits train --splits test` both work."""
     if not values:
@@ -206,7 +224,7 @@ def _split_list(values: list[str] | None) -> list[str] | None:
 
 @app.command()
 def build(
-    source: Annotated[str, typer.Argument(help="demo, cub200, nabirds, stanford-dogs, stanford-cars, …")],
+    source: Annotated[str, typer.Argument(help=f"One of: {', '.join(_source_names())}.")],
     out: Annotated[Path, typer.Option(help="Folder to write the dataset into.")],
     root: Annotated[Path | None, typer.Option(help="The dataset as extracted from its archive.")] = None,
     splits: Annotated[list[str] | None, typer.Option(help="Official splits to build (default: all).")] = None,
@@ -385,11 +403,20 @@ def _set_values(items: list[str] | None) -> dict[str, Any]:
 
 @app.command()
 def finetune(
-    model: Annotated[str | None, typer.Option(help="Base model id or path.")] = None,
-    dataset: Annotated[
-        list[str] | None, typer.Option(help="Built dataset folder or Hub repo; repeat to mix several.")
+    model: Annotated[
+        str | None, typer.Option(help="Base model id or path." + _NEEDED, show_default=FROM_RECIPE)
     ] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and the adapter go.")] = None,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Built dataset folder or Hub repo; repeat to mix several." + _NEEDED,
+            show_default=FROM_RECIPE,
+        ),
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where checkpoints and the adapter go." + _NEEDED, show_default=FROM_RECIPE),
+    ] = None,
     config: Annotated[
         str | None, typer.Option(help="Recipe: a YAML file or a shipped name (demo-tiny, llava-1.5-7b, ...).")
     ] = None,
@@ -397,47 +424,101 @@ def finetune(
         Format | None,
         typer.Option(
             help="direct: question -> name; finer: three assistant turns; caption: describe -> caption "
-            "(pretraining, recipe `pretrain`)."
+            "(pretraining, recipe `pretrain`).",
+            show_default=FROM_RECIPE,
         ),
     ] = None,
     attributes: Annotated[
         AttributeSource | None,
-        typer.Option(help="--format finer: attributes_visible (grounded), attributes_required, or auto."),
+        typer.Option(
+            help="--format finer: attributes_visible (grounded), attributes_required, or auto.",
+            show_default=FROM_RECIPE,
+        ),
     ] = None,
-    split: Annotated[str | None, typer.Option(help="Split to train on.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to train on.", show_default=FROM_RECIPE)] = None,
     hold_out: Annotated[
-        str | None, typer.Option(help="Leave this source out (leave-one-dataset-out).")
+        str | None,
+        typer.Option(help="Leave this source out (leave-one-dataset-out).", show_default=FROM_RECIPE),
     ] = None,
     instruction_data: Annotated[
-        str | None, typer.Option(help="General instruction data to mix in: a LLaVA-style JSON with images.")
+        str | None,
+        typer.Option(
+            help="General instruction data to mix in: a LLaVA-style JSON with images.",
+            show_default=FROM_RECIPE,
+        ),
     ] = None,
     instruction_images: Annotated[
-        str | None, typer.Option(help="Folder the instruction data's image paths are relative to.")
+        str | None,
+        typer.Option(
+            help="Folder the instruction data's image paths are relative to.", show_default=FROM_RECIPE
+        ),
     ] = None,
     instruction_ratio: Annotated[
-        float | None, typer.Option(min=0, help="Instruction conversations per fine-grained row (0.5).")
+        float | None,
+        typer.Option(
+            min=0, help="Instruction conversations per fine-grained row (0.5).", show_default=FROM_RECIPE
+        ),
     ] = None,
-    train_llm: Annotated[LlmPolicy | None, typer.Option(help="Language model policy.")] = None,
-    train_vision: Annotated[VisionPolicy | None, typer.Option(help="Vision tower policy.")] = None,
-    train_projector: Annotated[ProjectorPolicy | None, typer.Option(help="Projector policy.")] = None,
-    lora_r: Annotated[int | None, typer.Option(min=1)] = None,
-    lora_alpha: Annotated[int | None, typer.Option(min=1)] = None,
-    lora_dropout: Annotated[float | None, typer.Option(min=0, max=1)] = None,
-    learning_rate: Annotated[float | None, typer.Option(min=0)] = None,
-    epochs: Annotated[float | None, typer.Option(min=0)] = None,
-    max_steps: Annotated[int | None, typer.Option(min=1)] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Per-device batch size.")] = None,
-    grad_accum: Annotated[int | None, typer.Option(min=1, help="Gradient accumulation steps.")] = None,
+    train_llm: Annotated[
+        LlmPolicy | None, typer.Option(help="Language model policy.", show_default=FROM_RECIPE)
+    ] = None,
+    train_vision: Annotated[
+        VisionPolicy | None, typer.Option(help="Vision tower policy.", show_default=FROM_RECIPE)
+    ] = None,
+    train_projector: Annotated[
+        ProjectorPolicy | None, typer.Option(help="Projector policy.", show_default=FROM_RECIPE)
+    ] = None,
+    lora_r: Annotated[int | None, typer.Option(min=1, help="LoRA rank.", show_default=FROM_RECIPE)] = None,
+    lora_alpha: Annotated[
+        int | None, typer.Option(min=1, help="LoRA scaling (alpha).", show_default=FROM_RECIPE)
+    ] = None,
+    lora_dropout: Annotated[
+        float | None, typer.Option(min=0, max=1, help="Dropout on the LoRA layers.", show_default=FROM_RECIPE)
+    ] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(min=0, help="Peak learning rate.", show_default=FROM_RECIPE)
+    ] = None,
+    epochs: Annotated[
+        float | None,
+        typer.Option(min=0, help="Passes over the data (unless --max-steps).", show_default=FROM_RECIPE),
+    ] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Stop after N optimizer steps (overrides --epochs).", show_default=FROM_RECIPE
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Per-device batch size.", show_default=FROM_RECIPE)
+    ] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option(min=1, help="Gradient accumulation steps.", show_default=FROM_RECIPE)
+    ] = None,
     max_length: Annotated[
-        int | None, typer.Option(min=1, help="Longer conversations are dropped (and counted), never cut.")
+        int | None,
+        typer.Option(
+            min=1, help="Longer conversations are dropped (and counted), never cut.", show_default=FROM_RECIPE
+        ),
     ] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of data order, LoRA initialisation and sampling.", show_default=FROM_RECIPE),
+    ] = None,
     chat_template: Annotated[
-        str | None, typer.Option(help="A .jinja chat template with {% generation %} markers to train with.")
+        str | None,
+        typer.Option(
+            help="A .jinja chat template with {% generation %} markers to train with.",
+            show_default=FROM_RECIPE,
+        ),
     ] = None,
-    prompts_dir: Annotated[str | None, typer.Option(help="Folder overriding the training prompts.")] = None,
+    prompts_dir: Annotated[
+        str | None, typer.Option(help="Folder overriding the training prompts.", show_default=FROM_RECIPE)
+    ] = None,
     eval_split: Annotated[
-        str | None, typer.Option(help="After training, score fine-level generations on this split.")
+        str | None,
+        typer.Option(
+            help="After training, score fine-level generations on this split.", show_default=FROM_RECIPE
+        ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the output folder's last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --output-dir.")] = False,
@@ -516,7 +597,7 @@ def evaluate(
         Backend.hf
     ),
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter id or path.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per generation batch (--backend hf).")] = 8,
     base_url: BaseUrls = None,
     concurrency: Annotated[
         int, typer.Option(min=1, help="Concurrent endpoint calls (openai, per endpoint).")
@@ -906,62 +987,119 @@ def merge(
 
 @app.command()
 def grpo(
-    model: Annotated[str | None, typer.Option(help="Base model id or path.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and the adapter go.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model id or path." + _NEEDED, show_default=FROM_RECIPE)
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where checkpoints and the adapter go." + _NEEDED, show_default=FROM_RECIPE),
+    ] = None,
     config: Annotated[
         str | None, typer.Option(help="Recipe: a YAML file of GrpoConfig keys; options override it.")
     ] = None,
     dataset: Annotated[
-        list[str] | None, typer.Option(help="Built dataset folder or Hub repo; repeat to mix several.")
+        list[str] | None,
+        typer.Option(
+            help="Built dataset folder or Hub repo; repeat to mix several." + _NEEDED,
+            show_default=FROM_RECIPE,
+        ),
     ] = None,
     format: Annotated[
         str | None,
-        typer.Option(help="open (default): the direct question at --level; choice: a --choices-way one."),
+        typer.Option(
+            help="open (default): the direct question at --level; choice: a --choices-way one.",
+            show_default=FROM_RECIPE,
+        ),
     ] = None,
-    level: Annotated[str | None, typer.Option(help="Level asked: superordinate, coarse or fine.")] = None,
+    level: Annotated[
+        str | None, typer.Option(help="Level asked: superordinate, coarse or fine.", show_default=FROM_RECIPE)
+    ] = None,
     choices: Annotated[
-        int | None, typer.Option(min=2, max=26, help="Options per question (--format choice).")
+        int | None,
+        typer.Option(min=2, max=26, help="Options per question (--format choice).", show_default=FROM_RECIPE),
     ] = None,
     distractors: Annotated[
-        Distractors | None, typer.Option(help="Wrong options (--format choice); default siblings.")
+        Distractors | None,
+        typer.Option(help="Wrong options (--format choice); default siblings.", show_default=FROM_RECIPE),
     ] = None,
     distractor_model: Annotated[
-        str | None, typer.Option(help="CLIP/SigLIP model id or path for --distractors clip.")
+        str | None,
+        typer.Option(help="CLIP/SigLIP model id or path for --distractors clip.", show_default=FROM_RECIPE),
     ] = None,
     distractor_space: Annotated[
-        DistractorSpace | None, typer.Option(help="--distractors clip: text, image or both (default text).")
+        DistractorSpace | None,
+        typer.Option(
+            help="--distractors clip: text, image or both (default text).", show_default=FROM_RECIPE
+        ),
     ] = None,
     reward_weights: Annotated[
-        str | None, typer.Option(help="Rewards and weights (default accuracy=0.9,format=0.1[,grounding=W]).")
+        str | None,
+        typer.Option(
+            help="Rewards and weights (default accuracy=0.9,format=0.1[,grounding=W]).",
+            show_default=FROM_RECIPE,
+        ),
     ] = None,
     num_generations: Annotated[
-        int | None, typer.Option(min=2, help="Completions sampled per prompt.")
+        int | None, typer.Option(min=2, help="Completions sampled per prompt.", show_default=FROM_RECIPE)
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(min=1)] = None,
-    epochs: Annotated[float | None, typer.Option(min=0)] = None,
-    learning_rate: Annotated[float | None, typer.Option(min=0)] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Stop after N optimizer steps (overrides --epochs).", show_default=FROM_RECIPE
+        ),
+    ] = None,
+    epochs: Annotated[
+        float | None,
+        typer.Option(min=0, help="Passes over the data (unless --max-steps).", show_default=FROM_RECIPE),
+    ] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(min=0, help="Peak learning rate.", show_default=FROM_RECIPE)
+    ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Completions per device step; a multiple of --num-generations.")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Completions per device step; a multiple of --num-generations.",
+            show_default=FROM_RECIPE,
+        ),
     ] = None,
-    grad_accum: Annotated[int | None, typer.Option(min=1, help="Gradient accumulation steps.")] = None,
-    train_llm: Annotated[LlmPolicy | None, typer.Option(help="Language model policy (default lora).")] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option(min=1, help="Gradient accumulation steps.", show_default=FROM_RECIPE)
+    ] = None,
+    train_llm: Annotated[
+        LlmPolicy | None, typer.Option(help="Language model policy (default lora).", show_default=FROM_RECIPE)
+    ] = None,
     train_vision: Annotated[
-        VisionPolicy | None, typer.Option(help="Vision tower policy (default frozen).")
+        VisionPolicy | None,
+        typer.Option(help="Vision tower policy (default frozen).", show_default=FROM_RECIPE),
     ] = None,
     train_projector: Annotated[
-        ProjectorPolicy | None, typer.Option(help="Projector policy (default frozen).")
+        ProjectorPolicy | None,
+        typer.Option(help="Projector policy (default frozen).", show_default=FROM_RECIPE),
     ] = None,
-    lora_r: Annotated[int | None, typer.Option(min=1)] = None,
-    lora_alpha: Annotated[int | None, typer.Option(min=1)] = None,
+    lora_r: Annotated[int | None, typer.Option(min=1, help="LoRA rank.", show_default=FROM_RECIPE)] = None,
+    lora_alpha: Annotated[
+        int | None, typer.Option(min=1, help="LoRA scaling (alpha).", show_default=FROM_RECIPE)
+    ] = None,
     max_completion_length: Annotated[
-        int | None, typer.Option(min=1, help="Tokens generated per completion.")
+        int | None, typer.Option(min=1, help="Tokens generated per completion.", show_default=FROM_RECIPE)
     ] = None,
-    split: Annotated[str | None, typer.Option(help="Split to train on (default train).")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    prompts_dir: Annotated[str | None, typer.Option(help="Folder overriding the prompt templates.")] = None,
-    report_to: Annotated[str | None, typer.Option(help="Trainer logging: none, tensorboard, ...")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Split to train on (default train).", show_default=FROM_RECIPE)
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of data order, LoRA initialisation and sampling.", show_default=FROM_RECIPE),
+    ] = None,
+    prompts_dir: Annotated[
+        str | None, typer.Option(help="Folder overriding the prompt templates.", show_default=FROM_RECIPE)
+    ] = None,
+    report_to: Annotated[
+        str | None, typer.Option(help="Trainer logging: none, tensorboard, ...", show_default=FROM_RECIPE)
+    ] = None,
     crop_to_bbox: Annotated[
-        bool | None, typer.Option(help="Show each image cropped to its box (default: no).")
+        bool | None,
+        typer.Option(help="Show each image cropped to its box (default: no).", show_default=FROM_RECIPE),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the output folder's last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --output-dir.")] = False,
@@ -1110,8 +1248,15 @@ def ablate(
         raise typer.Exit(1)
 
 
+def _wide_help() -> None:
+    """Lay help out at least 120 columns wide (typer's rich help reads TERMINAL_WIDTH): at 80, the option
+    column was cut ("--limit-per-cl…")."""
+    os.environ.setdefault("TERMINAL_WIDTH", str(max(shutil.get_terminal_size((120, 24)).columns, 120)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning `FinerError` into one line on stderr and exit status 2."""
+    _wide_help()
     try:
         app(args=argv, prog_name="finer", standalone_mode=True)
     except FinerError as err:

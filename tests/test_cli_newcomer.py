@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+import typer.main
+
+from finer.cli import app
 
 #: A mistake must be told in seconds: before torch and transformers load (they took 30-50 s here).
 FAST_S = 15
@@ -74,3 +78,42 @@ def test_no_network_is_told_without_retries(monkeypatch: pytest.MonkeyPatch) -> 
             hub_access.require_obtainable("nobody/no-such-model")
     finally:
         hub_access.hub_reachable.cache_clear()
+
+
+def _commands() -> dict[str, click.Command]:
+    return typer.main.get_command(app).commands  # type: ignore[attr-defined]
+
+
+def test_every_option_of_every_command_has_a_description() -> None:
+    missing = [f"{name} {p.name}" for name, cmd in _commands().items() for p in cmd.params if not p.help]
+    assert not missing
+
+
+@pytest.mark.parametrize("command", ["finetune", "grpo"])
+def test_recipe_options_show_their_default_as_from_the_recipe(command: str) -> None:
+    """Their `None` means "the recipe's value, else the config's": help says so instead of nothing."""
+    silent = [
+        p.name
+        for p in _commands()[command].params
+        if p.default is None and p.name not in {"config", "set_", "push_to_hub"} and not p.show_default
+    ]
+    assert not silent
+    needed = {p.name: p.help for p in _commands()[command].params if p.name in {"model", "output_dir"}}
+    assert all("Required, here or in the recipe" in text for text in needed.values())
+
+
+def test_build_help_lists_every_source_and_whole_option_names(tmp_path: Path) -> None:
+    from finer.builders import SOURCES
+
+    source = next(p for p in _commands()["build"].params if p.name == "source")
+    assert all(name in source.help for name in SOURCES)
+    environment = {k: v for k, v in os.environ.items() if k not in {"COLUMNS", "TERMINAL_WIDTH"}}
+    result = subprocess.run(
+        [sys.executable, "-c", "from finer.cli import main; main()", "build", "--help"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and "--limit-per-class " in result.stdout and "…" not in result.stdout
