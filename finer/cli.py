@@ -141,17 +141,30 @@ def _urls(base_url: list[str] | None) -> str | None:
 @contextmanager
 def _paid_run(out: Path, *, dry_run: bool, **limits: Any) -> Iterator[tuple[Path, Any]]:
     """The run's policy (`--prices`, `--max-cost`, `--rpm`, `--tpm`) active for every client it opens, and
-    the folder it writes. `--dry-run` writes into a scratch folder, prints the projection and exits 0."""
+    the folder it writes. `--dry-run` writes into a scratch folder, prints the projection and exits 0;
+    a step that stops because no call was answered (every one was counted instead) ends the dry run there."""
     from finer.models.policy import RunPolicy, use_policy
 
     policy = RunPolicy.from_options(dry_run=dry_run, **limits)
+    stopped: FinerError | None = None
     with use_policy(policy):
         if policy.projection is None:
-            yield out, policy
+            try:
+                yield out, policy
+            except FinerError:
+                _stop_if_over_budget(policy)  # a step with every call refused by --max-cost
+                raise
             return
         with tempfile.TemporaryDirectory(prefix="finer-dry-run-") as scratch:
-            yield Path(scratch) / "out", policy
+            try:
+                yield Path(scratch) / "out", policy
+            except FinerError as err:
+                if not policy.projection.steps:
+                    raise
+                stopped = err
     _print_projection(policy.projection.to_json(policy.prices))
+    if stopped is not None and "--dry-run" not in str(stopped):
+        typer.echo(f"note: the dry run stopped early ({stopped}); later steps are not projected")
     raise typer.Exit(0)
 
 

@@ -143,6 +143,22 @@ def test_max_cost_stops_within_one_call_of_the_budget_and_resumes(
         assert server.count - before == len(costs) - summary["calls"]
 
 
+def test_dry_run_and_max_cost_where_no_call_is_made(
+    built: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A step whose every call is projected (or refused by the budget) stops; the command still ends with
+    the projection (exit 0) or the budget's line (exit 3), never a bare 'every request failed'."""
+    with FakeOpenAI(grounder) as server:
+        argv = ground_argv(built, tmp_path / "g", server, tmp_path / "c", "--limit", "1")
+        assert run_main([*argv, "--dry-run"]) == 0
+        assert "ground_attributes @ gpt-4o: 2 calls" in capsys.readouterr().out
+        assert run_main([*argv, "--max-cost", "0.000000001"]) == OVER_BUDGET_EXIT
+        assert server.count == 0
+    assert "stopped at --max-cost" in capsys.readouterr().err
+
+
 def test_max_cost_refuses_a_model_without_a_price(
     built: Path,  # noqa: F811
     tmp_path: Path,
