@@ -20,7 +20,7 @@ ROOT ?=
 OUT ?= data/$(SOURCE)
 ARGS ?=
 
-.PHONY: install test lint format build-dataset finetune eval demo clean
+.PHONY: install test lint format build-dataset finetune eval demo shell clean
 
 install: $(STAMP)
 
@@ -100,6 +100,13 @@ eval: $(STAMP)
 
 demo: build-dataset
 	$(FINER) info $(OUT)
+
+# A bash with .venv active (your ~/.bashrc first, then `source .venv/bin/activate`), so that the README's
+# `finer ...` and `python ...` lines run as written; `exit` leaves it.
+shell: $(STAMP)
+	@printf '[ -f ~/.bashrc ] && . ~/.bashrc\n. "%s/activate"\n' "$(abspath $(BIN))" > $(VENV)/.shellrc
+	@echo "make shell: $(VENV) is active in this shell; exit to leave it"
+	@bash --rcfile $(VENV)/.shellrc -i
 
 clean:
 	rm -rf $(VENV) data/demo runs .pytest_cache .ruff_cache

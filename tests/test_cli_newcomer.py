@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,21 @@ def test_build_help_lists_every_source_and_whole_option_names(tmp_path: Path) ->
         timeout=60,
     )
     assert result.returncode == 0 and "--limit-per-class " in result.stdout and "…" not in result.stdout
+
+
+def test_make_shell_puts_the_environment_first() -> None:
+    """The README's bare `finer` and `python` lines work in `make shell` (the venv's, not the system's)."""
+    root = Path(__file__).resolve().parents[1]
+    venv = Path(sys.prefix)
+    if not (venv / ".installed").is_file() or shutil.which("make") is None or shutil.which("bash") is None:
+        pytest.skip("needs make, bash and the Makefile's .venv")
+    result = subprocess.run(
+        ["make", "--no-print-directory", "shell", f"VENV={venv}"],
+        cwd=root,
+        input='command -v finer; python -c "import sys, torch; print(sys.prefix)"\n',
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert f"{venv}/bin/finer" in result.stdout and f"\n{venv}\n" in f"\n{result.stdout}", result.stdout
+    assert "source .venv/bin/activate" in (root / "README.md").read_text(encoding="utf-8")
