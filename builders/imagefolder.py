@@ -1,5 +1,9 @@
 """Any dataset laid out as `<root>/<split>/<class>/<image>`, for data that has no builder of its own.
 
+torchvision's `ImageFolder` layout, `<root>/<class>/<image>` with no split folders, is read too: each class's
+images are split into train and test, `test_fraction` of them (rounded, at least one when the class has
+two or more) to test, drawn with a fixed seed so that every build of the same folder splits it the same way.
+
 Upper levels come from an optional `<root>/taxonomy.csv` with columns `fine,coarse,superordinate`:
 `fine` names a class folder (as written, or with "_" read as a space), `coarse` may list several accepted
 labels separated by "|". Without the file, or where a row leaves a column empty, the superordinate is
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +29,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 #: Split folders in this order first, any others after them alphabetically.
 USUAL_SPLITS: tuple[str, ...] = ("train", "validation", "val", "test")
 DEFAULT_SUPERORDINATE = "object"
+#: The `<root>/<class>/*` layout: the share of each class's images that goes to the test split, and the seed.
+DEFAULT_TEST_FRACTION = 0.2
+SPLIT_SEED = 0
 
 
 def _folders(path: Path) -> list[str]:
@@ -54,28 +62,71 @@ class ImageFolderSource(Source):
 
     name = "imagefolder"
     layout = (
-        "<root>/<split>/<class>/*.jpg|jpeg|png|webp, with an optional <root>/taxonomy.csv "
-        "(fine,coarse,superordinate)"
+        "<root>/<split>/<class>/*.jpg|jpeg|png|webp (or <root>/<class>/*, split by --test-fraction), "
+        "with an optional <root>/taxonomy.csv (fine,coarse,superordinate)"
     )
     coarse_rule = HEAD_NOUN
 
-    def __init__(self, root: Path | None) -> None:
+    def __init__(self, root: Path | None, test_fraction: float = DEFAULT_TEST_FRACTION) -> None:
         super().__init__(root)
+        if not 0 < test_fraction < 1:
+            raise FinerError(f"{self.name}: --test-fraction must lie between 0 and 1, not {test_fraction}")
+        self.test_fraction = test_fraction
         #: split -> class folder -> image file names; one directory walk, reused by every call.
         self.tree: dict[str, dict[str, list[str]]] = {}
+        #: Where a split's class folders are: the split folder, or the root itself (the flat layout).
+        self.split_dirs: dict[str, Path] = {}
+        top = {name: _images(self.root / name) for name in _folders(self.root)}
+        flat = [name for name, files in top.items() if files]
+        if flat and len(flat) < len(top):
+            raise LayoutError(
+                f"{self.name}: {self.root} mixes class folders with images ({', '.join(flat[:3])}) and "
+                f"folders without ({', '.join(sorted(set(top) - set(flat))[:3])}); expected layout: "
+                f"{self.layout}"
+            )
+        if flat:
+            self._check_flat(flat)
+            self._split_flat(top)
+        else:
+            self._read_splits()
+        if not self.tree:
+            raise LayoutError(
+                f"{self.name}: no images under {self.root}/<split>/<class>/ or {self.root}/<class>/; "
+                f"expected layout: {self.layout}"
+            )
+
+    def _read_splits(self) -> None:
+        """`<root>/<split>/<class>/*`: the splits are the folders'."""
         for split in _folders(self.root):
-            if _images(self.root / split):
-                raise LayoutError(
-                    f"{self.name}: images directly in {self.root / split}, a split folder; "
-                    f"expected layout: {self.layout}"
-                )
             classes = {name: _images(self.root / split / name) for name in _folders(self.root / split)}
             if any(classes.values()):
                 self.tree[split] = {name: files for name, files in classes.items() if files}
-        if not self.tree:
+                self.split_dirs[split] = self.root / split
+
+    def _check_flat(self, classes: list[str]) -> None:
+        """Images right under split folders, or one class folder alone, are a mistake, not classes."""
+        if set(classes) <= set(USUAL_SPLITS):
             raise LayoutError(
-                f"{self.name}: no images under {self.root}/<split>/<class>/; expected layout: {self.layout}"
+                f"{self.name}: images directly in {self.root / classes[0]}, a split folder; "
+                f"expected layout: {self.layout}"
             )
+        if len(classes) == 1:
+            raise LayoutError(
+                f"{self.name}: images directly in {self.root / classes[0]}, the only folder under "
+                f"{self.root}: a class folder needs others beside it; expected layout: {self.layout}"
+            )
+
+    def _split_flat(self, classes: dict[str, list[str]]) -> None:
+        """`<root>/<class>/*`: each class's images drawn into train and test with the fixed seed."""
+        rng = random.Random(SPLIT_SEED)
+        self.tree = {"train": {}, "test": {}}
+        for folder, files in classes.items():
+            shuffled = rng.sample(files, len(files))
+            n_test = max(1, round(self.test_fraction * len(files))) if len(files) > 1 else 0
+            self.tree["test"][folder] = sorted(shuffled[:n_test])
+            self.tree["train"][folder] = sorted(shuffled[n_test:])
+        self.tree = {split: {c: f for c, f in folders.items() if f} for split, folders in self.tree.items()}
+        self.split_dirs = {"train": self.root, "test": self.root}
 
     def splits(self) -> list[str]:
         usual = [split for split in USUAL_SPLITS if split in self.tree]
@@ -115,10 +166,11 @@ class ImageFolderSource(Source):
     def records(self, split: str) -> Iterator[ImageRecord]:
         if split not in self.tree:
             raise FinerError(f"{self.name} has no split {split!r}; choose from {', '.join(self.splits())}")
+        base = self.split_dirs[split]
         for folder, files in self.tree[split].items():
             for file in files:
                 yield ImageRecord(
-                    image_id=f"{split}/{folder}/{file}",
+                    image_id=(base / folder / file).relative_to(self.root).as_posix(),
                     concept_id=folder,
-                    path=self.root / split / folder / file,
+                    path=base / folder / file,
                 )

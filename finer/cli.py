@@ -243,6 +243,16 @@ def build(
     splits: Annotated[list[str] | None, typer.Option(help="Official splits to build (default: all).")] = None,
     limit_classes: Annotated[int | None, typer.Option(min=1, help="Keep N classes (spread evenly).")] = None,
     limit_per_class: Annotated[int | None, typer.Option(min=1, help="Keep N images per class.")] = None,
+    test_fraction: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            max=1,
+            help="imagefolder's <root>/<class>/* layout (no split folders): each class's share of test "
+            "images, drawn with a fixed seed.",
+            show_default="0.2",
+        ),
+    ] = None,
     knowledge: Annotated[
         bool | None,
         typer.Option(
@@ -304,6 +314,7 @@ def build(
                 splits=_split_list(splits),
                 limit_classes=limit_classes,
                 limit_per_class=limit_per_class,
+                test_fraction=test_fraction,
                 knowledge=knowledge,
                 embed_images=embed_images,
                 crop_to_bbox=crop_to_bbox,

@@ -136,3 +136,48 @@ def test_make_shell_puts_the_environment_first() -> None:
     )
     assert f"{venv}/bin/finer" in result.stdout and f"\n{venv}\n" in f"\n{result.stdout}", result.stdout
     assert "source .venv/bin/activate" in (root / "README.md").read_text(encoding="utf-8")
+
+
+def _image(path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (20, 120, 200)).save(path)
+
+
+def _build_imagefolder(root: Path, out: Path, *extra: str) -> dict[str, int]:
+    from finer.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build", "imagefolder", "--root", str(root), "--out", str(out), "--no-knowledge", *extra])
+    assert exit_info.value.code in (0, None)
+    return json.loads((out / "build.json").read_text())["counts"]
+
+
+def test_imagefolder_reads_split_folders_and_the_flat_torchvision_layout(tmp_path: Path) -> None:
+    for split, n in (("train", 3), ("test", 1)):
+        for owl in ("snowy_owl", "barn_owl"):
+            for i in range(n):
+                _image(tmp_path / "split" / split / owl / f"{i}.jpg")
+    assert _build_imagefolder(tmp_path / "split", tmp_path / "a") == {"train": 6, "test": 2}
+    for owl in ("snowy_owl", "barn_owl"):
+        for i in range(10):
+            _image(tmp_path / "flat" / owl / f"{i}.jpg")
+    assert _build_imagefolder(tmp_path / "flat", tmp_path / "b") == {"train": 16, "test": 4}
+    counts = _build_imagefolder(tmp_path / "flat", tmp_path / "c", "--test-fraction", "0.5")
+    assert counts == {"train": 10, "test": 10}
+    import datasets
+
+    first = datasets.load_from_disk(str(tmp_path / "b"))["test"]["image_id"]
+    _build_imagefolder(tmp_path / "flat", tmp_path / "d")
+    again = datasets.load_from_disk(str(tmp_path / "d"))
+    assert again["test"]["image_id"] == first  # the seed is fixed: the same folder splits the same way
+    assert not set(first) & set(again["train"]["image_id"])
+
+
+def test_test_fraction_is_refused_where_splits_are_official(tmp_path: Path) -> None:
+    from finer.data.build import BuildConfig, build
+    from finer.errors import FinerError
+
+    with pytest.raises(FinerError, match="--test-fraction: demo has official splits"):
+        build(BuildConfig("demo", tmp_path / "o", test_fraction=0.3))

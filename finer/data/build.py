@@ -9,6 +9,7 @@ finished, and `--overwrite` replaces an earlier build only once the new one is c
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import platform
@@ -60,6 +61,7 @@ class BuildConfig:
     overwrite: bool = False
     export_finer: Path | None = None
     knowledge_options: KnowledgeOptions = field(default_factory=KnowledgeOptions)
+    test_fraction: float | None = None  # imagefolder's <root>/<class>/* layout: the test share per class
 
 
 @dataclass
@@ -69,10 +71,20 @@ class SplitReport:
     boxes: Counter[str] = field(default_factory=Counter)  # "clipped" / "dropped"
 
 
+def _open_source(config: BuildConfig) -> Source:
+    """The source at `config.root`, given `test_fraction` when set (only a source that splits takes it)."""
+    cls = get_source(config.source)
+    if config.test_fraction is None:
+        return cls(config.root)
+    if "test_fraction" not in inspect.signature(cls).parameters:
+        raise FinerError(f"--test-fraction: {config.source} has official splits; only imagefolder takes it")
+    return cls(config.root, test_fraction=config.test_fraction)  # type: ignore[call-arg]
+
+
 def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) -> dict[str, Any]:
     """Build one source into `config.out`; returns the build.json content."""
     started = time.perf_counter()
-    source = get_source(config.source)(config.root)
+    source = _open_source(config)
     with staged_output(config.out, overwrite=config.overwrite) as staged:
         summary, concepts = _build_into(staged.partial, config, source, coarse_labeller, started)
     if config.export_finer:
