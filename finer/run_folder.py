@@ -30,6 +30,7 @@ from typing import Any, Self
 from finer.errors import FinerError
 
 __all__ = [
+    "RUN_FILE",
     "OutputLock",
     "Staged",
     "check_out",
@@ -43,6 +44,9 @@ __all__ = [
     "write_json",
     "write_split_state",
 ]
+
+#: Written last into a training run's folder (`finer finetune`, `finer grpo`): what makes a run finished.
+RUN_FILE = "finer_run.json"
 
 
 def _sibling(out: Path, suffix: str) -> Path:

@@ -45,7 +45,8 @@ from finer.run_folder import OutputLock, staged_subfolder, write_json
 from .compose import COMPOSE_FILE, DTYPES, ComposeConfig, compose
 from .config import SourcedConfig
 from .runs import release_memory
-from .sft import RUN_FILE, FinetuneConfig, load_recipe, run_finetune, unfinished_checkpoint
+from .runtime import RUN_FILE, unfinished_checkpoint
+from .sft import FinetuneConfig, load_recipe, run_finetune
 
 __all__ = ["CELL_FILE", "GRID_FILE", "Cell", "GridConfig", "load_grid", "run_grid", "write_results"]
 

@@ -42,7 +42,8 @@ from .config import SourcedConfig
 from .data import Format, load_split
 from .grpo import GrpoConfig, run_grpo
 from .runs import release_memory
-from .sft import RUN_FILE, FinetuneConfig, _versions, eval_rows, run_finetune, unfinished_checkpoint
+from .runtime import RUN_FILE, unfinished_checkpoint, versions
+from .sft import FinetuneConfig, eval_rows, run_finetune
 
 __all__ = [
     "CURRICULA",
@@ -242,7 +243,7 @@ def run_curriculum(config: CurriculumConfig, where: str = "curriculum") -> dict[
             "eval": evaluation,
             "stages": results,
             "duration_s": round(time.perf_counter() - started, 2),
-            "versions": _versions(),
+            "versions": versions(),
         }
         write_json(out / SUMMARY_FILE, summary)
     return summary

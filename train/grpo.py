@@ -38,13 +38,13 @@ from finer.prompts import render
 from .config import TrainerConfig
 from .data import crop_to_boxes, load_split
 from .rewards import DEFAULT_WEIGHTS, REWARDS, check_reward_weights
-from .sft import (
-    _base_model,
-    _load_planned,
-    _prepare_output_dir,
-    _trainer_arguments,
-    _versions,
+from .runtime import (
+    base_model,
+    load_planned,
+    prepare_output_dir,
+    trainer_arguments,
     training_folder,
+    versions,
     write_run_file,
 )
 
@@ -210,7 +210,7 @@ def _run_grpo(config: GrpoConfig) -> dict[str, Any]:
             f"--batch-size × --grad-accum ({config.batch_size * config.grad_accum}) must be a multiple of "
             f"--num-generations ({config.num_generations})"
         )
-    model_id, family = _base_model(config)
+    model_id, family = base_model(config)
     dataset, samples = grpo_dataset(
         config.datasets,
         fmt=config.format,
@@ -225,13 +225,13 @@ def _run_grpo(config: GrpoConfig) -> dict[str, Any]:
         distractor_model=config.distractor_model,
         distractor_space=config.distractor_space,
     )
-    output_dir = _prepare_output_dir(config)
+    output_dir = prepare_output_dir(config)
 
-    shared = _trainer_arguments(config, output_dir)
+    shared = trainer_arguments(config, output_dir)
     processor = AutoProcessor.from_pretrained(model_id)
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"  # generation pads on the left
-    model, plan = _load_planned(config, model_id, family, shared["bf16"])
+    model, plan = load_planned(config, model_id, family, shared["bf16"])
     names = [name for name, weight in weights.items() if weight]
     args = GRPOConfig(
         **shared,
@@ -279,7 +279,7 @@ def _run_grpo(config: GrpoConfig) -> dict[str, Any]:
             for name in names
         },
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
-        "versions": _versions(),
+        "versions": versions(),
     }
     summary["duration_s"] = round(time.perf_counter() - started, 2)
     if trainer.is_world_process_zero():

@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from finer.errors import FinerError
+from finer.run_folder import RUN_FILE
 
 __all__ = ["adapter_card", "adapter_files", "push_adapter"]
 
-RUN_FILE = "finer_run.json"
 #: Top-level files of an output folder that are never uploaded.
 _NEVER = re.compile(r"(training_args\.bin|.*\.pt|.*\.pth|.*\.pkl|.*\.partial|README\.md)$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
