@@ -181,3 +181,19 @@ def test_test_fraction_is_refused_where_splits_are_official(tmp_path: Path) -> N
 
     with pytest.raises(FinerError, match="--test-fraction: demo has official splits"):
         build(BuildConfig("demo", tmp_path / "o", test_fraction=0.3))
+
+
+def test_training_hides_only_the_is_gradient_checkpointing_deprecation() -> None:
+    """PEFT and TRL call the deprecated property: that FutureWarning is hidden, a like-named one is not."""
+    code = (
+        "import warnings\n"
+        "warnings.simplefilter('error')\n"
+        "import finer.train\n"
+        "warnings.warn('`is_gradient_checkpointing` is deprecated, use ...', FutureWarning)\n"
+        "try:\n"
+        "    warnings.warn('`gradient_checkpointing` is deprecated, use ...', FutureWarning)\n"
+        "except FutureWarning:\n"
+        "    print('still raised')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "still raised", result.stderr
