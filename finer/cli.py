@@ -129,6 +129,20 @@ MaxCost = Annotated[
 ]
 Rpm = Annotated[float | None, typer.Option(min=1, help="Requests per minute, held by all workers together.")]
 Tpm = Annotated[float | None, typer.Option(min=1, help="Tokens per minute, held by all workers together.")]
+
+
+class BatchRetry(StrEnum):
+    sync = "sync"
+    batch = "batch"
+
+
+Batch = Annotated[
+    bool,
+    typer.Option("--batch", help="Send the calls through the OpenAI Batch API (half price, within 24 h)."),
+]
+BatchRetries = Annotated[
+    BatchRetry, typer.Option(help="--batch: retry failed or expired calls synchronously or in a new batch.")
+]
 #: Exit status of a run stopped by --max-cost (2 is bad input, 1 a run with failed items).
 OVER_BUDGET_EXIT = 3
 
@@ -192,6 +206,32 @@ def _endpoint_only(backend: Backend, *, dry_run: bool, max_cost: float | None) -
     """`--dry-run` and `--max-cost` price endpoint calls: a local model (--backend hf) makes none."""
     if backend != Backend.openai and (dry_run or max_cost is not None):
         raise FinerError("--dry-run and --max-cost price endpoint calls; they need --backend openai")
+
+
+def _batched(policy: Any, batch: bool, retry: BatchRetry, run: Any, config: Any) -> Any:
+    """`run(config)`; with `--batch`, after the calls it would make were answered through batches
+    (`finer.models.batch.run_batched`), whose ids, counts and batch-price cost go to `batch.json`."""
+    if not batch:
+        return run(config)
+    from dataclasses import replace
+
+    from finer.models.batch import run_batched
+    from finer.run_folder import write_json
+
+    if policy.projection is not None:
+        raise FinerError(
+            "--batch and --dry-run: run the dry run alone (its USD at batch price: x (1 - discount))"
+        )
+    report = run_batched(lambda where: run(replace(config, out=where)), config.out, policy, retry=retry.value)
+    result = run(config)
+    write_json(config.out / "batch.json", report.to_json())
+    counts = report.to_json()
+    typer.echo(
+        f"batch: {counts['completed']} of {counts['requests']} calls answered ({counts['failed']} failed, "
+        f"{counts['expired']} expired, {counts['retried_sync']} retried synchronously); "
+        f"{counts['cost_usd_at_batch_price']} USD at batch price"
+    )
+    return result
 
 
 def _stop_if_over_budget(policy: Any) -> None:
@@ -296,6 +336,8 @@ def build(
     max_cost: MaxCost = None,
     rpm: Rpm = None,
     tpm: Tpm = None,
+    batch: Batch = False,
+    batch_retry: BatchRetries = BatchRetry.sync,
 ) -> None:
     """Turn a fine-grained dataset on disk into image-attribute-label rows."""
     from finer.data.build import BuildConfig
@@ -306,7 +348,11 @@ def build(
     knowledge, wikipedia = resolve_knowledge(knowledge, extractor.value if extractor else None, shaping)
     limits = {"prices": prices, "max_cost": max_cost, "rpm": rpm, "tpm": tpm}
     with _paid_run(out, dry_run=dry_run, **limits) as (folder, policy):
-        summary = run_build(
+        summary = _batched(
+            policy,
+            batch,
+            batch_retry,
+            run_build,
             BuildConfig(
                 source=source,
                 out=folder,
@@ -338,7 +384,7 @@ def build(
                     timeout=timeout,
                     max_retries=max_retries,
                 ),
-            )
+            ),
         )
     counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())
     typer.echo(
@@ -833,6 +879,8 @@ def ground(
     max_cost: MaxCost = None,
     rpm: Rpm = None,
     tpm: Tpm = None,
+    batch: Batch = False,
+    batch_retry: BatchRetries = BatchRetry.sync,
 ) -> None:
     """Mark which of each concept's attributes a VLM sees in each image (column attributes_visible)."""
     from finer.data.grounding import GroundConfig
@@ -841,7 +889,11 @@ def ground(
     _endpoint_only(backend, dry_run=dry_run, max_cost=max_cost)
     limits = {"prices": prices, "max_cost": max_cost, "rpm": rpm, "tpm": tpm}
     with _paid_run(out, dry_run=dry_run, **limits) as (folder, policy):
-        summary = run_ground(
+        summary = _batched(
+            policy,
+            batch,
+            batch_retry,
+            run_ground,
             GroundConfig(
                 dataset=dataset,
                 out=folder,
@@ -858,7 +910,7 @@ def ground(
                 overwrite=overwrite,
                 timeout=timeout,
                 max_retries=max_retries,
-            )
+            ),
         )
     images = summary["images"]
     counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())

@@ -401,6 +401,7 @@ class ChatClient:
         ]
         self._pool = EndpointPool([Endpoint(public_url(str(c.base_url)), c, concurrency) for c in clients])
         self.base_url = self._pool.endpoints[0].url
+        self._url = str(clients[0].base_url)  # with its credentials, for the Batch API (--batch)
         #: Input tokens counted before sending and billed, and the calls answered, for the estimates.
         self._billed = (0, 0, 0)
 
@@ -485,6 +486,9 @@ class ChatClient:
         if projection is not None:
             projection.add(template_sha256, self.model, counted, max_tokens)
             raise DryRun("not sent (--dry-run)")
+        if self.policy.collector is not None:
+            self.policy.collector.add(self._url, self._key, self.model, self.cache, key, request)
+            raise DryRun("collected for the batch (--batch)")
         expected_in, expected_out = self._expected(counted.total, max_tokens)
         held = self._reserve(expected_in, expected_out)
         expected = _EXPECTED.set(expected_in + (max_tokens or expected_out))  # OpenAI counts max_tokens

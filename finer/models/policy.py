@@ -173,6 +173,8 @@ class RunPolicy:
     projection: Projection | None = None
     budget: Budget | None = None
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(on_pause=announce_pause))
+    #: `--batch`'s collecting pass: misses are recorded here (a `finer.models.batch.Collector`), not sent.
+    collector: Any = None
 
     @classmethod
     def from_options(

@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from finer.testing.fake_batches import FakeBatches
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -124,9 +126,14 @@ class FakeOpenAI:
         delay: float = 0.0,
         count_tokens: Callable[[str], int] | None = None,
         bill_images: bool = False,
+        batches: FakeBatches | None = None,
         default_max_tokens: int | None = None,
     ) -> None:
         self.count_tokens = count_tokens or (lambda text: len(text.split()))
+        #: The files and Batch API (`finer.testing.fake_batches`), answering with this server's responder.
+        self.batches = batches
+        if batches is not None:
+            batches.respond = self._respond
         self.bill_images = bill_images
         self.responder = responder or (lambda request: {"required": [], "likely": []})
         self.default_max_tokens = default_max_tokens
@@ -243,8 +250,29 @@ class FakeOpenAI:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
                 """Silent: test output stays readable."""
 
+            def do_GET(self) -> None:
+                self._batch_api(b"") or self._send(404, {}, {"error": {"message": f"no route {self.path}"}})
+
+            def _batch_api(self, raw: bytes) -> bool:
+                """Serve a files/batches request (when the server has a batch API); whether it was one."""
+                reply = None
+                if server.batches is not None:
+                    content_type = self.headers.get("Content-Type", "")
+                    reply = server.batches.handle(self.command, self.path, content_type, raw)
+                if reply is None:
+                    return False
+                status, data, content_type = reply
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return True
+
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self._batch_api(raw):
+                    return
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     self._send(404, {}, {"error": {"message": f"no route {self.path}"}})
                     return
