@@ -197,3 +197,21 @@ def test_training_hides_only_the_is_gradient_checkpointing_deprecation() -> None
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "still raised", result.stderr
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_trainer_arguments_use_no_deprecated_name(checkpointing: bool, tmp_path: Path) -> None:
+    """Our TrainingArguments pass `activation_checkpointing` (transformers 5), so TRL configs warn nothing."""
+    import warnings
+
+    from trl import GRPOConfig, SFTConfig
+
+    from finer.train.runtime import trainer_arguments
+    from finer.train.sft import FinetuneConfig
+
+    config = FinetuneConfig(gradient_checkpointing=checkpointing, report_to="none")
+    for kind in (SFTConfig, GRPOConfig):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = kind(**trainer_arguments(config, tmp_path))
+        assert args.activation_checkpointing is checkpointing and args.gradient_checkpointing is checkpointing

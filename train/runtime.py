@@ -86,7 +86,7 @@ def trainer_arguments(config: TrainerConfig, output_dir: Path) -> dict[str, Any]
         "seed": config.seed,
         "bf16": bf16,
         "use_cpu": not gpu,
-        "gradient_checkpointing": checkpointing,
+        "activation_checkpointing": checkpointing,  # transformers 5 (gradient_checkpointing is deprecated)
         "report_to": report_to,
         "remove_unused_columns": False,
     }
