@@ -795,7 +795,7 @@ class PredictMode(StrEnum):
 
 @app.command()
 def predict(
-    image: Annotated[Path, typer.Argument(help="An image file.")],
+    image: Annotated[Path | None, typer.Argument(help="An image file (or --dataset DIR --index I).")] = None,
     model: Annotated[
         str | None, typer.Option(help="Model id or path (default with --adapter: the adapter's base).")
     ] = None,
@@ -811,30 +811,41 @@ def predict(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = 128,
     raw: Annotated[bool, typer.Option(help="Also print the whole generated text.")] = False,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="A built dataset: ask its row --index (image, box, superordinate) instead of IMAGE."
+        ),
+    ] = None,
+    index: Annotated[int | None, typer.Option(min=0, help="Row of --dataset's --split to ask.")] = None,
+    split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
+    crop_to_bbox: Annotated[
+        bool,
+        typer.Option(help="Crop to the row's box (--dataset) or --box, as a `crop_to_bbox` recipe trained."),
+    ] = False,
+    box: Annotated[str | None, typer.Option(help="Crop to this box: X,Y,W,H in pixels.")] = None,
 ) -> None:
     """Name the object in one image (greedy): prints the answer after "Answer:" (finer: group, attributes,
     name)."""
-    from PIL import Image, UnidentifiedImageError
-
     from finer.eval.scoring import extract_answer
     from finer.eval.tasks import EvalPlan
     from finer.models.backends import HFBackend, answer
 
     if model is None and adapter is None:
         raise FinerError("finer predict needs --model, --adapter, or both")
+    picture, row = predict_input(image, dataset, index, split, crop_to_bbox=crop_to_bbox, box=box)
+    if mode == PredictMode.finer and superordinate is None:
+        superordinate = row.get("superordinate") or None
     if (mode == PredictMode.finer) != (superordinate is not None):
         raise FinerError('--mode finer asks about a --superordinate ("Bird"); --mode direct takes none')
-    try:
-        with Image.open(image) as opened:
-            picture = opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise FinerError(f"{image}: cannot read the image ({' '.join(str(err).split())[:200]})") from None
+    if row.get("fine"):
+        typer.echo(f"{row['image_id']}: gold {row['fine'][0]}", err=True)
     if model is None:
         from finer.models.loading import adapter_base
 
         model = adapter_base(adapter)  # type: ignore[arg-type]
     backend = HFBackend(model, adapter, batch_size=1, max_new_tokens=max_new_tokens)
-    row = {"image_id": str(image), "superordinate": superordinate or "", "coarse": [], "fine": []}
+    row = {"image_id": row["image_id"], "superordinate": superordinate or "", "coarse": [], "fine": []}
     plan = EvalPlan(run={"mode": mode.value, "gold_parent": False}, concepts=[], images=lambda _: picture)
     turns = answer(backend, plan.task(0, row, "fine" if mode == PredictMode.finer else level.value))
     if mode == PredictMode.finer:
@@ -846,6 +857,69 @@ def predict(
             typer.echo(f"raw: {turn.text}")
     if any(turn.truncated for turn in turns):
         typer.echo(f"warning: stopped at --max-new-tokens {max_new_tokens}", err=True)
+
+
+def _parse_box(text: str) -> list[float]:
+    """`--box X,Y,W,H` as four numbers, with a positive width and height."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or values[2] <= 0 or values[3] <= 0:
+        raise FinerError(
+            f"--box {text}: expected X,Y,W,H in pixels with W and H above 0 (e.g. 10,20,150,120)"
+        )
+    return values
+
+
+def predict_input(
+    image: Path | None,
+    dataset: str | None,
+    index: int | None,
+    split: str = "test",
+    *,
+    crop_to_bbox: bool = False,
+    box: str | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The picture `finer predict` asks about (an image file, or a built dataset's row), cropped to `--box`
+    or, with `crop_to_bbox`, to the row's box; and what is known of it (image_id, superordinate, fine)."""
+    from finer.models.images import crop_box, open_image, unreadable_reason
+
+    if (image is None) == (dataset is None) or (dataset is None) != (index is None):
+        raise FinerError("finer predict asks IMAGE, or --dataset DIR with --index I (one of the two)")
+    row: dict[str, Any] = {"image_id": str(image)}
+    if dataset is not None:
+        from finer.data.datasets_io import load_built, pick_split
+
+        rows = pick_split(
+            load_built(dataset, "--dataset", split=split), split, "--dataset", dataset, ["image"]
+        )
+        if index >= len(rows):  # type: ignore[operator]
+            raise FinerError(f"--index {index}: --dataset {dataset} split {split!r} has {len(rows)} rows")
+        try:
+            row = rows[index]
+        except OSError as err:
+            raise FinerError(f"--dataset {dataset} row {index}: {unreadable_reason(err)}") from None
+        picture = row["image"].convert("RGB")
+    else:
+        try:
+            picture = open_image(image)
+        except OSError as err:
+            raise FinerError(f"{image}: cannot read the image ({unreadable_reason(err)})") from None
+    if box is None and crop_to_bbox:
+        if dataset is None:
+            raise FinerError("--crop-to-bbox on an image file needs its box: --box X,Y,W,H")
+        if not row.get("bbox"):
+            raise FinerError(f"--crop-to-bbox: row {index} of {dataset} has no box; drop --crop-to-bbox")
+    area = _parse_box(box) if box is not None else row.get("bbox") if crop_to_bbox else None
+    if area is not None:
+        x, y, w, h = area
+        if x < 0 or y < 0 or x + w > picture.width + 0.5 or y + h > picture.height + 0.5:
+            raise FinerError(
+                f"box {x:g},{y:g},{w:g},{h:g} does not lie inside the {picture.width}x{picture.height} image"
+            )
+        picture = crop_box(picture, area)
+    return picture, row
 
 
 @app.command()

@@ -215,3 +215,59 @@ def test_trainer_arguments_use_no_deprecated_name(checkpointing: bool, tmp_path:
             warnings.simplefilter("error", FutureWarning)
             args = kind(**trainer_arguments(config, tmp_path))
         assert args.activation_checkpointing is checkpointing and args.gradient_checkpointing is checkpointing
+
+
+@pytest.fixture(scope="module")
+def demo_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo dataset (embedded images with boxes), two images per class."""
+    from finer.data.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    build(BuildConfig("demo", out, limit_per_class=2))
+    return out
+
+
+def test_predict_input_crops_a_dataset_row_to_its_box_or_a_file_to_box(
+    demo_rows: Path, tmp_path: Path
+) -> None:
+    import datasets
+
+    from finer.cli import predict_input
+    from finer.errors import FinerError
+    from finer.models.images import crop_box
+
+    row = datasets.load_from_disk(str(demo_rows))["test"][1]
+    picture, known = predict_input(None, str(demo_rows), 1, crop_to_bbox=True)
+    expected = crop_box(row["image"].convert("RGB"), row["bbox"])
+    assert picture.size == expected.size and picture.tobytes() == expected.tobytes()
+    assert known["fine"] == row["fine"] and known["superordinate"] == "Bird"
+    whole, _ = predict_input(None, str(demo_rows), 1)
+    assert whole.size == row["image"].size
+    file = tmp_path / "bird.png"
+    row["image"].save(file)
+    cropped, _ = predict_input(file, None, None, box="10,20,30,40")
+    assert cropped.size == (30, 40)
+    for kwargs, message in [
+        ({"crop_to_bbox": True}, "needs its box: --box X,Y,W,H"),
+        ({"box": "0,0,500,10"}, "does not lie inside"),
+        ({"box": "1,2,3"}, "expected X,Y,W,H"),
+    ]:
+        with pytest.raises(FinerError, match=message):
+            predict_input(file, None, None, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(FinerError, match="IMAGE, or --dataset DIR with --index I"):
+        predict_input(file, str(demo_rows), 0)
+
+
+def test_predict_asks_a_dataset_row_cropped_as_the_demo_adapter_was_trained(
+    demo_rows: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from finer.cli import main
+    from finer.testing import build_tiny_vlm
+
+    build_tiny_vlm("llava", tmp_path / "tiny")
+    args = ["predict", "--model", str(tmp_path / "tiny"), "--dataset", str(demo_rows), "--index", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--crop-to-bbox", "--mode", "finer", "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code in (0, None), captured.err
+    assert captured.out.startswith("group: ") and ": gold " in captured.err  # the row's superordinate asked
