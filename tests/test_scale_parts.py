@@ -120,7 +120,8 @@ def test_rate_limiter_paces_requests_and_holds_every_window() -> None:
 
     asyncio.run(run())
     gaps = {round(b - a, 6) for a, b in zip(starts, starts[1:], strict=False)}
-    assert gaps == {0.5}
+    assert gaps <= {0.5, 1.5}  # paced; at a window's end the guard holds one back a second more
+    assert (starts[-1] - starts[0]) / (len(starts) - 1) == pytest.approx(0.5, rel=0.02)
     for i, t in enumerate(starts):
         assert sum(t <= s < t + 60 for s in starts[i:]) <= 120
 
@@ -130,7 +131,7 @@ def test_token_limit_holds_the_window_and_lets_a_lone_oversize_request_go() -> N
     limiter = RateLimiter(tpm=1000, clock=lambda: now[0])
     assert limiter._tokens.wait(600, 0.0) <= 0
     limiter._tokens.take(600, 0.0)
-    assert limiter._tokens.wait(600, 1.0) == pytest.approx(59.0)  # pace 36 s, window until t=60
+    assert limiter._tokens.wait(600, 1.0) == pytest.approx(60.0)  # pace 36 s, window (and guard) to 61
     assert limiter._tokens.wait(5000, 61.0) <= 0  # alone in its window: it goes
 
 

@@ -23,6 +23,9 @@ from email.utils import parsedate_to_datetime
 __all__ = ["RateLimiter", "pause_seconds"]
 
 WINDOW_S = 60.0
+#: The window is held over this much longer than a minute: a request reaches the server a little after it
+#: leaves the limiter, and that jitter must not put one request too many into the server's minute.
+WINDOW_GUARD_S = 1.0
 #: Capacity a limit may catch up when sends came late (a busy event loop wakes its waiters late): half a
 #: second's worth, or one unit. Without it the late wake-ups are lost and a run falls well below --rpm.
 CATCH_UP_S = 0.5
@@ -44,7 +47,8 @@ class _Window:
 
     def wait(self, amount: float, now: float) -> float:
         """Seconds until `amount` may start: its pace, and room in the window (a lone oversize one goes)."""
-        while self.log and self.log[0][0] <= now - WINDOW_S:
+        span = WINDOW_S + WINDOW_GUARD_S
+        while self.log and self.log[0][0] <= now - span:
             self.total -= self.log.popleft()[1]
         wait = -1.0 if self.next_at is None else self.next_at - now
         excess = self.total + amount - self.limit
@@ -52,7 +56,7 @@ class _Window:
             if excess <= 0:
                 break
             excess -= taken
-            wait = max(wait, at + WINDOW_S - now)
+            wait = max(wait, at + span - now)
         return wait
 
     def take(self, amount: float, now: float) -> None:

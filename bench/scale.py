@@ -1,0 +1,158 @@
+"""Cost and scale benchmarks of the shared client layer (issue 18), against fake OpenAI-compatible servers.
+
+1. Several endpoints: `ground` over `--images` (1,000) distinct images against one endpoint and against two,
+   each answering in 200 ms at the same per-endpoint `--concurrency` (goal: two grounds >= 1.8x the images
+   per second). The servers run in processes of their own, as replicas would.
+2. Rate limit: `ground` at `--rpm` against a server answering at once (in this process, for its request
+   log): requests per minute over the run, and the most in any sliding 60-s window (goal: within 5 % of
+   --rpm, never above).
+3. Projection: `--dry-run` of `ground` over 200 images, then the real run against a server that bills
+   tokenizer-like text and tile-rule images: projected versus billed tokens and USD at gpt-4o prices.
+
+    .venv/bin/python bench/scale.py [--images N] [--concurrency N ...] [--rpm R] [--rpm-images N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+
+from _common import fake_endpoint  # bench/_common.py: a script's own folder is on sys.path
+from ground_throughput import ANSWER, LATENCY_S, write_dataset
+
+from finer.data.grounding import GroundConfig, ground
+from finer.errors import FinerError
+from finer.models.policy import Projection, RunPolicy, use_policy
+from finer.testing.fake_openai import FakeOpenAI, pretokens
+
+
+def config(data: Path, out: Path, url: str, concurrency: int, **extra: object) -> GroundConfig:
+    return GroundConfig(
+        dataset=str(data),
+        out=out,
+        model=str(extra.pop("model", "fake-vlm")),
+        base_url=url,
+        concurrency=concurrency,
+        cache=Path(str(extra.pop("cache", out.parent / f"cache-{out.name}"))),
+        progress=False,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def timed(config: GroundConfig) -> tuple[float, dict]:
+    started = time.perf_counter()
+    summary = ground(config)
+    elapsed = time.perf_counter() - started
+    assert summary["images"]["failed"] == 0, summary["images"]
+    return summary["images"]["grounded"] / elapsed, summary
+
+
+def endpoints(data: Path, work: Path, images: int, concurrency: int) -> float:
+    with fake_endpoint(ANSWER, LATENCY_S) as a, fake_endpoint(ANSWER, LATENCY_S) as b:
+        ground(config(data, work / f"warm-{concurrency}", a.url, 2, limit=2))
+        one, _ = timed(config(data, work / f"one-{concurrency}", a.url, concurrency))
+        two, summary = timed(config(data, work / f"two-{concurrency}", f"{a.url},{b.url}", concurrency))
+    gain = two / one
+    print(
+        f"1. ground, {images} images, endpoints answering in {LATENCY_S * 1000:.0f} ms, "
+        f"--concurrency {concurrency}:"
+    )
+    print(f"   one endpoint:  {one:7.2f} img/s ({images / one:6.1f} s); peak in flight {a.peak}")
+    print(
+        f"   two endpoints: {two:7.2f} img/s ({images / two:6.1f} s); "
+        f"calls per endpoint {list(summary['calls_per_endpoint'].values())}"
+    )
+    print(f"   gain {gain:.2f}x (goal >= 1.8x) {'PASS' if gain >= 1.8 else 'FAIL'}")
+    return gain
+
+
+def rate_limit(data: Path, work: Path, rpm: float, images: int) -> None:
+    with FakeOpenAI(lambda request: {"black crown": "visible"}) as server:
+        with use_policy(RunPolicy.from_options(rpm=rpm)):
+            started = time.perf_counter()
+            ground(config(data, work / "rpm", server.url, 32, limit=images))
+            elapsed = time.perf_counter() - started
+        times = sorted(entry["time"] for entry in server.requests)
+    measured = (len(times) - 1) / (times[-1] - times[0]) * 60
+    busiest = max(bisect.bisect_left(times, t + 60) - i for i, t in enumerate(times))
+    within = abs(measured - rpm) <= 0.05 * rpm and busiest <= rpm
+    print(f"2. ground, {len(times)} requests at --rpm {rpm:g}, 32 workers ({elapsed:.1f} s):")
+    print(
+        f"   measured {measured:.1f} requests/min ({100 * (measured / rpm - 1):+.2f} %); "
+        f"busiest 60-s window {busiest}"
+    )
+    print(f"   {'PASS' if within else 'FAIL'} (goal: within 5 %, never above)")
+
+
+def dry_run(data: Path, out: Path, url: str, images: int, cache: Path) -> dict:
+    """The projection of grounding the first `images` images (nothing sent)."""
+    policy = RunPolicy(projection=Projection())
+    with use_policy(policy), contextlib.suppress(FinerError):  # "every request failed": all counted
+        ground(config(data, out, url, 16, limit=images, model="gpt-4o", cache=cache))
+    (step,) = policy.projection.to_json(policy.prices)["steps"].values()
+    return step
+
+
+def projection(data: Path, work: Path, images: int) -> None:
+    """Dry run of `images`, the real run of half, a dry run of all (half cached), the real rest."""
+    answer = {"black crown": "visible", "white wing bars": "not visible"}
+    cache = work / "cache-projection"
+    with FakeOpenAI(lambda request: answer, count_tokens=pretokens, bill_images=True) as server:
+        cold = dry_run(data, work / "dry-cold", server.url, images, cache)
+        _, half = timed(
+            config(data, work / "half", server.url, 16, limit=images // 2, model="gpt-4o", cache=cache)
+        )
+        warm = dry_run(data, work / "dry-warm", server.url, images, cache)
+        assert server.count == half["calls"]
+        _, rest = timed(
+            config(data, work / "rest", server.url, 16, limit=images, model="gpt-4o", cache=cache)
+        )
+    print(
+        "3. ground at gpt-4o prices (built-in table), text billed by a tokenizer-like count, images by tiles:"
+    )
+    for name, step, real in (("cold", cold, None), ("half", None, half), ("warm", warm, rest)):
+        if step is not None:
+            tokens_in = step["input_text_tokens"] + step["input_image_tokens"]
+            print(
+                f"   dry run ({name}): {step['calls']} calls + {step['cached_calls']} cached; "
+                f"input {tokens_in} ({step['input_image_tokens']} image); output {step['output_tokens']} "
+                f"({step['output_tokens_from']}); {step['usd']} USD"
+            )
+        if real is not None:
+            print(
+                f"   real run: {real['calls']} calls; input {real['prompt_tokens']}; output "
+                f"{real['completion_tokens']}; {real['estimated_cost_usd']} USD"
+            )
+    tokens_in = warm["input_text_tokens"] + warm["input_image_tokens"]
+    print(
+        f"   warm projection vs the calls then made: "
+        f"input {100 * (tokens_in / rest['prompt_tokens'] - 1):+.2f} %, "
+        f"output {100 * (warm['output_tokens'] / rest['completion_tokens'] - 1):+.2f} %, "
+        f"USD {100 * (warm['usd'] / rest['estimated_cost_usd'] - 1):+.2f} %"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument(
+        "--concurrency", type=int, nargs="*", default=[8, 16], help="Per endpoint (none: skip 1)."
+    )
+    parser.add_argument("--rpm", type=float, default=600, help="Lasts over a minute with --rpm-images 1000.")
+    parser.add_argument("--rpm-images", type=int, default=1000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="finer-bench-scale-") as tmp:
+        work = Path(tmp)
+        data = write_dataset(work / "data", args.images)
+        for concurrency in args.concurrency:
+            endpoints(data, work, args.images, concurrency)
+        rate_limit(data, work, args.rpm, args.rpm_images)
+        projection(data, work, 200)
+
+
+if __name__ == "__main__":
+    main()
