@@ -336,3 +336,17 @@ def test_readme_family_table_matches_the_registry_and_the_tiny_models() -> None:
         else:
             expected = f"TRL's `{family.template}`"
         assert row["chat template trained"] == expected, row
+
+
+def test_readme_family_table_ticks_exactly_what_test_families_runs_for_every_family() -> None:
+    """Each ✓ column names a test of tests/test_families.py parametrised over the whole registry."""
+    import test_families
+
+    rows = _readme_family_table()
+    ticked = set(rows[0]) - {"family", "tiny model", "chat template trained"}
+    assert ticked == set(test_families.COLUMNS)
+    for column, name in test_families.COLUMNS.items():
+        marks = getattr(test_families, name).pytestmark
+        (families,) = [m.args[1] for m in marks if m.name == "parametrize" and m.args[0] == "entry"]
+        assert list(families) == list(REGISTRY), name
+        assert [row[column] for row in rows] == ["✓"] * len(REGISTRY), column

@@ -825,7 +825,12 @@ def _gemma3() -> tuple[PreTrainedModel, ProcessorMixin]:
         chat_template=GEMMA3_CHAT_TEMPLATE,
         image_seq_length=mm_tokens_per_image,
     )
-    return Gemma3ForConditionalGeneration(config), processor
+    model = Gemma3ForConditionalGeneration(config)
+    # transformers starts the projection at zero (a checkpoint replaces it): left so, the image would never
+    # reach the language model and the vision tower would get no gradient, unlike the real Gemma 3.
+    projection = model.model.multi_modal_projector.mm_input_projection_weight
+    torch.nn.init.normal_(projection, std=config.text_config.initializer_range)
+    return model, processor
 
 
 def _tiny_name(family: str) -> str:
