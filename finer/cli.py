@@ -300,7 +300,21 @@ def build(
             help="Fetch Wikipedia and extract attributes (default: when not bundled).",
         ),
     ] = None,
-    extractor: Annotated[Extractor | None, typer.Option(help="Attribute extractor.")] = None,
+    extractor: Annotated[
+        Extractor | None,
+        typer.Option(
+            help="Attribute extractor: llm (an endpoint), vlm (with images), rules (offline, over the text), "
+            "cub-annotations (CUB's own labels, offline).",
+            show_default="llm with an endpoint, else rules",
+        ),
+    ] = None,
+    knowledge_file: Annotated[
+        Path | None,
+        typer.Option(
+            help='Your own text per concept instead of Wikipedia: JSONL of {"fine": NAME, "text": ...} '
+            "(offline with the rules extractor)."
+        ),
+    ] = None,
     exemplars: Annotated[int, typer.Option(min=0, help="Exemplar images per concept (--extractor vlm).")] = 3,
     max_image_side: Annotated[
         int, typer.Option(min=32, help="Longer side of exemplar images sent (--extractor vlm).")
@@ -344,7 +358,15 @@ def build(
     from finer.data.build import build as run_build
     from finer.data.knowledge import KnowledgeOptions, resolve_knowledge
 
-    shaping = [name for name, given in (("--model", model), ("--wiki-api", wiki_api)) if given]
+    shaping = [
+        name
+        for name, given in (
+            ("--model", model),
+            ("--wiki-api", wiki_api),
+            ("--knowledge-file", knowledge_file),
+        )
+        if given
+    ]
     knowledge, wikipedia = resolve_knowledge(knowledge, extractor.value if extractor else None, shaping)
     limits = {"prices": prices, "max_cost": max_cost, "rpm": rpm, "tpm": tpm}
     with _paid_run(out, dry_run=dry_run, **limits) as (folder, policy):
@@ -369,6 +391,7 @@ def build(
                 export_finer=None if dry_run else export_finer,
                 knowledge_options=KnowledgeOptions(
                     extractor=extractor.value if extractor else None,
+                    knowledge_file=knowledge_file,
                     model=model,
                     base_url=_urls(base_url),
                     concurrency=concurrency,

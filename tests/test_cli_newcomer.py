@@ -145,11 +145,13 @@ def _image(path: Path) -> None:
     Image.new("RGB", (8, 8), (20, 120, 200)).save(path)
 
 
-def _build_imagefolder(root: Path, out: Path, *extra: str) -> dict[str, int]:
+def _build_imagefolder(
+    root: Path, out: Path, *extra: str, knowledge: str = "--no-knowledge"
+) -> dict[str, int]:
     from finer.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["build", "imagefolder", "--root", str(root), "--out", str(out), "--no-knowledge", *extra])
+        main(["build", "imagefolder", "--root", str(root), "--out", str(out), knowledge, *extra])
     assert exit_info.value.code in (0, None)
     return json.loads((out / "build.json").read_text())["counts"]
 
@@ -271,3 +273,77 @@ def test_predict_asks_a_dataset_row_cropped_as_the_demo_adapter_was_trained(
     captured = capsys.readouterr()
     assert exit_info.value.code in (0, None), captured.err
     assert captured.out.startswith("group: ") and ": gold " in captured.err  # the row's superordinate asked
+
+
+def _owls(root: Path) -> Path:
+    for owl in ("snowy_owl", "barn_owl"):
+        for i in range(3):
+            _image(root / owl / f"{i}.jpg")
+    return root
+
+
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_knowledge_file_gives_attributes_offline_for_format_finer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No endpoint and no Wikipedia (the mirror given refuses): your own text per concept is enough."""
+    import datasets
+
+    from finer.train.data import attribute_column
+
+    _offline(monkeypatch)
+    texts = tmp_path / "concepts.jsonl"
+    texts.write_text(
+        json.dumps({"fine": "snowy owl", "text": "The snowy owl has white plumage and yellow eyes."})
+        + "\n"
+        + json.dumps(
+            {"fine": "Barn_Owl", "text": "The barn owl has a heart-shaped white face and dark eyes."}
+        )
+        + "\n"
+    )
+    refused = ("--wiki-api", "http://127.0.0.1:9/w/api.php")
+    args = ["--knowledge-file", str(texts), *refused]
+    counts = _build_imagefolder(_owls(tmp_path / "owls"), tmp_path / "out", *args, knowledge="--knowledge")
+    assert counts == {"train": 4, "test": 2}
+    rows = datasets.load_from_disk(str(tmp_path / "out"))["train"]
+    assert attribute_column(rows, "auto") == "attributes_required"
+    assert {tuple(a) for a in rows["attributes_required"]} >= {("white plumage", "yellow eyes")}
+    texts.write_text(json.dumps({"fine": "tawny owl", "text": "Brown."}) + "\n")
+    from finer.data.knowledge import read_knowledge_file
+    from finer.errors import FinerError
+    from finer.schema import Concept
+
+    with pytest.raises(FinerError, match="line 1: 'tawny owl' is no concept of this dataset"):
+        read_knowledge_file(texts, [Concept("snowy_owl", ["snowy owl"], "Bird")])
+
+
+def test_offline_advice_does_not_go_in_a_circle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without attributes, --format finer names every way to get them, the offline ones included; the
+    Wikipedia failure offers the knowledge file; `ground` offers its own offline path, not build's."""
+    import datasets
+
+    from finer.cli import main
+    from finer.errors import FinerError
+    from finer.train.data import attribute_column
+
+    _offline(monkeypatch)
+    _build_imagefolder(_owls(tmp_path / "owls"), tmp_path / "bare")
+    with pytest.raises(FinerError, match=r"--knowledge-file concepts.jsonl, offline") as err:
+        attribute_column(datasets.load_from_disk(str(tmp_path / "bare"))["train"], "auto")
+    assert "--extractor cub-annotations" in str(err.value) and "--base-url" in str(err.value)
+    refused = ["--wiki-api", "http://127.0.0.1:9/w/api.php"]
+    with pytest.raises(SystemExit):
+        main(
+            ["build", "imagefolder", "--root", str(tmp_path / "owls"), "--out", str(tmp_path / "o"), *refused]
+        )
+    assert "--knowledge-file concepts.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ground", str(tmp_path / "bare"), "--out", str(tmp_path / "g"), "--model", "m"])
+    err_line = capsys.readouterr().err
+    assert "--backend hf --model" in err_line and "--extractor" not in err_line

@@ -45,8 +45,10 @@ AttributeMode = Literal["auto", "visible", "required"]
 
 #: How to fill each attribute column when a dataset lacks it (named in the error).
 FILLED_BY = {
-    "attributes_required": "build it with knowledge on (`finer build SOURCE --knowledge`, the default for "
-    "sources without bundled attributes)",
+    "attributes_required": "`finer build` it with attributes, from an LLM endpoint (--base-url or "
+    "OPENAI_API_KEY), Wikipedia or a mirror (--wiki-api) read by the rules extractor, CUB's annotations "
+    "(--extractor cub-annotations, offline), or your own text per concept (--knowledge-file concepts.jsonl, "
+    "offline)",
     "attributes_visible": "ground it first (`finer ground DATASET --out DIR`), or pass --attributes required",
 }
 _LABELS = ("superordinate", "coarse", "fine")

@@ -50,6 +50,7 @@ from finer.models.client import (
     MalformedJSON,
     Usage,
     ask_parsed,
+    endpoint_configured,
     openai_messages,
     parse_json_object,
     public_url,
@@ -248,6 +249,11 @@ def _check(config: GroundConfig) -> None:
         raise FinerError("--max-image-side must be at least 32 pixels")
     if config.limit is not None and config.limit < 1:
         raise FinerError("--limit must be at least 1")
+    if config.backend == "openai" and not endpoint_configured(config.base_url):
+        raise FinerError(
+            "no VLM endpoint configured: set OPENAI_API_KEY (and OPENAI_BASE_URL) or pass --base-url, "
+            "or ground offline with a local VLM (--backend hf --model ID|PATH)"
+        )
 
 
 def _prepare_out(config: GroundConfig) -> Path:

@@ -10,6 +10,7 @@ can supply before any row is written: `Exemplars` finds them in one pass over th
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from finer.errors import FinerError
 from finer.models.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ImagesRefused, endpoint_configured
 from finer.models.images import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, encode_image, open_image
 from finer.models.vlm import HFChat
-from finer.schema import Concept
+from finer.schema import Concept, Knowledge
 
 EXTRACTORS = ("llm", "vlm", "rules", "cub-annotations")
 BACKENDS = ("openai", "hf")
@@ -58,6 +59,8 @@ class KnowledgeOptions:
     #: Per endpoint request: seconds before it is abandoned, and retries after the first try.
     timeout: float = DEFAULT_TIMEOUT_S
     max_retries: int = DEFAULT_MAX_RETRIES
+    #: Your own description per concept (JSONL of {"fine": NAME, "text": ...}), read instead of Wikipedia.
+    knowledge_file: Path | None = None
 
     def chosen_extractor(self) -> str:
         extractor = self.extractor or default_extractor(self.base_url)
@@ -88,8 +91,8 @@ def resolve_knowledge(
     if knowledge is False and (extractor is not None or shaping):
         given = ", ".join([*(["--extractor " + extractor] if extractor else []), *shaping])
         raise FinerError(
-            f"{given} shape(s) the knowledge step: drop --no-knowledge "
-            "(only --extractor cub-annotations works without Wikipedia)"
+            f"{given} shape(s) the knowledge step: drop --no-knowledge (without Wikipedia, "
+            "--extractor cub-annotations needs no text and --knowledge-file brings its own)"
         )
     if knowledge is None and (extractor is not None or shaping):
         return True, True
@@ -220,6 +223,8 @@ def add_knowledge(source: Source, concepts: list[Concept], options: KnowledgeOpt
         )
         tqdm.write(f"WARNING: {warnings[-1]}", file=sys.stderr)
     cache = Cache(options.cache)
+    if options.knowledge_file is not None:
+        read_knowledge_file(options.knowledge_file, concepts)
     missing = [c for c in concepts if c.knowledge is None] if options.wikipedia else []
     wiki = None
     if not options.wikipedia:
@@ -293,6 +298,45 @@ def add_knowledge(source: Source, concepts: list[Concept], options: KnowledgeOpt
         "failed_calls": len(wiki.failures if wiki else []) + stats.failed_calls,
         "warnings": warnings,
     }
+
+
+def read_knowledge_file(path: Path, concepts: list[Concept]) -> int:
+    """`--knowledge-file`: each concept's description from a JSONL of {"fine": NAME, "text": DESCRIPTION}
+    (NAME one of the concept's fine labels or its id, any case); those concepts need no Wikipedia, so the
+    rules extractor builds attributes offline. A NAME that is no concept is refused (a typo would silently
+    leave its concept without text). Returns how many concepts got text."""
+    by_name = {name.casefold(): c for c in concepts for name in (*c.fine, c.concept_id)}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise FinerError(f"--knowledge-file {path}: cannot read it ({err})") from None
+    given = 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--knowledge-file {path} line {number}"
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("fine"), str)
+            and isinstance(entry.get("text"), str)
+        ):
+            raise FinerError(f'{where}: expected {{"fine": NAME, "text": DESCRIPTION}} on one line')
+        concept = by_name.get(entry["fine"].strip().casefold())
+        if concept is None:
+            raise FinerError(
+                f"{where}: {entry['fine']!r} is no concept of this dataset "
+                f"(its names: {', '.join(c.fine[0] for c in concepts[:3])}, …)"
+            )
+        if entry["text"].strip():
+            concept.knowledge = Knowledge(
+                text=entry["text"].strip(), status="bundled", title=entry["fine"].strip()
+            )
+            given += 1
+    return given
 
 
 #: Removed sentences quoted in build.json's warnings; all of them are in knowledge.attributes.

@@ -139,7 +139,8 @@ def fetch_knowledge(
                 if not reached and _unreachable(err):
                     raise FinerError(
                         f"wikipedia: cannot reach {url} ({reason}); check the network, pass --wiki-api URL "
-                        "of a reachable mirror, or build with --no-knowledge"
+                        "of a reachable mirror, give each concept's text offline (--knowledge-file "
+                        "concepts.jsonl), or build with --no-knowledge (no attributes: no --format finer)"
                     ) from None
                 stats.failures.extend({"concept_id": c.concept_id, "reason": reason} for c in members)
                 settle(members, Knowledge(text="", status="missing"), "failed")
