@@ -222,7 +222,9 @@ def _batched(policy: Any, batch: bool, retry: BatchRetry, run: Any, config: Any)
         raise FinerError(
             "--batch and --dry-run: run the dry run alone (its USD at batch price: x (1 - discount))"
         )
-    report = run_batched(lambda where: run(replace(config, out=where)), config.out, policy, retry=retry.value)
+    scratch = {"export_finer": None} if hasattr(config, "export_finer") else {}  # a pass writes nothing else
+    passes = lambda where: run(replace(config, out=where, **scratch))  # noqa: E731
+    report = run_batched(passes, config.out, policy, retry=retry.value)
     result = run(config)
     write_json(config.out / "batch.json", report.to_json())
     counts = report.to_json()

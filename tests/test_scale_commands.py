@@ -1,0 +1,83 @@
+"""`--dry-run` and `--batch` of `build` (attributes and coarse labels), `--dry-run` of `eval --backend openai`
+(issue 18): the projection counts the calls the real run then makes; a batched build sends no call."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_evaluate import ROWS, Scripted, demo  # noqa: F401 - fixtures used by name
+from test_knowledge_build import PAGES, SPECIES, birds, coarse_answer  # noqa: F401
+from test_scale import run_main
+
+from finer.testing.fake_batches import FakeBatches
+from finer.testing.fake_mediawiki import FakeMediaWiki
+from finer.testing.fake_openai import FakeOpenAI, pretokens
+
+
+def build_argv(root: Path, out: Path, wiki: FakeMediaWiki, llm: FakeOpenAI, cache: Path) -> list[str]:
+    return [
+        *("build", "imagefolder", "--root", str(root), "--out", str(out), "--knowledge"),
+        *("--extractor", "llm", "--model", "gpt-4o-mini", "--base-url", llm.url),
+        *("--wiki-api", wiki.url, "--cache", str(cache)),
+    ]
+
+
+def projected(printed: str, template: str) -> tuple[int, int]:
+    """Calls and input tokens (text + image) of one step's dry-run line."""
+    line = next(line for line in printed.splitlines() if f"{template} @" in line)
+    calls = int(line.split(": ", 1)[1].split(" calls")[0])
+    text, image = line.split("input ", 1)[1].split(" image tokens")[0].split(" text + ")
+    return calls, int(text.rstrip("*")) + int(image)
+
+
+def test_build_dry_run_counts_both_steps_then_the_real_build_matches(
+    birds: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeMediaWiki(PAGES) as wiki, FakeOpenAI(coarse_answer, count_tokens=pretokens) as llm:
+        argv = build_argv(birds, tmp_path / "out", wiki, llm, tmp_path / "cache")
+        assert run_main([*argv, "--dry-run"]) == 0
+        assert llm.count == 0 and not (tmp_path / "out").exists()
+        printed = capsys.readouterr().out
+        assert run_main(argv) == 0
+        billed = sum(
+            int(json.loads(path.read_text())["value"]["prompt_tokens"])
+            for path in (tmp_path / "cache" / "llm").rglob("*.json")
+        )
+    coarse, attributes = projected(printed, "coarse_label"), projected(printed, "extract_attributes")
+    assert coarse[0] == attributes[0] == len(SPECIES) and llm.count == 2 * len(SPECIES)
+    # Wikipedia prose: 4 characters a token counts long words as the BPE does, the server's word pieces
+    # (a lower bound of BPE) as one token each, so the two part further here than on ground's template
+    assert abs(coarse[1] + attributes[1] - billed) <= 0.20 * billed, (coarse, attributes, billed)
+
+
+def test_build_batch_sends_no_call(birds: Path, tmp_path: Path) -> None:  # noqa: F811
+    batches = FakeBatches()
+    with FakeMediaWiki(PAGES) as wiki, FakeOpenAI(coarse_answer, batches=batches) as llm:
+        argv = build_argv(birds, tmp_path / "out", wiki, llm, tmp_path / "cache")
+        assert run_main([*argv, "--batch"]) == 0
+        assert llm.count == 0
+    report = json.loads((tmp_path / "out" / "build.json").read_text())["knowledge"]
+    assert report["attributes"]["cache_hits"] == len(SPECIES)
+    batch = json.loads((tmp_path / "out" / "batch.json").read_text())
+    assert batch["completed"] == batch["requests"] == 2 * len(SPECIES) and batches.created
+
+
+def test_eval_dry_run_counts_the_questions_the_real_run_asks(
+    demo: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeOpenAI(Scripted(demo)) as server:
+        argv = [
+            *("eval", "--dataset", str(demo), "--out", str(tmp_path / "e"), "--backend", "openai"),
+            *("--model", "gpt-4o-mini", "--base-url", server.url),
+        ]
+        assert run_main([*argv, "--dry-run"]) == 0
+        assert server.count == 0
+        calls, _ = projected(capsys.readouterr().out, "direct")
+        assert run_main(argv) == 0
+        assert server.count == calls == 3 * ROWS
