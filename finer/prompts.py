@@ -26,12 +26,13 @@ import functools
 import hashlib
 import importlib.resources
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.loaders import split_template_path
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from finer.errors import FinerError
@@ -116,13 +117,17 @@ def _unescape(text: str) -> str:
 
 
 class _ResourceLoader(jinja2.BaseLoader):
-    """Loads the packaged templates through importlib.resources, so a zipped install works too."""
+    """Loads the packaged templates through importlib.resources, so a zipped install works too.
+
+    Names are split as Jinja's own loaders split them: a `..` segment is refused and a leading `/` is
+    dropped, so an `{% include %}` can only reach the packaged templates, never a file beside them.
+    """
 
     def __init__(self, root: Traversable) -> None:
         self.root = root
 
     def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, None, Any]:
-        resource = self.root / template
+        resource = self.root.joinpath(*split_template_path(template))
         if not resource.is_file():
             raise jinja2.TemplateNotFound(template)
         return resource.read_text(encoding="utf-8"), None, lambda: True
@@ -131,11 +136,28 @@ class _ResourceLoader(jinja2.BaseLoader):
         return sorted(entry.name for entry in self.root.iterdir() if entry.is_file())
 
 
+class _FolderLoader(jinja2.FileSystemLoader):
+    """A user's prompts folder, confined to it: a link that leads outside is not a template.
+
+    `FileSystemLoader` already refuses `..` and absolute names, but it follows symbolic links, and a
+    shared prompt pack could link `direct.jinja` to a token file whose text would then go to the endpoint.
+    """
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str | None, Callable[[], bool] | None]:
+        source, filename, uptodate = super().get_source(environment, template)
+        root = Path(self.searchpath[0]).resolve()
+        if filename is None or not Path(filename).resolve().is_relative_to(root):
+            raise jinja2.TemplateNotFound(template)
+        return source, filename, uptodate
+
+
 @functools.cache
 def _environment(prompts_dir: Path | None) -> ImmutableSandboxedEnvironment:
     loaders: list[jinja2.BaseLoader] = [_ResourceLoader(importlib.resources.files("finer.prompt_templates"))]
     if prompts_dir is not None:
-        loaders.insert(0, jinja2.FileSystemLoader(prompts_dir, encoding="utf-8"))
+        loaders.insert(0, _FolderLoader(prompts_dir, encoding="utf-8"))
     env = ImmutableSandboxedEnvironment(
         loader=jinja2.ChoiceLoader(loaders),
         undefined=_Undefined,

@@ -253,6 +253,28 @@ def test_prompts_dir_overrides_and_falls_back(tmp_path) -> None:
         render("direct", prompts_dir=tmp_path / "missing", level="fine")
 
 
+@pytest.mark.parametrize("how", ["relative", "absolute", "link"])
+def test_a_prompt_pack_cannot_read_files_outside_its_folder(tmp_path, how: str) -> None:
+    """A shared prompts folder must not send a secret to the endpoint: includes and links stay inside."""
+    secret = tmp_path / "home" / ".cache" / "huggingface" / "token"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("[user]\nhf_secret_token_text", encoding="utf-8")  # renders, if ever reached
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    if how == "link":
+        (pack / "direct.jinja").symlink_to(secret)
+        name = "direct"
+    else:
+        target = "../" * 12 + str(secret).lstrip("/") if how == "relative" else str(secret)
+        (pack / "leak.jinja").write_text(f'[user]\n{{% include "{target}" %}}\n', "utf-8")
+        name = "leak"
+    try:
+        messages = render(name, prompts_dir=pack, level="fine")
+    except TemplateError as err:
+        messages = str(err)  # refused: not even the error may quote the file
+    assert "hf_secret_token_text" not in str(messages)
+
+
 def test_bad_user_templates_give_one_line_errors(tmp_path) -> None:
     (tmp_path / "broken.jinja").write_text("[user]\n{% if level %}\n", "utf-8")
     (tmp_path / "nomarker.jinja").write_text("Hello\n[user]\nHi\n", "utf-8")
