@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,18 +88,9 @@ class BatchReport:
     retried_sync: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        cost = self.cost_usd
-        return {
-            "batches": self.batches,
-            "requests": self.requests,
-            "completed": self.completed,
-            "failed": self.failed,
-            "expired": self.expired,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "retried_sync": self.retried_sync,
-            "cost_usd_at_batch_price": "unknown" if cost is None else round(cost, 6),
-        }
+        values = asdict(self)
+        cost = values.pop("cost_usd")
+        return {**values, "cost_usd_at_batch_price": "unknown" if cost is None else round(cost, 6)}
 
 
 def batch_record_path(out: Path) -> Path:
