@@ -58,7 +58,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/pytest -n auto $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -102,8 +102,10 @@ demo: build-dataset
 	$(FINER) info $(OUT)
 
 # A bash with .venv active (your ~/.bashrc first, then `source .venv/bin/activate`), so that the README's
-# `finer ...` and `python ...` lines run as written; `exit` leaves it.
-shell: $(STAMP)
+# `finer ...` and `python ...` lines run as written; `exit` leaves it. It installs a missing .venv but never
+# reinstalls one because pyproject.toml changed (`make install` does).
+shell:
+	@test -f $(STAMP) || $(MAKE) --no-print-directory install VENV=$(VENV)
 	@printf '[ -f ~/.bashrc ] && . ~/.bashrc\n. "%s/activate"\n' "$(abspath $(BIN))" > $(VENV)/.shellrc
 	@echo "make shell: $(VENV) is active in this shell; exit to leave it"
 	@bash --rcfile $(VENV)/.shellrc -i

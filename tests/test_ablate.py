@@ -21,6 +21,9 @@ from finer.testing import tiny_part_path
 from finer.train.ablate import CELL_FILE, GRID_FILE, SOURCE_FILE, Cell, _Runner, load_grid, run_grid
 from finer.train.sft import RUN_FILE
 
+#: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -33,6 +33,9 @@ from finer.models.loading import adapter_base, load_adapter, load_model
 from finer.prompts import render
 from finer.testing import tiny_image, tiny_vlm_path
 
+#: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 MAX_NEW_TOKENS = 6
 REPO_ID = "someone/tiny-llava-finer-lora"
 _LM_LORA = r".*language_model.*\.(q_proj|v_proj)"

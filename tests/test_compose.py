@@ -21,6 +21,9 @@ from finer.train.compose import COMPOSE_FILE, ComposeConfig, compose
 from finer.train.data import load_mixture
 from finer.train.sft import FinetuneConfig, build_trainer, load_recipe
 
+#: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 PAIRS = [("clip", "llama"), ("siglip", "qwen2"), ("dinov2", "llama")]
 
 

@@ -26,6 +26,9 @@ from finer.train import curriculum, evaluate, rewards
 from finer.train.curriculum import CURRICULA, CurriculumConfig, plan_stages, run_curriculum
 from finer.train.sft import RUN_FILE, load_recipe, recipe_names
 
+#: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 LLAVA_MISSING = unavailable_reason("llava")
 needs_llava = pytest.mark.skipif(LLAVA_MISSING is not None, reason=LLAVA_MISSING or "")
 

@@ -33,6 +33,9 @@ from finer.testing import TINY_FOR_FAMILY, tiny_image, tiny_vlm_path
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage
 from finer.train import sft
 
+#: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 FAMILY = pytest.mark.parametrize("entry", FAMILIES, ids=lambda f: f.name)
 #: README family-table column -> the tests here that back its ✓ for every family.
 COLUMNS: dict[str, tuple[str, ...]] = {

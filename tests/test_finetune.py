@@ -44,6 +44,9 @@ from finer.train.sft import (
     run_finetune,
 )
 
+#: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 TINY = [
     pytest.param(
         f, marks=pytest.mark.skipif(unavailable_reason(f) is not None, reason=unavailable_reason(f) or "")

@@ -25,6 +25,9 @@ from finer.train.rewards import (
     parse_reward_weights,
 )
 
+#: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 OWL = {
     "superordinate": "Bird",
     "coarse": ["Owl", "Strigidae"],

@@ -17,6 +17,9 @@ from finer.train.data import load_mixture
 from finer.train.instruct import INSTRUCTION_SOURCE, mix_instructions
 from finer.train.sft import FinetuneConfig, build_trainer
 
+#: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -19,6 +19,9 @@ from finer.eval.probes import PROBE_FILE, PROBE_REPORT, ProbeConfig, image_featu
 from finer.models.families import detect_family
 from finer.testing import TINY_FAMILIES, tiny_image, tiny_vlm_path, unavailable_reason
 
+#: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
+pytestmark = pytest.mark.slow
+
 CLASSES = 8  # the demo's species
 PER_CLASS = 4
 
