@@ -210,7 +210,8 @@ def _endpoint_only(backend: Backend, *, dry_run: bool, max_cost: float | None) -
 
 def _batched(policy: Any, batch: bool, retry: BatchRetry, run: Any, config: Any) -> Any:
     """`run(config)`; with `--batch`, after the calls it would make were answered through batches
-    (`finer.models.batch.run_batched`), whose ids, counts and batch-price cost go to `batch.json`."""
+    (`finer.models.batch.run_batched`), whose ids, counts and batch-price cost go into the run's summary
+    (build.json or grounding.json, under "batch")."""
     if not batch:
         return run(config)
     from dataclasses import replace
@@ -226,7 +227,9 @@ def _batched(policy: Any, batch: bool, retry: BatchRetry, run: Any, config: Any)
     passes = lambda where: run(replace(config, out=where, **scratch))  # noqa: E731
     report = run_batched(passes, config.out, policy, retry=retry.value)
     result = run(config)
-    write_json(config.out / "batch.json", report.to_json())
+    for name in ("build.json", "grounding.json"):
+        if (summary := config.out / name).is_file():
+            write_json(summary, {**json.loads(summary.read_text()), "batch": report.to_json()})
     counts = report.to_json()
     typer.echo(
         f"batch: {counts['completed']} of {counts['requests']} calls answered ({counts['failed']} failed, "

@@ -117,7 +117,7 @@ def test_ground_batch_from_the_cli(built: Path, tmp_path: Path, capsys) -> None:
         argv = ["ground", str(built), "--out", str(out), "--model", "gpt-4o", "--base-url", server.url]
         assert run_main([*argv, "--cache", str(tmp_path / "c"), "--batch"]) == 0
         assert server.count == 1  # the expired one, synchronously
-    report = json.loads((out / "batch.json").read_text())
+    report = json.loads((out / "grounding.json").read_text())["batch"]
     assert report["completed"] == ASKED - 1 and report["expired"] == 1 and report["retried_sync"] == 1
     assert isinstance(report["cost_usd_at_batch_price"], float) and batches.created == ["batch_0"]
     assert f"batch: {ASKED - 1} of {ASKED} calls answered" in capsys.readouterr().out

@@ -62,7 +62,7 @@ def test_build_batch_sends_no_call(birds: Path, tmp_path: Path) -> None:  # noqa
         assert llm.count == 0
     report = json.loads((tmp_path / "out" / "build.json").read_text())["knowledge"]
     assert report["attributes"]["cache_hits"] == len(SPECIES)
-    batch = json.loads((tmp_path / "out" / "batch.json").read_text())
+    batch = json.loads((tmp_path / "out" / "build.json").read_text())["batch"]
     assert batch["completed"] == batch["requests"] == 2 * len(SPECIES) and batches.created
 
 

@@ -74,7 +74,7 @@ class Collector:
 
 @dataclass
 class BatchReport:
-    """What the batches of a run did, for the summary (`batch.json` in `--out`)."""
+    """What the batches of a run did, for its summary (build.json or grounding.json, under "batch")."""
 
     batches: list[dict[str, Any]] = field(default_factory=list)
     requests: int = 0
