@@ -373,6 +373,8 @@ def build(
         if given
     ]
     knowledge, wikipedia = resolve_knowledge(knowledge, extractor.value if extractor else None, shaping)
+    if extractor == Extractor.vlm:  # the only build step a local model (--backend hf) can take
+        _endpoint_only(backend, dry_run=dry_run, max_cost=max_cost)
     limits = {"prices": prices, "max_cost": max_cost, "rpm": rpm, "tpm": tpm}
     with _paid_run(out, dry_run=dry_run, **limits) as (folder, policy):
         summary = _batched(

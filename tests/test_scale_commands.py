@@ -81,3 +81,11 @@ def test_eval_dry_run_counts_the_questions_the_real_run_asks(
         calls, _ = projected(capsys.readouterr().out, "direct")
         assert run_main(argv) == 0
         assert server.count == calls == 3 * ROWS
+
+
+def test_dry_run_refuses_a_local_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A local model (--backend hf) makes no endpoint call to project or price: one line, nothing run."""
+    argv = ["build", "demo", "--out", str(tmp_path / "out"), "--extractor", "vlm", "--backend", "hf"]
+    assert run_main([*argv, "--model", "some/local-vlm", "--dry-run"]) == 2
+    assert "need --backend openai" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
