@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -95,6 +95,9 @@ class Source(ABC):
     bundled_knowledge: ClassVar[bool] = False
     #: True when `adjust` changes pixels (then images are re-encoded and stored as bytes).
     adjusts_pixels: ClassVar[bool] = False
+    #: What reading the layout passed over, one line each (build.json `warnings`, printed by the CLI);
+    #: a source that skips something sets its own list.
+    notes: Sequence[str] = ()
 
     def __init__(self, root: Path | None) -> None:
         if root is None:
@@ -159,16 +162,37 @@ def check_split(source: Source, split: str) -> None:
 SPLIT_FLAGS: dict[str, str] = {"1": "train", "0": "test"}
 
 
+def read_text(path: Path) -> str:
+    """A list file's text; one line naming the file when it is not UTF-8 (a re-save fixes it)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LayoutError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
 def read_list(path: Path, columns: int) -> Iterator[list[str]]:
-    """Rows of a CUB-style list file; the last column takes the rest of the line (names with spaces)."""
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            row = line.strip().split(maxsplit=columns - 1)
-            if not row:
-                continue
-            if len(row) != columns:
-                raise LayoutError(f"{path}:{number}: expected {columns} fields, found {line.strip()!r}")
-            yield row
+    """Rows of a CUB-style list file; the last column takes the rest of the line (names with spaces).
+
+    The first column is an id: an id listed twice is refused, since every reader keys on it and would
+    otherwise keep one of the two lines (or, for images.txt, yield the image twice) without a word.
+    """
+    first_seen: dict[str, int] = {}
+    for number, line in enumerate(read_text(path).split("\n"), 1):
+        row = line.strip().split(maxsplit=columns - 1)
+        if not row:
+            continue
+        if len(row) != columns:
+            raise LayoutError(f"{path}:{number}: expected {columns} fields, found {line.strip()!r}")
+        if row[0] in first_seen:
+            raise LayoutError(
+                f"{path}:{number}: id {row[0]} is listed again (first on line {first_seen[row[0]]}); "
+                "keep one line per id"
+            )
+        first_seen[row[0]] = number
+        yield row
 
 
 def class_id(raw: str, width: int, path: Path) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from finer.data.coarse import HEAD_NOUN
 from finer.schema import Concept
 
-from .base import LayoutError, ListFileSource, SourceTerms, read_list
+from .base import LayoutError, ListFileSource, SourceTerms, read_list, read_text
 
 
 def clean_class_name(raw: str) -> str:
@@ -78,7 +78,7 @@ class Cub200Source(ListFileSource):
         """
         names = [name for _, name in read_list(self._attribute_names_txt(), 2)]
         scores_txt = self.file("attributes", "class_attribute_labels_continuous.txt", base=self.base)
-        rows = [line.split() for line in scores_txt.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [line.split() for line in read_text(scores_txt).splitlines() if line.strip()]
         concept_ids = sorted(self._classes, key=int)
         if len(rows) != len(concept_ids) or any(len(row) != len(names) for row in rows):
             raise LayoutError(

@@ -17,7 +17,7 @@ from PIL import Image
 
 from finer.schema import Concept
 
-from .base import ImageRecord, LayoutError, Source, SourceTerms, inside
+from .base import ImageRecord, LayoutError, Source, SourceTerms, inside, read_text
 
 #: The official splits; `trainval` is the union of train and val, so it is not offered separately.
 SPLITS = ("train", "val", "test")
@@ -149,7 +149,7 @@ class FGVCAircraftSource(Source):
 
 
 def _names(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 def _pairs(path: Path) -> list[tuple[str, str]]:

@@ -34,11 +34,19 @@ DEFAULT_TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
 
+def _hidden(name: str) -> bool:
+    """Folders a tool or an archiver leaves (`.cache`, `__MACOSX`), never read as splits or classes."""
+    return name.startswith((".", "__"))
+
+
 def _folders(path: Path) -> list[str]:
-    """Visible sub-folders, sorted (hidden ones such as `.cache` or `__MACOSX` left out)."""
-    return sorted(
-        entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith((".", "__"))
-    )
+    """Visible sub-folders, sorted (hidden ones left out; `ImageFolderSource` counts them)."""
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not _hidden(entry.name))
+
+
+def _hidden_folders(path: Path) -> list[Path]:
+    """The hidden sub-folders of `path`, sorted."""
+    return sorted(Path(entry.path) for entry in os.scandir(path) if entry.is_dir() and _hidden(entry.name))
 
 
 def _images(path: Path) -> list[str]:
@@ -94,6 +102,19 @@ class ImageFolderSource(Source):
                 f"{self.name}: no images under {self.root}/<split>/<class>/ or {self.root}/<class>/; "
                 f"expected layout: {self.layout}"
             )
+        self._note_hidden(flat)
+
+    def _note_hidden(self, flat: list[str]) -> None:
+        """One note naming the hidden folders passed over where splits or classes are read, so that a
+        class folder named `..x` or `__x` by mistake is not lost without a word."""
+        parents = [self.root] if flat else [self.root, *(self.root / split for split in self.tree)]
+        hidden = [path.relative_to(self.root).as_posix() for p in parents for path in _hidden_folders(p)]
+        if hidden:
+            self.notes = [
+                f"{self.name}: skipped {len(hidden)} folder(s) whose name starts with '.' or '__' "
+                f"({', '.join(hidden[:5])}{', …' if len(hidden) > 5 else ''}); "
+                "rename one to read it as a class"
+            ]
 
     def _read_splits(self) -> None:
         """`<root>/<split>/<class>/*`: the splits are the folders'."""

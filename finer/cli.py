@@ -5,6 +5,7 @@ Every user-fixable problem is a `FinerError`: `main()` prints its one line and e
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -1442,3 +1443,28 @@ def main(argv: list[str] | None = None) -> None:
     except FinerError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:
+        if not _out_of_space(err):
+            raise
+        where = err.filename or _option_value(sys.argv[1:] if argv is None else argv, "--out") or "the disk"
+        typer.echo(f"error: no space left writing {where}: free space or choose another --out", err=True)
+        sys.exit(2)
+
+
+#: What pyarrow says for ENOSPC/EDQUOT: its OSError carries the message, not always the errno.
+_FULL_DISK_WORDS = ("No space left on device", "Disk quota exceeded")
+
+
+def _out_of_space(err: OSError) -> bool:
+    """A full disk or an exhausted quota: the user's to fix, told in one line rather than a traceback."""
+    return err.errno in (errno.ENOSPC, errno.EDQUOT) or any(words in str(err) for words in _FULL_DISK_WORDS)
+
+
+def _option_value(argv: list[str], name: str) -> str | None:
+    """The value given to option `name` (`--out X` or `--out=X`), for naming the folder in an error."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None

@@ -50,9 +50,47 @@ class SourcedConfig:
                     )
                 values[name] = _checked(where, name, hints[name], value)
                 set_in[name] = i
+            bad = _out_of_range(name, values[name])
+            if bad:
+                raise FinerError(f"{where}: {bad}")
         if values.get("resume") and values.get("overwrite"):
             _resume_or_overwrite(values, set_in, origin)
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        """The same range checks for a config built directly (a script, a test), not from mappings."""
+        for name in RANGES:
+            bad = _out_of_range(name, getattr(self, name, None))
+            if bad:
+                raise FinerError(bad)
+
+
+#: Field -> (lowest allowed, True when the lowest is allowed, highest or None, the range in words). Typer
+#: checks the CLI options, but a recipe or `--set` reaches the config without it; `None` (where the type
+#: allows it) means "not set" and is not checked.
+RANGES: dict[str, tuple[float, bool, float | None, str]] = {
+    "lora_r": (1, True, None, "an integer >= 1"),
+    "lora_alpha": (1, True, None, "an integer >= 1"),
+    "lora_dropout": (0, True, 1, "a number from 0 up to (not including) 1"),
+    "learning_rate": (0, False, None, "a number > 0"),
+    "epochs": (0, False, None, "a number > 0"),
+    "max_steps": (1, True, None, "an integer >= 1, or absent to train for epochs"),
+    "batch_size": (1, True, None, "an integer >= 1"),
+    "grad_accum": (1, True, None, "an integer >= 1"),
+    "logging_steps": (1, True, None, "an integer >= 1"),
+    "save_steps": (1, True, None, "an integer >= 1"),
+    "save_total_limit": (1, True, None, "an integer >= 1, or absent to keep every checkpoint"),
+    "seed": (0, True, None, "an integer >= 0"),
+}
+
+
+def _out_of_range(name: str, value: Any) -> str | None:
+    """One line naming `name` and its allowed range when `value` lies outside it; None when it fits."""
+    if name not in RANGES or value is None:
+        return None
+    low, low_allowed, high, words = RANGES[name]
+    fits = (value >= low if low_allowed else value > low) and (high is None or value < high)
+    return None if fits else f"{name} must be {words}, not {value!r}"
 
 
 def _resume_or_overwrite(values: dict[str, Any], set_in: dict[str, int], origin: tuple[str, ...]) -> None:

@@ -315,6 +315,7 @@ def _summary(
         for split, r in reports.items()
         if r.boxes
     ]
+    warnings += source.notes
     if not knowledge and not source.bundled_knowledge:
         warnings.append("built without knowledge: attribute columns are empty (--no-knowledge)")
     warnings += knowledge_report.get("warnings", [])
