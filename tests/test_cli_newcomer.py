@@ -260,6 +260,7 @@ def test_predict_input_crops_a_dataset_row_to_its_box_or_a_file_to_box(
         predict_input(file, str(demo_rows), 0)
 
 
+@pytest.mark.slow
 def test_predict_asks_a_dataset_row_cropped_as_the_demo_adapter_was_trained(
     demo_rows: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -347,3 +348,13 @@ def test_offline_advice_does_not_go_in_a_circle(
         main(["ground", str(tmp_path / "bare"), "--out", str(tmp_path / "g"), "--model", "m"])
     err_line = capsys.readouterr().err
     assert "--backend hf --model" in err_line and "--extractor" not in err_line
+
+
+def test_range_checks_read_every_key_and_an_empty_recipe() -> None:
+    """An empty mapping (no recipe) is no error, and a bad value is caught wherever it sits in its mapping."""
+    from finer.errors import FinerError
+    from finer.train.sft import FinetuneConfig
+
+    assert FinetuneConfig.from_sources({}, {"seed": 3}).seed == 3
+    with pytest.raises(FinerError, match="recipe: max_steps must be"):
+        FinetuneConfig.from_sources({"max_steps": 0, "seed": 1}, origin=("recipe",))

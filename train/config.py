@@ -50,9 +50,9 @@ class SourcedConfig:
                     )
                 values[name] = _checked(where, name, hints[name], value)
                 set_in[name] = i
-            bad = _out_of_range(name, values[name])
-            if bad:
-                raise FinerError(f"{where}: {bad}")
+                bad = _out_of_range(name, values[name])
+                if bad:
+                    raise FinerError(f"{where}: {bad}")
         if values.get("resume") and values.get("overwrite"):
             _resume_or_overwrite(values, set_in, origin)
         return cls(**values)
