@@ -60,7 +60,7 @@ class Level(StrEnum):
     all = "all"
 
 
-class Backend(StrEnum):
+class BackendName(StrEnum):
     hf = "hf"
     openai = "openai"
 
@@ -203,9 +203,9 @@ def _print_projection(projected: dict[str, Any]) -> None:
     )
 
 
-def _endpoint_only(backend: Backend, *, dry_run: bool, max_cost: float | None) -> None:
+def _endpoint_only(backend: BackendName, *, dry_run: bool, max_cost: float | None) -> None:
     """`--dry-run` and `--max-cost` price endpoint calls: a local model (--backend hf) makes none."""
-    if backend != Backend.openai and (dry_run or max_cost is not None):
+    if backend != BackendName.openai and (dry_run or max_cost is not None):
         raise FinerError("--dry-run and --max-cost price endpoint calls; they need --backend openai")
 
 
@@ -326,8 +326,8 @@ def build(
         int, typer.Option(min=32, help="Longer side of exemplar images sent (--extractor vlm).")
     ] = 768,
     backend: Annotated[
-        Backend, typer.Option(help="--extractor vlm: an OpenAI-compatible endpoint or a local model (hf).")
-    ] = Backend.openai,
+        BackendName, typer.Option(help="--extractor vlm: an OpenAI-compatible endpoint or a local model.")
+    ] = BackendName.openai,
     model: Annotated[str | None, typer.Option(help="LLM/VLM name at the endpoint.")] = None,
     base_url: BaseUrls = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Concurrent LLM calls (per endpoint).")] = 16,
@@ -694,9 +694,9 @@ def evaluate(
         Mode, typer.Option(help="Prompt protocol; finer replays the `finetune --format finer` conversation.")
     ] = Mode.direct,
     level: Annotated[Level, typer.Option(help="Label level to ask for.")] = Level.all,
-    backend: Annotated[Backend, typer.Option(help="Local transformers or an OpenAI-compatible endpoint.")] = (
-        Backend.hf
-    ),
+    backend: Annotated[
+        BackendName, typer.Option(help="Local transformers or an OpenAI-compatible endpoint.")
+    ] = BackendName.hf,
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter id or path.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per generation batch (--backend hf).")] = 8,
     base_url: BaseUrls = None,
@@ -958,8 +958,8 @@ def ground(
     dataset: Annotated[str, typer.Argument(help="Built dataset folder or Hub repo.")],
     out: Annotated[Path, typer.Option(help="Folder for the grounded dataset (the input is never modified).")],
     model: Annotated[str, typer.Option(help="VLM name at the endpoint (openai), or id/path (hf).")],
-    backend: Annotated[Backend, typer.Option(help="An OpenAI-compatible endpoint or a local model.")] = (
-        Backend.openai
+    backend: Annotated[BackendName, typer.Option(help="An OpenAI-compatible endpoint or a local model.")] = (
+        BackendName.openai
     ),
     base_url: BaseUrls = None,
     concurrency: Annotated[

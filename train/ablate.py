@@ -40,6 +40,7 @@ from typing import Any, Literal
 import yaml
 
 from finer.errors import FinerError, one_line
+from finer.eval.tasks import FINER_LEVELS
 from finer.run_folder import OutputLock, staged_subfolder, write_json
 
 from .compose import COMPOSE_FILE, DTYPES, ComposeConfig, compose
@@ -57,7 +58,6 @@ CELL_FILE = "cell.json"
 #: In a pretraining folder: the vision and language model ids it pretrains (written before training).
 SOURCE_FILE = "source.json"
 RESULTS = "results"  # .md, .csv, .json, .png
-LEVELS = ("coarse", "fine")
 PretrainPolicy = Literal["none", "frozen", "lora", "full"]
 CellFormat = Literal["direct", "finer"]
 #: Pretraining learning rate per language-model policy (the projector alone takes LLaVA's 1e-3; a language
@@ -317,7 +317,7 @@ class _Runner:
         mode = "finer" if cell.format == "finer" else "direct"
         # Mode finer's "all" is coarse and fine in one run, so both levels of an image share its first (group)
         # question; direct's "all" would add the superordinate, so it asks the two levels one at a time.
-        levels = ["all"] if mode == "finer" else list(LEVELS)
+        levels = ["all"] if mode == "finer" else list(FINER_LEVELS)
         configs = [
             EvalConfig(
                 dataset=dataset, out=folder, model=base, adapter=adapter, mode=mode, level=lv, **settings
@@ -339,7 +339,7 @@ class _Runner:
         levels = metrics["runs"][-1]["levels"]
         return {
             "mode": mode,
-            "scores": {lv: levels[lv]["em"] for lv in LEVELS if lv in levels},
+            "scores": {lv: levels[lv]["em"] for lv in FINER_LEVELS if lv in levels},
             "images": max((levels[lv]["count"] for lv in levels), default=0),
         }
 
@@ -409,7 +409,7 @@ _COLUMNS = ("vision", "llm", "pretrain", "format", "status", "coarse", "fine", "
 def _row(record: dict[str, Any]) -> dict[str, Any]:
     """One table row: short model names, a score per level (None where the cell has none)."""
     row = {k: record.get(k) for k in _COLUMNS}
-    row.update((lv, (record.get("scores") or {}).get(lv)) for lv in LEVELS)
+    row.update((lv, (record.get("scores") or {}).get(lv)) for lv in FINER_LEVELS)
     row.update(vision=_label(record["vision"]), llm=_label(record["llm"]))
     return row
 
