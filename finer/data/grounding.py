@@ -9,10 +9,10 @@ row's `attributes_visible`, in a new dataset (the input is never touched), with 
 
 Same machinery as the knowledge step: the shared `ChatClient` (bounded concurrency, the `openai` client's
 retries honouring `Retry-After`, the content-addressed cache, so a re-run makes no calls) or a local model
-batched with left padding (`finer.models.vlm.HFChat`). Resumable after SIGKILL: each image's result is appended
-and flushed to `grounding.jsonl` in the partial folder beside `--out` the moment it exists, keyed by all it
-depends on; a re-run asks only for the keys missing, then writes the dataset. `--out` appears only when
-finished. `--check-cub` measures the verdicts against CUB-200-2011's per-image attribute annotations.
+batched with left padding (`finer.models.vlm.HFChat`). Resumable after SIGKILL: each image's result is
+appended and flushed to `grounding.jsonl` in the partial folder beside `--out` the moment it exists, keyed
+by all it depends on; a re-run asks only for the keys missing, then writes the dataset. `--out` appears only
+when finished. `--check-cub` measures the verdicts against CUB-200-2011's per-image attribute annotations.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from finer.models.client import (
     public_url,
     refuses_images,
     run_sync,
+    run_workers,
 )
 from finer.models.images import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, encode_image, open_image
 from finer.models.vlm import HFChat
@@ -460,16 +461,8 @@ async def _ask_all(
 
             ticker = asyncio.create_task(_tick(bar, usage))
             try:
-                async with asyncio.TaskGroup() as group:
-                    # one worker per slot: several endpoints (--base-url a,b) take --concurrency each
-                    for _ in range(min(getattr(chat, "capacity", config.concurrency), len(pending))):
-                        group.create_task(worker())
-            except ExceptionGroup as errors:
-                # One worker's fatal error (images refused, endpoint down) stopped them all: one line.
-                fatal = next((e for e in errors.exceptions if isinstance(e, FinerError)), None)
-                if fatal is None:
-                    raise
-                raise fatal from None
+                # one worker per slot: several endpoints (--base-url a,b) take --concurrency each
+                await run_workers(worker, min(getattr(chat, "capacity", config.concurrency), len(pending)))
             finally:
                 ticker.cancel()
             run.structured_output = chat.structured_output
@@ -588,8 +581,8 @@ def check_cub(root: Path, grounded: list[tuple[str, list[str], list[str]]]) -> d
     """Precision and recall of "visible" against CUB's per-image `is_present`, overall and per group.
 
     `grounded` holds (CUB image id, attributes asked, attributes answered visible). An attribute phrase is
-    checked where it corresponds to one of CUB's 312 attribute names (`finer.data.attributes.cub_phrase`; exact
-    for the `cub-annotations` extractor); a pair counts positive when the image has any of the CUB
+    checked where it corresponds to one of CUB's 312 attribute names (`finer.data.attributes.cub_phrase`;
+    exact for the `cub-annotations` extractor); a pair counts positive when the image has any of the CUB
     attributes the phrase stands for.
     """
     labels_txt, names_txt = _cub_files(root)

@@ -394,7 +394,7 @@ class OpenAIBackend:
         run_sync(self._run(iter(tasks), sink))
 
     async def _run(self, tasks: Iterator[Task], sink: Sink) -> None:
-        from finer.models.client import ChatClient
+        from finer.models.client import ChatClient, run_workers
 
         async with ChatClient(
             self.model,
@@ -407,16 +407,8 @@ class OpenAIBackend:
             timeout=self.timeout,
         ) as chat:
             shared = _Shared(_RECENT * self.concurrency)
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for _ in range(chat.capacity):  # --concurrency at each endpoint
-                        group.create_task(self._worker(chat, tasks, shared, sink))
-            except ExceptionGroup as errors:
-                # One worker's fatal error (endpoint down, images refused) stopped them all: one line.
-                fatal = next((e for e in errors.exceptions if isinstance(e, FinerError)), None)
-                if fatal is None:
-                    raise
-                raise fatal from None
+            # --concurrency at each endpoint
+            await run_workers(partial(self._worker, chat, tasks, shared, sink), chat.capacity)
 
     async def _worker(self, chat: ChatClient, tasks: Iterator[Task], shared: _Shared, sink: Sink) -> None:
         """Take the next task until none is left (the iterator is shared; the event loop is one thread).

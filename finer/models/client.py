@@ -55,6 +55,7 @@ __all__ = [
     "parse_json_object",
     "repair_request",
     "run_sync",
+    "run_workers",
 ]
 
 CACHE_NAMESPACE = "llm"
@@ -247,6 +248,20 @@ def _is_reply_entry(entry: Any) -> bool:
         and isinstance(entry.get("text"), str)
         and isinstance(entry.get("finish_reason"), str)
     )
+
+
+async def run_workers(worker: Callable[[], Coroutine[Any, Any, None]], count: int) -> None:
+    """Run `count` copies of `worker` until all return. One worker's fatal `FinerError` (endpoint down,
+    images refused) stops them all and is raised alone, as the one line it is, not in an ExceptionGroup."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(count):
+                group.create_task(worker())
+    except ExceptionGroup as errors:
+        fatal = next((e for e in errors.exceptions if isinstance(e, FinerError)), None)
+        if fatal is None:
+            raise
+        raise fatal from None
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
