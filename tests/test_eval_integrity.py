@@ -97,16 +97,19 @@ def test_retrained_adapter_at_the_same_path_is_asked_again(demo: Path, tmp_path:
 def test_another_dataset_into_the_same_out_is_refused(
     demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    other = tmp_path / "rebuilt"
-    build(BuildConfig(source="demo", out=other, splits=["test"], limit_per_class=1))  # same rows, new build
+    other = tmp_path / "other"
+    build(BuildConfig(source="demo", out=other, splits=["test"], limit_per_class=2))  # other rows
     out = tmp_path / "eval"
     evaluate(EvalConfig(dataset=str(demo), out=out, model="m", level="fine"), backend=Echo())
-    copy = tmp_path / "copy"
+    copy, rebuilt = tmp_path / "copy", tmp_path / "rebuilt"
     shutil.copytree(demo, copy)  # the same build elsewhere is the same dataset: resumed
-    assert (
-        evaluate(EvalConfig(dataset=str(copy), out=out, model="m", level="fine"), backend=Echo())["asked"]
-        == 0
-    )
+    # the same rows built again (make build-dataset re-run) are the same dataset too: resumed
+    build(BuildConfig(source="demo", out=rebuilt, splits=["test"], limit_per_class=1))
+    for same in (copy, rebuilt):
+        assert (
+            evaluate(EvalConfig(dataset=str(same), out=out, model="m", level="fine"), backend=Echo())["asked"]
+            == 0
+        )
     with pytest.raises(FinerError, match="holds answers about another dataset .* pass --overwrite"):
         evaluate(EvalConfig(dataset=str(other), out=out, model="m", level="fine"), backend=Echo())
     capsys.readouterr()  # the builds' progress bars
@@ -117,7 +120,7 @@ def test_another_dataset_into_the_same_out_is_refused(
     fresh = evaluate(
         EvalConfig(dataset=str(other), out=out, model="m", level="fine", overwrite=True), backend=Echo()
     )
-    assert fresh["asked"] == 8 and len(fresh["runs"]) == 1 and len(records(out)) == 8
+    assert fresh["asked"] == 16 and len(fresh["runs"]) == 1 and len(records(out)) == 16
 
 
 def test_weights_fingerprint_reads_content_not_paths_or_times(

@@ -30,7 +30,7 @@ from finer.eval.distractors import DEFAULT_MODEL, Neighbours, check_distractors,
 from finer.eval.report import PREDICTIONS_FILE, REPORT_FILES, write_report
 from finer.eval.tasks import MODE_TEMPLATES, MODES, EvalPlan, Task
 from finer.models.backends import Backend, Generation, HFBackend, OpenAIBackend
-from finer.models.fingerprint import weights_fingerprint
+from finer.models.fingerprint import files_fingerprint, weights_fingerprint
 from finer.models.images import crop_box
 from finer.prompts import template_sha256
 from finer.run_folder import OutputLock
@@ -107,15 +107,23 @@ def load_split(dataset: str, split: str, columns: list[str]) -> tuple[Any, list[
 
 
 def _open_split(dataset: str, split: str, columns: list[str]) -> tuple[Any, list[dict[str, Any]], str]:
-    """`load_split` plus the dataset's fingerprint: of every split of a local folder (each split's
-    `datasets` fingerprint, new with every build and kept by a copy), or of the one split of a Hub repo."""
+    """`load_split` plus the dataset's fingerprint: the content of every split of a local folder (its
+    Arrow files: a rebuild with the same rows, or a copy, is the same dataset; other rows or pixels are
+    not), or of the one split of a Hub repo."""
     loaded = load_built(dataset, "--dataset", split=split)
     rows = pick_split(loaded, split, "--dataset", dataset, columns)
     concepts = load_concepts(dataset, LABEL_COLUMNS[1:])
     if concepts is None:
         concepts = rows.select_columns(list(LABEL_COLUMNS[1:])).to_list()
-    parts = {name: part._fingerprint for name, part in loaded.items()} if hasattr(loaded, "items") else {}
-    return rows, concepts, cache_key(parts or rows._fingerprint)[:16]
+    parts = {name: _content(part) for name, part in loaded.items()} if hasattr(loaded, "items") else {}
+    return rows, concepts, cache_key(parts or _content(rows))[:16]
+
+
+def _content(split: Any) -> str:
+    """A split's identity by content; `datasets`' own fingerprint (new with every build) when it has no
+    files behind it."""
+    files = [Path(entry["filename"]) for entry in split.cache_files]
+    return files_fingerprint(files) if files else split._fingerprint
 
 
 def _stored(text: str) -> tuple[str, bool]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from finer.errors import FinerError, one_line
 
-__all__ = ["FULL_HASH_BYTES", "weights_fingerprint"]
+__all__ = ["FULL_HASH_BYTES", "files_fingerprint", "weights_fingerprint"]
 
 #: Files up to this size are hashed whole.
 FULL_HASH_BYTES = 32 << 20
@@ -63,12 +63,17 @@ def _file_digest(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def _folder_fingerprint(folder: Path) -> str:
+def files_fingerprint(paths: list[Path]) -> str:
+    """The content fingerprint of files by name and content (in name order), e.g. a built split's Arrow
+    files: the same rows written by two builds, or copied elsewhere, have the same fingerprint."""
     hasher = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith("."):
-            hasher.update(f"{path.name}\0{_file_digest(path)}\0".encode())
+    for path in sorted(paths, key=lambda p: p.name):
+        hasher.update(f"{path.name}\0{_file_digest(path)}\0".encode())
     return hasher.hexdigest()[:_DIGITS]
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    return files_fingerprint([p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")])
 
 
 def _hub_commit(repo_id: str) -> str | None:
