@@ -24,8 +24,10 @@ from finer.eval.report import read_predictions
 from finer.models import fingerprint as fingerprint_module
 from finer.models.backends import Generation
 from finer.models.fingerprint import weights_fingerprint
+from finer.records import EvalRun, PredictionRecord
 from finer.testing import tiny_vlm_path
 from finer.testing.fake_openai import FakeOpenAI
+from tests.records_check import declared
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,12 @@ def _no_endpoint_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    """The lines of ``out``'s predictions file, each checked against the declared record."""
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    for line in lines:
+        declared(line, PredictionRecord)
+        declared(line["run"], EvalRun)
+    return lines
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

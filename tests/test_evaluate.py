@@ -25,9 +25,11 @@ from finer.eval.tasks import EvalPlan, choice_options
 from finer.models.backends import Generation, HFBackend, OpenAIBackend
 from finer.models.images import image_data_url
 from finer.prompts import render
+from finer.records import EvalRun, PredictionRecord
 from finer.run_folder import OutputLock
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.testing.fake_openai import FakeOpenAI, Fault
+from tests.records_check import declared
 
 ROWS = 16  # the demo's test split at two images per class: eight species in four look-alike pairs
 
@@ -46,7 +48,12 @@ def _no_endpoint_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    """The lines of ``out``'s predictions file, each checked against the declared record."""
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    for line in lines:
+        declared(line, PredictionRecord)
+        declared(line["run"], EvalRun)
+    return lines
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -29,6 +29,7 @@ from finer.cache import DEFAULT_CACHE, cache_key
 from finer.errors import FinerError
 from finer.eval.scoring import LEVELS, parse_choice
 from finer.eval.tasks import DISTRACTOR_KINDS, LabelPool, canonical_label
+from finer.records import PredictionRecord
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -427,7 +428,7 @@ def distractor_setup(
     return {"distractors": kind, **neighbours.identity()}, neighbours
 
 
-def option_kind_counts(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+def option_kind_counts(records: Sequence[PredictionRecord]) -> dict[str, dict[str, int]]:
     """Per distractor kind: how many such options the questions offered, and how many answers chose one.
 
     A kind a model chooses more often per offer is the harder negative for it.

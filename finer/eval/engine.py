@@ -33,6 +33,7 @@ from finer.models.backends import Backend, Generation, HFBackend, OpenAIBackend
 from finer.models.fingerprint import files_fingerprint, weights_fingerprint
 from finer.models.images import crop_box
 from finer.prompts import template_sha256
+from finer.records import EvalRun, PredictionRecord
 from finer.run_folder import OutputLock
 
 __all__ = ["BACKENDS", "EvalConfig", "PredictionLog", "evaluate", "load_split"]
@@ -160,15 +161,20 @@ class PredictionLog:
 
     def done(self, task: Task, turns: list[Generation]) -> None:
         prediction, cut = _stored(turns[-1].text)
-        record = dict(task.record, prediction=prediction, truncated=turns[-1].truncated, stored_truncated=cut)
+        record: PredictionRecord = {
+            **task.record,
+            "prediction": prediction,
+            "truncated": turns[-1].truncated,
+            "stored_truncated": cut,
+        }
         if task.attributes_turn is not None:
             said = turns[task.attributes_turn]
             attributes, cut = _stored(said.text)
-            record.update(attributes=attributes, attributes_truncated=said.truncated)
+            record["attributes"], record["attributes_truncated"] = attributes, said.truncated
             record["stored_truncated"] |= cut
         if len(turns) > 2:  # the finer replay: the group the model named first
             stored = [_stored(turn.text) for turn in turns[:-1]]
-            record.update(turns=[text for text, _ in stored])
+            record["turns"] = [text for text, _ in stored]
             record["stored_truncated"] |= any(cut for _, cut in stored)
         self.log.write(record)
         self.answered += 1
@@ -185,7 +191,8 @@ class PredictionLog:
         """Its image is unreadable: recorded once (the report counts it), tried again by the next run."""
         self.unreadable.append(f"{task.record['image_id']} ({task.record['level']}): {reason}")
         if task.key not in self.recorded_skips:
-            self.log.write(dict(task.record, skipped=reason))
+            skipped: PredictionRecord = {**task.record, "skipped": reason}
+            self.log.write(skipped)
             self.recorded_skips.add(task.key)
         if self._bar is not None:
             self._bar.update()
@@ -218,7 +225,7 @@ def _make_backend(config: EvalConfig, template_hash: str) -> Backend:
     )
 
 
-def _run_identity(config: EvalConfig, template_hash: str, dataset_fingerprint: str) -> dict[str, Any]:
+def _run_identity(config: EvalConfig, template_hash: str, dataset_fingerprint: str) -> EvalRun:
     """What every answer of this run depends on besides its image and level: part of each key and record.
 
     The model and adapter count by their content (`weights_fingerprint`), so one retrained at the same path
@@ -226,7 +233,7 @@ def _run_identity(config: EvalConfig, template_hash: str, dataset_fingerprint: s
     sampling.
     """
     local = config.backend == "hf"
-    return {
+    run: EvalRun = {
         "model": config.model,
         "adapter": config.adapter,
         "backend": config.backend,
@@ -241,8 +248,10 @@ def _run_identity(config: EvalConfig, template_hash: str, dataset_fingerprint: s
         "seed": config.seed if config.mode == "choice" or config.temperature > 0 else None,
         "temperature": config.temperature,
         "max_new_tokens": config.max_new_tokens,
-        **({"crop_to_bbox": True} if config.crop_to_bbox else {}),
     }
+    if config.crop_to_bbox:
+        run["crop_to_bbox"] = True
+    return run
 
 
 def _check_folder(

@@ -20,6 +20,7 @@ from typing import Any
 from finer.errors import FinerError
 from finer.eval.distractors import kind_accuracy, kind_section, option_kind_counts
 from finer.eval.scoring import LEVELS, extract_answer, score, score_choice
+from finer.records import PredictionRecord
 
 __all__ = [
     "CLIFF_FILE",
@@ -53,11 +54,11 @@ _OTHER_FIELDS = (
 )
 
 
-def read_predictions(path: Path) -> list[dict[str, Any]]:
+def read_predictions(path: Path) -> list[PredictionRecord]:
     """The complete records of a predictions file, the first per key (a line torn by a crash is not a
     record, and two runs sharing a folder at once may both answer one question); an answer wins over a
     record that its image was unreadable (the image was fixed, or readable on a later try)."""
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[str, PredictionRecord] = {}
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             try:
@@ -71,7 +72,7 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
     return list(records.values())
 
 
-def _scores(record: dict[str, Any], finer_original: bool) -> tuple[float, float, float]:
+def _scores(record: PredictionRecord, finer_original: bool) -> tuple[float, float, float]:
     """(modified EM, strict EM, F1) of one record; a multiple-choice answer is right or wrong in all three."""
     if "answer" in record:
         right = score_choice(record["prediction"], record["answer"], len(record["options"]))
@@ -124,11 +125,11 @@ def _labels(runs: list[dict[str, Any]]) -> list[str]:
     return labels
 
 
-def compute_metrics(records: Iterable[dict[str, Any]], *, finer_original: bool = False) -> dict[str, Any]:
+def compute_metrics(records: Iterable[PredictionRecord], *, finer_original: bool = False) -> dict[str, Any]:
     """Per run and level: modified EM, strict EM, F1, count, and the same per class; also how many answers
     were cut at the token limit (``truncated``), were empty, were stored cut (``stored_truncated``), and how
     many questions were ``skipped`` because their image could not be read."""
-    by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_run: dict[str, list[PredictionRecord]] = defaultdict(list)
     runs: dict[str, dict[str, Any]] = {}
     for record in records:
         run_key = json.dumps(record["run"], sort_keys=True)

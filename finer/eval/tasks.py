@@ -24,6 +24,7 @@ from finer.cache import cache_key
 from finer.errors import FinerError
 from finer.eval.scoring import LEVELS, extract_answer, strict_em
 from finer.prompts import render
+from finer.records import PredictionRecord
 
 __all__ = [
     "DISTRACTOR_KINDS",
@@ -59,7 +60,7 @@ class Task:
     """
 
     key: str
-    record: dict[str, Any]
+    record: PredictionRecord
     first: list[dict]
     image: Callable[[], Image.Image] | None
     followups: tuple[Callable[[list[str]], list[dict]], ...] = ()
@@ -259,7 +260,7 @@ class EvalPlan:
 
     def task(self, index: int, row: dict[str, Any], level: str) -> Task:
         """Render the question about row ``index`` (its labels in ``row``) at ``level``."""
-        record: dict[str, Any] = {
+        record: PredictionRecord = {
             "key": self.key(row, level),
             "run": self.run,
             "level": level,
@@ -326,7 +327,11 @@ class EvalPlan:
         return Task(record["key"], record, turn(None), image, (lambda said: turn(said[0]),), 0)
 
     def _finer(
-        self, record: dict[str, Any], row: dict[str, Any], level: str, image: Callable[[], Image.Image] | None
+        self,
+        record: PredictionRecord,
+        row: dict[str, Any],
+        level: str,
+        image: Callable[[], Image.Image] | None,
     ) -> Task:
         """The conversation of `finer finetune --format finer` (the `train_finer` template), replayed. Its
         first question names the superordinate and asks the group (the coarse answer); at the fine level the
