@@ -5,6 +5,7 @@ Every user-fixable problem is a `FinerError`: `main()` prints its one line and e
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -15,13 +16,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
 
 import finer
+from finer.data.build import BuildConfig
+from finer.data.grounding import GroundConfig
+from finer.data.knowledge import KnowledgeOptions
 from finer.errors import FinerError
+from finer.eval.engine import EvalConfig
+from finer.eval.lmms_eval import ExportConfig
+from finer.eval.predict import PredictConfig
+from finer.eval.probes import ProbeConfig
 from finer.models.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
+from finer.models.images import DEFAULT_MAX_IMAGE_SIDE
 
 app = typer.Typer(
     name="finer",
@@ -94,7 +104,6 @@ class DistractorSpace(StrEnum):
     both = "both"
 
 
-_DISTRACTOR_MODEL_HELP = "CLIP/SigLIP for --distractors clip [default: openai/clip-vit-large-patch14]"
 _DISTRACTORS_HELP = (
     "Wrong options (--mode choice): siblings sharing the coarse label, then random; random; "
     "or clip, the labels nearest the gold by --distractor-model (mined once, stored beside the dataset)."
@@ -130,6 +139,21 @@ MaxCost = Annotated[
 ]
 Rpm = Annotated[float | None, typer.Option(min=1, help="Requests per minute, held by all workers together.")]
 Tpm = Annotated[float | None, typer.Option(min=1, help="Tokens per minute, held by all workers together.")]
+Timeout = Annotated[float, typer.Option(min=1, help=TIMEOUT_HELP)]
+MaxRetries = Annotated[int, typer.Option(min=0, help=RETRIES_HELP)]
+Concurrency = Annotated[int, typer.Option(min=1, help="Concurrent endpoint calls (openai, per endpoint).")]
+PromptsDir = Annotated[Path | None, typer.Option(help="Your copies of the prompt templates (by file name).")]
+Cache = Annotated[Path | None, typer.Option(help="Cache folder for Wikipedia pages and model replies.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace a non-empty --out.")]
+Adapter = Annotated[str | None, typer.Option(help="PEFT adapter id or path.")]
+DatasetOption = Annotated[str, typer.Option(help="Built dataset folder or Hub repo.")]
+Choices = Annotated[int, typer.Option(min=2, max=26, help="Options per question (--mode choice).")]
+MaxNewTokens = Annotated[int, typer.Option(min=1, help="Answer length limit (openai: max_tokens).")]
+DistractorsOption = Annotated[Distractors, typer.Option(help=_DISTRACTORS_HELP)]
+DistractorModel = Annotated[str, typer.Option(help="CLIP/SigLIP model for --distractors clip.")]
+DistractorSpaceOption = Annotated[
+    DistractorSpace, typer.Option(help="--distractors clip compares class texts, mean train images, or both.")
+]
 
 
 class BatchRetry(StrEnum):
@@ -153,14 +177,41 @@ def _urls(base_url: list[str] | None) -> str | None:
     return ",".join(base_url) if base_url else None
 
 
+def _defaults(config: type) -> SimpleNamespace:
+    """The engine's defaults, field by field: an option shows and uses them, never a copy."""
+    return SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(config)})
+
+
+BUILD, KNOWLEDGE, GROUND = _defaults(BuildConfig), _defaults(KnowledgeOptions), _defaults(GroundConfig)
+EVAL, PROBE, EXPORT = _defaults(EvalConfig), _defaults(ProbeConfig), _defaults(ExportConfig)
+PREDICT = _defaults(PredictConfig)
+
+
+def _config(config: type, options: dict[str, Any], **values: Any) -> Any:
+    """`config` from a command's options of the same names (enums as their values), then `values`."""
+    names = {f.name for f in dataclasses.fields(config)}
+    given = {k: (v.value if isinstance(v, StrEnum) else v) for k, v in options.items() if k in names}
+    if isinstance(given.get("base_url"), list):
+        given["base_url"] = _urls(given["base_url"])
+    if isinstance(given.get("splits"), list):
+        given["splits"] = _split_list(given["splits"])
+    return config(**{**given, **values})
+
+
+#: The options of a paid run (`_paid_run`).
+_POLICY_OPTIONS = ("prices", "max_cost", "rpm", "tpm")
+
+
 @contextmanager
-def _paid_run(out: Path, *, dry_run: bool, **limits: Any) -> Iterator[tuple[Path, Any]]:
+def _paid_run(options: dict[str, Any]) -> Iterator[tuple[Path, Any]]:
     """The run's policy (`--prices`, `--max-cost`, `--rpm`, `--tpm`) active for every client it opens, and
     the folder it writes. `--dry-run` writes into a scratch folder, prints the projection and exits 0;
     a step that stops because no call was answered (every one was counted instead) ends the dry run there."""
     from finer.models.policy import RunPolicy, use_policy
 
-    policy = RunPolicy.from_options(dry_run=dry_run, **limits)
+    out = options["out"]
+    limits = {name: options[name] for name in _POLICY_OPTIONS}
+    policy = RunPolicy.from_options(dry_run=options["dry_run"], **limits)
     stopped: FinerError | None = None
     with use_policy(policy):
         if policy.projection is None:
@@ -203,17 +254,17 @@ def _print_projection(projected: dict[str, Any]) -> None:
     )
 
 
-def _endpoint_only(backend: BackendName, *, dry_run: bool, max_cost: float | None) -> None:
+def _endpoint_only(options: dict[str, Any]) -> None:
     """`--dry-run` and `--max-cost` price endpoint calls: a local model (--backend hf) makes none."""
-    if backend != BackendName.openai and (dry_run or max_cost is not None):
+    if options["backend"] != BackendName.openai and (options["dry_run"] or options["max_cost"] is not None):
         raise FinerError("--dry-run and --max-cost price endpoint calls; they need --backend openai")
 
 
-def _batched(policy: Any, batch: bool, retry: BatchRetry, run: Any, config: Any) -> Any:
+def _batched(policy: Any, options: dict[str, Any], run: Any, config: Any) -> Any:
     """`run(config)`; with `--batch`, after the calls it would make were answered through batches
     (`finer.models.batch.run_batched`), whose ids, counts and batch-price cost go into the run's summary
     (build.json or grounding.json, under "batch")."""
-    if not batch:
+    if not options["batch"]:
         return run(config)
     from dataclasses import replace
 
@@ -226,7 +277,7 @@ def _batched(policy: Any, batch: bool, retry: BatchRetry, run: Any, config: Any)
         )
     scratch = {"export_finer": None} if hasattr(config, "export_finer") else {}  # a pass writes nothing else
     passes = lambda where: run(replace(config, out=where, **scratch))  # noqa: E731
-    report = run_batched(passes, config.out, policy, retry=retry.value)
+    report = run_batched(passes, config.out, policy, retry=options["batch_retry"].value)
     result = run(config)
     for name in ("build.json", "grounding.json"):
         if (summary := config.out / name).is_file():
@@ -321,31 +372,33 @@ def build(
             "(offline with the rules extractor)."
         ),
     ] = None,
-    exemplars: Annotated[int, typer.Option(min=0, help="Exemplar images per concept (--extractor vlm).")] = 3,
+    exemplars: Annotated[
+        int, typer.Option(min=0, help="Exemplar images per concept (--extractor vlm).")
+    ] = KNOWLEDGE.exemplars,
     max_image_side: Annotated[
         int, typer.Option(min=32, help="Longer side of exemplar images sent (--extractor vlm).")
-    ] = 768,
+    ] = DEFAULT_MAX_IMAGE_SIDE,
     backend: Annotated[
         BackendName, typer.Option(help="--extractor vlm: an OpenAI-compatible endpoint or a local model.")
-    ] = BackendName.openai,
+    ] = KNOWLEDGE.backend,
     model: Annotated[str | None, typer.Option(help="LLM/VLM name at the endpoint.")] = None,
     base_url: BaseUrls = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent LLM calls (per endpoint).")] = 16,
-    timeout: Annotated[float, typer.Option(min=1, help=TIMEOUT_HELP)] = DEFAULT_TIMEOUT_S,
-    max_retries: Annotated[int, typer.Option(min=0, help=RETRIES_HELP)] = DEFAULT_MAX_RETRIES,
+    concurrency: Concurrency = KNOWLEDGE.concurrency,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
+    max_retries: MaxRetries = DEFAULT_MAX_RETRIES,
     wiki_api: Annotated[str | None, typer.Option(help="MediaWiki API URL of a Wikipedia mirror.")] = None,
-    wiki_lang: Annotated[str, typer.Option(help="Wikipedia language.")] = "en",
-    wiki_words: Annotated[int, typer.Option(min=16, help="Words of Wikipedia text kept per concept.")] = 256,
-    prompts_dir: Annotated[Path | None, typer.Option(help="Your copies of the prompt templates.")] = None,
-    cache: Annotated[
-        Path | None, typer.Option(help="Cache folder for Wikipedia pages and LLM replies.")
-    ] = None,
+    wiki_lang: Annotated[str, typer.Option(help="Wikipedia language.")] = KNOWLEDGE.wiki_lang,
+    wiki_words: Annotated[
+        int, typer.Option(min=16, help="Words of Wikipedia text kept per concept.")
+    ] = KNOWLEDGE.wiki_words,
+    prompts_dir: PromptsDir = None,
+    cache: Cache = None,
     embed_images: Annotated[bool, typer.Option(help="Store image bytes instead of file references.")] = False,
     crop_to_bbox: Annotated[bool, typer.Option(help="Crop images to their bounding box.")] = False,
     check_images: Annotated[
         bool, typer.Option("--check-images/--no-check-images", help="Open every image and skip broken ones.")
-    ] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    ] = BUILD.check_images,
+    overwrite: Overwrite = False,
     export_finer: Annotated[
         Path | None, typer.Option(help="Also write the original FINER files here.")
     ] = None,
@@ -360,63 +413,26 @@ def build(
     batch_retry: BatchRetries = BatchRetry.sync,
 ) -> None:
     """Turn a fine-grained dataset on disk into image-attribute-label rows."""
-    from finer.data.build import BuildConfig
+    options = dict(locals())
     from finer.data.build import build as run_build
-    from finer.data.knowledge import KnowledgeOptions, resolve_knowledge
+    from finer.data.knowledge import resolve_knowledge
 
-    shaping = [
-        name
-        for name, given in (
-            ("--model", model),
-            ("--wiki-api", wiki_api),
-            ("--knowledge-file", knowledge_file),
-        )
-        if given
-    ]
-    knowledge, wikipedia = resolve_knowledge(knowledge, extractor.value if extractor else None, shaping)
+    shaping = [name for name in ("model", "wiki_api", "knowledge_file") if options[name]]
+    knowledge, wikipedia = resolve_knowledge(
+        knowledge, extractor.value if extractor else None, [f"--{n.replace('_', '-')}" for n in shaping]
+    )
     if extractor == Extractor.vlm:  # the only build step a local model (--backend hf) can take
-        _endpoint_only(backend, dry_run=dry_run, max_cost=max_cost)
-    limits = {"prices": prices, "max_cost": max_cost, "rpm": rpm, "tpm": tpm}
-    with _paid_run(out, dry_run=dry_run, **limits) as (folder, policy):
-        summary = _batched(
-            policy,
-            batch,
-            batch_retry,
-            run_build,
-            BuildConfig(
-                source=source,
-                out=folder,
-                root=root,
-                splits=_split_list(splits),
-                limit_classes=limit_classes,
-                limit_per_class=limit_per_class,
-                test_fraction=test_fraction,
-                knowledge=knowledge,
-                embed_images=embed_images,
-                crop_to_bbox=crop_to_bbox,
-                check_images=check_images,
-                overwrite=overwrite,
-                export_finer=None if dry_run else export_finer,
-                knowledge_options=KnowledgeOptions(
-                    extractor=extractor.value if extractor else None,
-                    knowledge_file=knowledge_file,
-                    model=model,
-                    base_url=_urls(base_url),
-                    concurrency=concurrency,
-                    wiki_api=wiki_api,
-                    wiki_lang=wiki_lang,
-                    wiki_words=wiki_words,
-                    cache=cache,
-                    prompts_dir=prompts_dir,
-                    exemplars=exemplars,
-                    max_image_side=max_image_side,
-                    backend=backend.value,
-                    wikipedia=wikipedia,
-                    timeout=timeout,
-                    max_retries=max_retries,
-                ),
-            ),
+        _endpoint_only(options)
+    with _paid_run(options) as (folder, policy):
+        settings = _config(
+            BuildConfig,
+            options,
+            out=folder,
+            knowledge=knowledge,
+            export_finer=None if dry_run else export_finer,
+            knowledge_options=_config(KnowledgeOptions, options, wikipedia=wikipedia),
         )
+        summary = _batched(policy, options, run_build, settings)
     counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())
     typer.echo(
         f"wrote {out}: {summary['concepts']} concepts; rows: {counts} ({summary['durations']['total_s']} s)"
@@ -686,53 +702,43 @@ def finetune(
 
 @app.command("eval")
 def evaluate(
-    dataset: Annotated[str, typer.Option(help="Built dataset folder or Hub repo.")],
+    dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Folder for predictions, metrics and the report.")],
     model: Annotated[str, typer.Option(help="Model id or path (hf) or model name (openai).")],
-    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = EVAL.split,
     mode: Annotated[
         Mode, typer.Option(help="Prompt protocol; finer replays the `finetune --format finer` conversation.")
-    ] = Mode.direct,
-    level: Annotated[Level, typer.Option(help="Label level to ask for.")] = Level.all,
+    ] = EVAL.mode,
+    level: Annotated[Level, typer.Option(help="Label level to ask for.")] = EVAL.level,
     backend: Annotated[
         BackendName, typer.Option(help="Local transformers or an OpenAI-compatible endpoint.")
-    ] = BackendName.hf,
-    adapter: Annotated[str | None, typer.Option(help="PEFT adapter id or path.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per generation batch (--backend hf).")] = 8,
+    ] = EVAL.backend,
+    adapter: Adapter = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per generation batch (--backend hf).")
+    ] = EVAL.batch_size,
     base_url: BaseUrls = None,
-    concurrency: Annotated[
-        int, typer.Option(min=1, help="Concurrent endpoint calls (openai, per endpoint).")
-    ] = 16,
-    timeout: Annotated[float, typer.Option(min=1, help=TIMEOUT_HELP)] = DEFAULT_TIMEOUT_S,
-    max_retries: Annotated[int, typer.Option(min=0, help=RETRIES_HELP)] = DEFAULT_MAX_RETRIES,
+    concurrency: Concurrency = EVAL.concurrency,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
+    max_retries: MaxRetries = DEFAULT_MAX_RETRIES,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N images.")] = None,
     gold_parent: Annotated[
         bool, typer.Option(help='Name the gold label one level up in the question ("Which Owl …?").')
     ] = False,
-    choices: Annotated[int, typer.Option(min=2, max=26, help="Options per question (--mode choice).")] = 5,
-    temperature: Annotated[float, typer.Option(min=0, help="0 is greedy.")] = 0.0,
-    max_new_tokens: Annotated[
-        int, typer.Option(min=1, help="Answer length limit (openai: max_tokens); cut answers are flagged.")
-    ] = 128,
-    prompts_dir: Annotated[
-        Path | None, typer.Option(help="Folder of your own prompt templates (by file name).")
-    ] = None,
+    choices: Choices = EVAL.choices,
+    temperature: Annotated[float, typer.Option(min=0, help="0 is greedy.")] = EVAL.temperature,
+    max_new_tokens: MaxNewTokens = EVAL.max_new_tokens,
+    prompts_dir: PromptsDir = None,
     finer_original: Annotated[
         bool, typer.Option(help="Score with the original FINER rules (to reproduce published numbers).")
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the choice distractors and of sampling.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the choice distractors and of sampling.")] = EVAL.seed,
     crop_to_bbox: Annotated[
         bool, typer.Option(help="Show each image cropped to its box (as a `crop_to_bbox` recipe trained).")
     ] = False,
-    distractors: Annotated[Distractors, typer.Option(help=_DISTRACTORS_HELP)] = Distractors.siblings,
-    distractor_model: Annotated[
-        str | None,
-        typer.Option(help=_DISTRACTOR_MODEL_HELP),
-    ] = None,
-    distractor_space: Annotated[
-        DistractorSpace,
-        typer.Option(help="--distractors clip compares class texts, mean train images, or both."),
-    ] = DistractorSpace.text,
+    distractors: DistractorsOption = EVAL.distractors,
+    distractor_model: DistractorModel = EVAL.distractor_model,
+    distractor_space: DistractorSpaceOption = EVAL.distractor_space,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -746,42 +752,12 @@ def evaluate(
     tpm: Tpm = None,
 ) -> None:
     """Evaluate a model at superordinate, coarse and fine granularity (resumable; writes a report)."""
-    from finer.eval.engine import EvalConfig
+    options = dict(locals())
     from finer.eval.engine import evaluate as run_eval
 
-    _endpoint_only(backend, dry_run=dry_run, max_cost=max_cost)
-    limits = {"prices": prices, "max_cost": max_cost, "rpm": rpm, "tpm": tpm}
-    with _paid_run(out, dry_run=dry_run, **limits) as (folder, policy):
-        result = run_eval(
-            EvalConfig(
-                dataset=dataset,
-                out=folder,
-                model=model,
-                split=split,
-                mode=mode.value,
-                level=level.value,
-                backend=backend.value,
-                adapter=adapter,
-                batch_size=batch_size,
-                base_url=_urls(base_url),
-                concurrency=concurrency,
-                timeout=timeout,
-                max_retries=max_retries,
-                limit=limit,
-                gold_parent=gold_parent,
-                choices=choices,
-                temperature=temperature,
-                max_new_tokens=max_new_tokens,
-                prompts_dir=prompts_dir,
-                finer_original=finer_original,
-                seed=seed,
-                crop_to_bbox=crop_to_bbox,
-                distractors=distractors.value,
-                **({"distractor_model": distractor_model} if distractor_model else {}),
-                distractor_space=distractor_space.value,
-                overwrite=overwrite,
-            )
-        )
+    _endpoint_only(options)
+    with _paid_run(options) as (folder, policy):
+        result = run_eval(_config(EvalConfig, options, out=folder))
     for run in result["runs"]:
         levels = " · ".join(f"{lv} {v['em']:.3f} (n={v['count']})" for lv, v in run["levels"].items())
         this = "  <- this run" if run["label"] == result["current"] and len(result["runs"]) > 1 else ""
@@ -830,17 +806,17 @@ def predict(
     model: Annotated[
         str | None, typer.Option(help="Model id or path (default with --adapter: the adapter's base).")
     ] = None,
-    adapter: Annotated[str | None, typer.Option(help="PEFT adapter id or path.")] = None,
-    level: Annotated[PredictLevel, typer.Option(help="Label level to ask for (--mode direct).")] = (
-        PredictLevel.fine
-    ),
+    adapter: Adapter = None,
+    level: Annotated[
+        PredictLevel, typer.Option(help="Label level to ask for (--mode direct).")
+    ] = PREDICT.level,
     mode: Annotated[
         PredictMode, typer.Option(help="direct: one question; finer: the `--format finer` conversation.")
-    ] = PredictMode.direct,
+    ] = PREDICT.mode,
     superordinate: Annotated[
         str | None, typer.Option(help='--mode finer: what the image shows in general ("Bird").')
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = 128,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = PREDICT.max_new_tokens,
     raw: Annotated[bool, typer.Option(help="Also print the whole generated text.")] = False,
     dataset: Annotated[
         str | None,
@@ -849,7 +825,7 @@ def predict(
         ),
     ] = None,
     index: Annotated[int | None, typer.Option(min=0, help="Row of --dataset's --split to ask.")] = None,
-    split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
+    split: Annotated[str, typer.Option(help="Split of --dataset.")] = PREDICT.split,
     crop_to_bbox: Annotated[
         bool,
         typer.Option(help="Crop to the row's box (--dataset) or --box, as a `crop_to_bbox` recipe trained."),
@@ -858,99 +834,21 @@ def predict(
 ) -> None:
     """Name the object in one image (greedy): prints the answer after "Answer:" (finer: group, attributes,
     name)."""
-    from finer.eval.scoring import extract_answer
-    from finer.eval.tasks import EvalPlan
-    from finer.models.backends import HFBackend, answer
+    options = dict(locals())
+    from finer.eval.predict import predict as run_predict
 
-    if model is None and adapter is None:
-        raise FinerError("finer predict needs --model, --adapter, or both")
-    picture, row = predict_input(image, dataset, index, split, crop_to_bbox=crop_to_bbox, box=box)
-    if mode == PredictMode.finer and superordinate is None:
-        superordinate = row.get("superordinate") or None
-    if (mode == PredictMode.finer) != (superordinate is not None):
-        raise FinerError('--mode finer asks about a --superordinate ("Bird"); --mode direct takes none')
-    if row.get("fine"):
-        typer.echo(f"{row['image_id']}: gold {row['fine'][0]}", err=True)
-    if model is None:
-        from finer.models.loading import adapter_base
-
-        model = adapter_base(adapter)  # type: ignore[arg-type]
-    backend = HFBackend(model, adapter, batch_size=1, max_new_tokens=max_new_tokens)
-    row = {"image_id": row["image_id"], "superordinate": superordinate or "", "coarse": [], "fine": []}
-    plan = EvalPlan(run={"mode": mode.value, "gold_parent": False}, concepts=[], images=lambda _: picture)
-    turns = answer(backend, plan.task(0, row, "fine" if mode == PredictMode.finer else level.value))
-    if mode == PredictMode.finer:
-        typer.echo(f"group: {extract_answer(turns[0].text)}")
-        typer.echo(f"attributes: {turns[1].text.split('Attributes:')[-1].strip()}")
-    typer.echo(extract_answer(turns[-1].text))
+    result = run_predict(_config(PredictConfig, options))
+    if result.gold is not None:
+        typer.echo(f"{result.image_id}: gold {result.gold}", err=True)
+    if result.group is not None:
+        typer.echo(f"group: {result.group}")
+        typer.echo(f"attributes: {result.attributes}")
+    typer.echo(result.answer)
     if raw:
-        for turn in turns:
-            typer.echo(f"raw: {turn.text}")
-    if any(turn.truncated for turn in turns):
+        for text in result.texts:
+            typer.echo(f"raw: {text}")
+    if result.truncated:
         typer.echo(f"warning: stopped at --max-new-tokens {max_new_tokens}", err=True)
-
-
-def _parse_box(text: str) -> list[float]:
-    """`--box X,Y,W,H` as four numbers, with a positive width and height."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4 or values[2] <= 0 or values[3] <= 0:
-        raise FinerError(
-            f"--box {text}: expected X,Y,W,H in pixels with W and H above 0 (e.g. 10,20,150,120)"
-        )
-    return values
-
-
-def predict_input(
-    image: Path | None,
-    dataset: str | None,
-    index: int | None,
-    split: str = "test",
-    *,
-    crop_to_bbox: bool = False,
-    box: str | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """The picture `finer predict` asks about (an image file, or a built dataset's row), cropped to `--box`
-    or, with `crop_to_bbox`, to the row's box; and what is known of it (image_id, superordinate, fine)."""
-    from finer.models.images import crop_box, open_image, unreadable_reason
-
-    if (image is None) == (dataset is None) or (dataset is None) != (index is None):
-        raise FinerError("finer predict asks IMAGE, or --dataset DIR with --index I (one of the two)")
-    row: dict[str, Any] = {"image_id": str(image)}
-    if dataset is not None:
-        from finer.data.datasets_io import load_built, pick_split
-
-        rows = pick_split(
-            load_built(dataset, "--dataset", split=split), split, "--dataset", dataset, ["image"]
-        )
-        if index >= len(rows):  # type: ignore[operator]
-            raise FinerError(f"--index {index}: --dataset {dataset} split {split!r} has {len(rows)} rows")
-        try:
-            row = rows[index]
-        except OSError as err:
-            raise FinerError(f"--dataset {dataset} row {index}: {unreadable_reason(err)}") from None
-        picture = row["image"].convert("RGB")
-    else:
-        try:
-            picture = open_image(image)
-        except OSError as err:
-            raise FinerError(f"{image}: cannot read the image ({unreadable_reason(err)})") from None
-    if box is None and crop_to_bbox:
-        if dataset is None:
-            raise FinerError("--crop-to-bbox on an image file needs its box: --box X,Y,W,H")
-        if not row.get("bbox"):
-            raise FinerError(f"--crop-to-bbox: row {index} of {dataset} has no box; drop --crop-to-bbox")
-    area = _parse_box(box) if box is not None else row.get("bbox") if crop_to_bbox else None
-    if area is not None:
-        x, y, w, h = area
-        if x < 0 or y < 0 or x + w > picture.width + 0.5 or y + h > picture.height + 0.5:
-            raise FinerError(
-                f"box {x:g},{y:g},{w:g},{h:g} does not lie inside the {picture.width}x{picture.height} image"
-            )
-        picture = crop_box(picture, area)
-    return picture, row
 
 
 @app.command()
@@ -959,23 +857,25 @@ def ground(
     out: Annotated[Path, typer.Option(help="Folder for the grounded dataset (the input is never modified).")],
     model: Annotated[str, typer.Option(help="VLM name at the endpoint (openai), or id/path (hf).")],
     backend: Annotated[BackendName, typer.Option(help="An OpenAI-compatible endpoint or a local model.")] = (
-        BackendName.openai
+        GROUND.backend
     ),
     base_url: BaseUrls = None,
     concurrency: Annotated[
         int, typer.Option(min=1, help="Concurrent calls (openai, per endpoint) or batch size (hf).")
-    ] = 16,
-    max_image_side: Annotated[int, typer.Option(min=32, help="Longer side of the images sent.")] = 768,
+    ] = GROUND.concurrency,
+    max_image_side: Annotated[
+        int, typer.Option(min=32, help="Longer side of the images sent.")
+    ] = GROUND.max_image_side,
     limit: Annotated[int | None, typer.Option(min=1, help="Ground the first N rows of each split.")] = None,
     splits: Annotated[list[str] | None, typer.Option(help="Splits to ground (default: all).")] = None,
     check_cub: Annotated[
         Path | None, typer.Option(help="CUB-200-2011 root: precision/recall against its image labels.")
     ] = None,
-    cache: Annotated[Path | None, typer.Option(help="Cache folder for VLM replies.")] = None,
-    prompts_dir: Annotated[Path | None, typer.Option(help="Your copies of the prompt templates.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
-    timeout: Annotated[float, typer.Option(min=1, help=TIMEOUT_HELP)] = DEFAULT_TIMEOUT_S,
-    max_retries: Annotated[int, typer.Option(min=0, help=RETRIES_HELP)] = DEFAULT_MAX_RETRIES,
+    cache: Cache = None,
+    prompts_dir: PromptsDir = None,
+    overwrite: Overwrite = False,
+    timeout: Timeout = GROUND.timeout,
+    max_retries: MaxRetries = GROUND.max_retries,
     allow_failures: Annotated[
         bool, typer.Option(help="Exit 0 although some images failed (their rows are marked 'failed').")
     ] = False,
@@ -988,35 +888,12 @@ def ground(
     batch_retry: BatchRetries = BatchRetry.sync,
 ) -> None:
     """Mark which of each concept's attributes a VLM sees in each image (column attributes_visible)."""
-    from finer.data.grounding import GroundConfig
+    options = dict(locals())
     from finer.data.grounding import ground as run_ground
 
-    _endpoint_only(backend, dry_run=dry_run, max_cost=max_cost)
-    limits = {"prices": prices, "max_cost": max_cost, "rpm": rpm, "tpm": tpm}
-    with _paid_run(out, dry_run=dry_run, **limits) as (folder, policy):
-        summary = _batched(
-            policy,
-            batch,
-            batch_retry,
-            run_ground,
-            GroundConfig(
-                dataset=dataset,
-                out=folder,
-                model=model,
-                backend=backend.value,
-                base_url=_urls(base_url),
-                concurrency=concurrency,
-                max_image_side=max_image_side,
-                limit=limit,
-                splits=_split_list(splits),
-                check_cub=check_cub,
-                cache=cache,
-                prompts_dir=prompts_dir,
-                overwrite=overwrite,
-                timeout=timeout,
-                max_retries=max_retries,
-            ),
-        )
+    _endpoint_only(options)
+    with _paid_run(options) as (folder, policy):
+        summary = _batched(policy, options, run_ground, _config(GroundConfig, options, out=folder))
     images = summary["images"]
     counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())
     rate = summary["visible_rate"]
@@ -1046,32 +923,22 @@ def ground(
 @app.command("probe-features")
 def probe_features(
     model: Annotated[str, typer.Option(help="Model id or path (any family in the registry).")],
-    dataset: Annotated[str, typer.Option(help="Built dataset folder or Hub repo.")],
+    dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Folder for probe_features.json (an eval folder is fine).")],
-    adapter: Annotated[str | None, typer.Option(help="PEFT adapter id or path.")] = None,
-    train_split: Annotated[str, typer.Option(help="Split the probes learn from.")] = "train",
-    test_split: Annotated[str, typer.Option(help="Split the probes are scored on.")] = "test",
+    adapter: Adapter = None,
+    train_split: Annotated[str, typer.Option(help="Split the probes learn from.")] = PROBE.train_split,
+    test_split: Annotated[str, typer.Option(help="Split the probes are scored on.")] = PROBE.test_split,
     limit_per_class: Annotated[
         int | None, typer.Option(min=1, help="Use N images per class and split.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = PROBE.batch_size,
 ) -> None:
     """Linear probes on vision-tower vs post-projector features: does the projector lose fine detail?"""
-    from finer.eval.probes import FEATURES, ProbeConfig
+    options = dict(locals())
+    from finer.eval.probes import FEATURES
     from finer.eval.probes import probe_features as run_probes
 
-    run = run_probes(
-        ProbeConfig(
-            model=model,
-            dataset=dataset,
-            out=out,
-            adapter=adapter,
-            train_split=train_split,
-            test_split=test_split,
-            limit_per_class=limit_per_class,
-            batch_size=batch_size,
-        )
-    )
+    run = run_probes(_config(ProbeConfig, options))
     scores = " · ".join(
         f"{name} (dim {run['probes'][name]['dim']}) {run['probes'][name]['test_accuracy']:.3f}"
         for name in FEATURES
@@ -1093,49 +960,27 @@ class ExportLevel(StrEnum):
 
 @app.command("export-lmms-eval")
 def export_lmms_eval(
-    dataset: Annotated[str, typer.Option(help="Built dataset folder or Hub repo.")],
+    dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Folder for the task (YAML, hooks module, settings).")],
     mode: Annotated[ExportMode, typer.Option(help="Free answer (direct) or k-way multiple choice.")] = (
-        ExportMode.direct
+        EXPORT.mode
     ),
-    level: Annotated[ExportLevel, typer.Option(help="Label level the task asks for.")] = ExportLevel.fine,
-    split: Annotated[str, typer.Option(help="Split lmms-eval evaluates.")] = "test",
+    level: Annotated[ExportLevel, typer.Option(help="Label level the task asks for.")] = EXPORT.level,
+    split: Annotated[str, typer.Option(help="Split lmms-eval evaluates.")] = EXPORT.split,
     task: Annotated[str | None, typer.Option(help="Task name (default finer_<dataset>_<level>).")] = None,
-    choices: Annotated[int, typer.Option(min=2, max=26, help="Options per question (--mode choice).")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed of the choice distractors.")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = 128,
-    distractors: Annotated[Distractors, typer.Option(help=_DISTRACTORS_HELP)] = Distractors.siblings,
-    distractor_model: Annotated[
-        str | None,
-        typer.Option(help=_DISTRACTOR_MODEL_HELP),
-    ] = None,
-    distractor_space: Annotated[
-        DistractorSpace,
-        typer.Option(help="--distractors clip compares class texts, mean train images, or both."),
-    ] = DistractorSpace.text,
+    choices: Choices = EXPORT.choices,
+    seed: Annotated[int, typer.Option(help="Seed of the choice distractors.")] = EXPORT.seed,
+    max_new_tokens: MaxNewTokens = EXPORT.max_new_tokens,
+    distractors: DistractorsOption = EXPORT.distractors,
+    distractor_model: DistractorModel = EXPORT.distractor_model,
+    distractor_space: DistractorSpaceOption = EXPORT.distractor_space,
 ) -> None:
     """Write an lmms-eval task that asks our prompts and scores with our scorer."""
-    from finer.eval.lmms_eval import ExportConfig
+    options = dict(locals())
     from finer.eval.lmms_eval import export_lmms_eval as run_export
-
-    paths = run_export(
-        ExportConfig(
-            dataset=dataset,
-            out=out,
-            mode=mode.value,
-            level=level.value,
-            split=split,
-            task=task,
-            choices=choices,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            distractors=distractors.value,
-            **({"distractor_model": distractor_model} if distractor_model else {}),
-            distractor_space=distractor_space.value,
-        )
-    )
     from finer.eval.lmms_eval import run_hint
 
+    paths = run_export(_config(ExportConfig, options))
     typer.echo(f"wrote {paths['yaml']}, {paths['hooks'].name} and {paths['settings'].name}")
     typer.echo(f"run on a CPU: {run_hint(paths['yaml'].stem, out)}")
     typer.echo(

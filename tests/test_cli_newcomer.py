@@ -234,7 +234,7 @@ def test_predict_input_crops_a_dataset_row_to_its_box_or_a_file_to_box(
 ) -> None:
     import datasets
 
-    from finer.cli import predict_input
+    from finer.eval.predict import predict_input
     from finer.errors import FinerError
     from finer.models.images import crop_box
 
