@@ -7,9 +7,14 @@ still loads. Optional keys are `NotRequired` (no `from __future__ import annotat
 `NotRequired` from `__optional_keys__`).
 """
 
+import json
+from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-__all__ = ["EvalRun", "PredictionRecord"]
+from finer.errors import FinerError
+from finer.run_folder import RUN_FILE
+
+__all__ = ["EvalRun", "PredictionRecord", "RunRecord", "read_run_file"]
 
 
 class EvalRun(TypedDict):
@@ -71,3 +76,54 @@ class PredictionRecord(TypedDict):
     turns: NotRequired[list[str]]
     #: Why the image could not be read; such a record has no prediction and is counted, not scored.
     skipped: NotRequired[str]
+
+
+class RunRecord(TypedDict):
+    """``finer_run.json``: the summary of a finished training run, written last by `finer finetune` (SFT)
+    and `finer grpo` (``train/runtime.py``'s `write_run_file`), read by the model card, the curriculum
+    and the ablation grid. Keys only one trainer writes are `NotRequired`; a file of an older finer may
+    lack others, so readers `.get` what they can do without."""
+
+    #: The trainer's config dataclass as a dict (`dataclasses.asdict`).
+    config: dict[str, Any]
+    #: "grpo" for `finer grpo`; absent for SFT.
+    trainer: NotRequired[str]
+    family: str
+    lora_target_modules: str | None
+    modules_to_save: list[str]
+    #: Per part (vision, projector, llm): {"trainable": n, "total": n}.
+    trainable_parameters: dict[str, dict[str, int]]
+    #: Per source: rows used (SFT: the mixture; GRPO: {"rows", "kept"}).
+    samples: dict[str, Any]
+    #: The checkpoint folder the run resumed from, if any.
+    resumed_from: str | None
+    global_step: int
+    train_loss: float
+    losses: list[float]
+    train_runtime_s: float
+    #: finer's and the training libraries' versions.
+    versions: dict[str, str]
+    #: Written once training and the optional evaluation are over.
+    duration_s: NotRequired[float]
+    # SFT only.
+    chat_template: NotRequired[str]
+    attributes_column: NotRequired[str | None]
+    #: The steps ``train_loss`` averages over (after a resume, this run's own steps).
+    train_loss_steps: NotRequired[list[int]]
+    first_loss: NotRequired[float | None]
+    last_loss: NotRequired[float | None]
+    #: --eval-split: the fine-level accuracy of generations after training ({"split", "fine_accuracy", ...}).
+    eval: NotRequired[dict[str, Any]]
+    # GRPO only.
+    reward_weights: NotRequired[dict[str, float]]
+    rewards: NotRequired[list[float]]
+    reward_components: NotRequired[dict[str, list[float]]]
+
+
+def read_run_file(folder: Path) -> RunRecord:
+    """``folder``'s `RunRecord`; a one-line `FinerError` when it is not valid JSON."""
+    path = folder / RUN_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise FinerError(f"{path}: not valid JSON ({err})") from None

@@ -32,6 +32,7 @@ from finer.models.families import (
     resolve_chat_template,
 )
 from finer.prompts import render
+from finer.records import RunRecord
 from finer.testing import TINY_FAMILIES, tiny_vlm_path, unavailable_reason
 from finer.testing.tiny_vlm import LLAVA_CHAT_TEMPLATE
 from finer.train.data import load_mixture
@@ -43,6 +44,7 @@ from finer.train.sft import (
     load_recipe,
     run_finetune,
 )
+from tests.records_check import declared
 
 #: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
 pytestmark = pytest.mark.slow
@@ -449,6 +451,7 @@ def test_cli_runs_the_demo_recipe_end_to_end(demo: Path, tmp_path: Path) -> None
         main(main_args)
     assert exit_info.value.code == 0
     summary = json.loads((out / RUN_FILE).read_text())
+    declared(summary, RunRecord)
     assert summary["eval"]["images"] == 8 and 0 <= summary["eval"]["fine_accuracy"] <= 1
     assert summary["family"] == "llava-1.5" and summary["modules_to_save"]
     shutil.rmtree(out)

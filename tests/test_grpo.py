@@ -13,6 +13,7 @@ from safetensors import safe_open
 from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
+from finer.records import RunRecord
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.train import rewards
 from finer.train.grpo import GrpoConfig, grpo_dataset, run_grpo
@@ -24,6 +25,7 @@ from finer.train.rewards import (
     format_reward,
     parse_reward_weights,
 )
+from tests.records_check import declared
 
 #: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
 pytestmark = pytest.mark.slow
@@ -399,6 +401,7 @@ def test_grpo_cli_choice(demo: Path, tmp_path: Path) -> None:
         main(args)
     assert exit_.value.code == 0
     summary = json.loads((out / "finer_run.json").read_text())
+    declared(summary, RunRecord)
     assert summary["config"]["format"] == "choice" and summary["samples"] == {"demo": {"rows": 8, "kept": 8}}
     assert summary["config"]["crop_to_bbox"] is True and summary["config"]["beta"] == 0.01
     assert summary["reward_weights"] == {"accuracy": 0.9, "format": 0.1}

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from finer.errors import FinerError
+from finer.records import read_run_file
 from finer.run_folder import OutputLock, staged_subfolder, write_json
 
 from .config import SourcedConfig
@@ -279,7 +280,7 @@ def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> di
                     out.rmdir()
             raise
         release_memory()
-    record = json.loads(run_file.read_text(encoding="utf-8"))
+    record = read_run_file(stage.train_dir)
     model = processor = None
     if not (stage.model_dir / "config.json").is_file():
         model, processor = _merge(stage)

@@ -34,6 +34,7 @@ from finer.eval.scoring import LEVELS
 from finer.eval.tasks import LabelPool, choice_question, closed_list
 from finer.models.families import check_trainable
 from finer.prompts import render
+from finer.records import RunRecord
 
 from .config import TrainerConfig
 from .data import crop_to_boxes, load_split
@@ -256,7 +257,7 @@ def _run_grpo(config: GrpoConfig) -> dict[str, Any]:
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
     rewards = [entry["reward"] for entry in history if "reward" in entry]
-    summary: dict[str, Any] = {
+    summary: RunRecord = {
         "config": dataclasses.asdict(config),
         "trainer": "grpo",
         "family": family.name,

@@ -23,6 +23,7 @@ from typing import Any
 import finer
 from finer.errors import FinerError
 from finer.models.families import Family, TrainPlan, detect_family, plan_training
+from finer.records import RunRecord
 from finer.run_folder import (
     RUN_FILE,
     OutputLock,
@@ -289,6 +290,6 @@ def require_output_dir(config: TrainerConfig) -> None:
         raise FinerError("no output folder: pass --output-dir DIR or a --config recipe that sets one")
 
 
-def write_run_file(output_dir: str | Path | None, summary: dict[str, Any]) -> None:
+def write_run_file(output_dir: str | Path | None, summary: RunRecord) -> None:
     """The run summary, written last and atomically: only a finished run's folder has it."""
     write_json(Path(output_dir or "") / RUN_FILE, summary)

@@ -31,6 +31,7 @@ from finer.models.families import (
     check_trainable,
     resolve_chat_template,
 )
+from finer.records import RunRecord
 
 from .config import TrainerConfig
 from .data import AttributeMode, Format, Mixture, crop_to_boxes, drop_too_long, load_mixture, load_split
@@ -255,7 +256,7 @@ def _run(config: FinetuneConfig, started: float) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(work))  # adapter_model.safetensors + adapter_config.json + processor
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    summary: dict[str, Any] = {
+    summary: RunRecord = {
         "config": dataclasses.asdict(config),
         "family": prepared.family.name,
         "chat_template": prepared.template,

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from finer.errors import FinerError
+from finer.records import RunRecord, read_run_file
 from finer.run_folder import RUN_FILE
 
 __all__ = ["adapter_card", "adapter_files", "push_adapter"]
@@ -28,15 +29,12 @@ _NEVER = re.compile(r"(training_args\.bin|.*\.pt|.*\.pth|.*\.pkl|.*\.partial|REA
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _read_run(folder: Path) -> dict[str, Any]:
+def _read_run(folder: Path) -> RunRecord:
     if not (folder / "adapter_config.json").is_file():
         raise FinerError(f"{folder}: no adapter_config.json; pass the --output-dir of a `finer finetune` run")
     if not (folder / RUN_FILE).is_file():
         raise FinerError(f"{folder}: no {RUN_FILE}, so the run did not finish; finish (or --resume) it first")
-    try:
-        return json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise FinerError(f"{folder / RUN_FILE}: not valid JSON ({err})") from None
+    return read_run_file(folder)
 
 
 def adapter_files(folder: Path) -> list[Path]:
@@ -49,13 +47,13 @@ def _hub_datasets(names: list[str]) -> list[str]:
     return [n for n in names if _REPO_ID.match(n) and not Path(n).expanduser().exists()]
 
 
-def _base_model(folder: Path, run: dict[str, Any]) -> str:
+def _base_model(folder: Path, run: RunRecord) -> str:
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     return str(config.get("base_model_name_or_path") or run.get("config", {}).get("model") or "")
 
 
 def adapter_card(
-    folder: Path, repo_id: str, run: dict[str, Any], eval_results: dict[str, Any] | None = None
+    folder: Path, repo_id: str, run: RunRecord, eval_results: dict[str, Any] | None = None
 ) -> str:
     """The README.md of an adapter repository, from the adapter's config and the run's `finer_run.json`."""
     config = run.get("config", {})
