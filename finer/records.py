@@ -14,7 +14,15 @@ from typing import Any, NotRequired, TypedDict
 from finer.errors import FinerError
 from finer.run_folder import RUN_FILE
 
-__all__ = ["EvalRun", "PredictionRecord", "RunRecord", "read_run_file"]
+__all__ = [
+    "EvalRun",
+    "GroundedImages",
+    "GroundingRecord",
+    "PredictionRecord",
+    "RunRecord",
+    "UsageCounts",
+    "read_run_file",
+]
 
 
 class EvalRun(TypedDict):
@@ -127,3 +135,61 @@ def read_run_file(folder: Path) -> RunRecord:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise FinerError(f"{path}: not valid JSON ({err})") from None
+
+
+class UsageCounts(TypedDict):
+    """An endpoint's calls and their cost in one run (`finer.models.client.Usage.usage_json`)."""
+
+    calls: int
+    cache_hits: int
+    failed_calls: int
+    retries: int
+    prompt_tokens: int
+    completion_tokens: int
+    #: USD, or "unknown" for a model without a known price.
+    estimated_cost_usd: float | str
+    #: Only when the calls were spread over more than one endpoint.
+    calls_per_endpoint: NotRequired[dict[str, int]]
+
+
+class GroundedImages(TypedDict):
+    """What became of the images `finer ground` was given."""
+
+    grounded: int
+    no_attributes: int
+    skipped: int
+    failed: int
+    malformed_replies: int
+
+
+class GroundingRecord(UsageCounts):
+    """``grounding.json``: what one `finer ground` run did (`finer.data.grounding`); its usage counts
+    (`UsageCounts`) are those of this invocation."""
+
+    dataset: str
+    grounded_at: str
+    #: The run's identity and settings (model, backend, template hash, limit, splits, ...).
+    options: dict[str, Any]
+    versions: dict[str, str]
+    #: Rows written per split.
+    counts: dict[str, int]
+    images: GroundedImages
+    #: Of the attributes asked, the share answered visible (None when none were asked).
+    visible_rate: float | None
+    dropped_attributes: int
+    unanswered_attributes: int
+    #: Images asked by this invocation (a resumed run counts only those it had left).
+    images_this_run: int
+    #: "json_schema" or "text": the reply format the endpoint took (None: no call made).
+    structured_output: str | None
+    #: Per image: {"split", "image_id", "reason"}.
+    skipped: list[dict[str, str]]
+    failed: list[dict[str, str]]
+    #: Per concept: its images and per attribute how often it was seen.
+    concepts: dict[str, Any]
+    #: --check-cub: precision and recall against CUB's own attribute labels.
+    check_cub: dict[str, Any] | None
+    durations: dict[str, float]
+    warnings: list[str]
+    #: --batch: what the batches did (`finer.models.batch`), added after the run.
+    batch: NotRequired[dict[str, Any]]

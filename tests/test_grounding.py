@@ -27,10 +27,12 @@ from finer.data.build import BuildConfig, build, iter_concepts
 from finer.data.grounding import GroundConfig, ground, parse_grounding_reply
 from finer.data.knowledge import Exemplars, KnowledgeOptions
 from finer.errors import FinerError
+from finer.records import GroundedImages, GroundingRecord
 from finer.run_folder import OutputLock
 from finer.schema import Concept
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage
 from finer.testing.fake_openai import FakeOpenAI, Fault
+from tests.records_check import declared
 
 # --- the endpoint, scripted by image ----------------------------------------------------------------
 
@@ -281,6 +283,8 @@ def test_ground_writes_known_values_and_makes_no_calls_on_rerun(built: Path, tmp
     assert stats["attributes"]["grey breast"]["visible"] == seen
     assert stats["attributes"]["grey breast"]["seen_rate"] == round(seen / 3, 4)
     on_disk = json.loads((out / "grounding.json").read_text())
+    declared(on_disk, GroundingRecord)
+    declared(on_disk["images"], GroundedImages)
     assert on_disk["concepts"] == again["concepts"] == summary["concepts"]
     lines = (out / "grounding.jsonl").read_text().splitlines()
     assert len(lines) == len(asked) + 1  # one result per image asked, plus the skipped one
@@ -341,6 +345,7 @@ def test_failed_calls_keep_their_rows_marked_and_fail_the_command(
             assert rows[image_id]["grounding_status"] == "failed"
             assert rows[image_id]["attributes_visible"] is None
         summary = json.loads((out / "grounding.json").read_text())
+        declared(summary, GroundingRecord)
         assert summary["images"]["failed"] == 2 and summary["images"]["malformed_replies"] == 1
         assert summary["failed_calls"] == 1 and any("2 image(s) failed" in w for w in summary["warnings"])
 

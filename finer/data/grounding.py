@@ -61,6 +61,7 @@ from finer.models.client import (
 from finer.models.images import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, encode_image, open_image
 from finer.models.vlm import HFChat
 from finer.prompts import render, template_sha256
+from finer.records import GroundingRecord
 from finer.run_folder import check_out, staged_output, write_split_state
 
 __all__ = [
@@ -667,7 +668,7 @@ def _clear_partial(partial: Path) -> None:
             entry.unlink()
 
 
-def ground(config: GroundConfig) -> dict[str, Any]:
+def ground(config: GroundConfig) -> GroundingRecord:
     """Ground (or resume grounding) `config.dataset` into `config.out`; returns grounding.json's content.
 
     Raises a one-line `FinerError` for what the user can fix, `ImagesRefused` when the endpoint takes no
@@ -679,7 +680,7 @@ def ground(config: GroundConfig) -> dict[str, Any]:
         return _ground(config, staged.out, staged.partial)
 
 
-def _ground(config: GroundConfig, out: Path, partial: Path) -> dict[str, Any]:
+def _ground(config: GroundConfig, out: Path, partial: Path) -> GroundingRecord:
     """`ground`'s body, writing into `partial` (its results log kept from an interrupted run)."""
     started = time.perf_counter()
     picked = _pick(config)
@@ -761,7 +762,7 @@ def _ground(config: GroundConfig, out: Path, partial: Path) -> dict[str, Any]:
             "them (cached replies cost no calls)"
         )
     malformed = sum(failure["reason"] == MALFORMED for failure in run.failed)
-    summary = {
+    summary: GroundingRecord = {
         "dataset": config.dataset,
         "grounded_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "options": {
@@ -822,7 +823,7 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def _report(summary: dict[str, Any]) -> str:
+def _report(summary: GroundingRecord) -> str:
     """report.md: what was grounded, what it cost, and (with --check-cub) how far the verdicts hold."""
     images = summary["images"]
     options = summary["options"]
