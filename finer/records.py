@@ -15,6 +15,7 @@ from finer.errors import FinerError
 from finer.run_folder import RUN_FILE
 
 __all__ = [
+    "BuildRecord",
     "EvalRun",
     "GroundedImages",
     "GroundingRecord",
@@ -192,4 +193,32 @@ class GroundingRecord(UsageCounts):
     durations: dict[str, float]
     warnings: list[str]
     #: --batch: what the batches did (`finer.models.batch`), added after the run.
+    batch: NotRequired[dict[str, Any]]
+
+
+class BuildRecord(TypedDict):
+    """``build.json``: what one `finer build` did (`finer.data.build`), written last, so only a finished
+    build has it; read by the dataset card and upload (`finer.hub`) and `finer inspect`."""
+
+    source: str
+    built_at: str
+    #: The `BuildConfig` as a dict, URLs stripped of any credentials.
+    options: dict[str, Any]
+    versions: dict[str, str]
+    #: Rows written per split.
+    counts: dict[str, int]
+    #: How many concepts (classes) the build holds.
+    concepts: int
+    #: Per origin of the coarse labels ("source", "rules", "llm", ...): how many concepts.
+    coarse_sources: dict[str, int]
+    #: {"enabled", "status", "extractors", "calls", "cache_hits"} and what the knowledge step reported
+    #: (`finer.data.knowledge.add_knowledge`).
+    knowledge: dict[str, Any]
+    #: Per split, the unreadable images: {"image_id", "reason"}.
+    skipped: dict[str, list[dict[str, str]]]
+    #: Seconds per step ("concepts_s", "<split>_s", "total_s").
+    durations: dict[str, float]
+    rows_per_s: float | None
+    warnings: list[str]
+    #: --batch: what the batches did (`finer.models.batch`), added after the build.
     batch: NotRequired[dict[str, Any]]

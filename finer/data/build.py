@@ -34,6 +34,7 @@ from finer.data.knowledge import KnowledgeOptions, add_coarse_report, add_knowle
 from finer.data.knowledge import coarse_labeller as knowledge_coarse_labeller
 from finer.errors import FinerError
 from finer.models.client import public_url
+from finer.records import BuildRecord
 from finer.run_folder import staged_output, write_split_state
 from finer.schema import Concept, image_features
 
@@ -81,7 +82,7 @@ def _open_source(config: BuildConfig) -> Source:
     return cls(config.root, test_fraction=config.test_fraction)  # type: ignore[call-arg]
 
 
-def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) -> dict[str, Any]:
+def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) -> BuildRecord:
     """Build one source into `config.out`; returns the build.json content."""
     started = time.perf_counter()
     source = _open_source(config)
@@ -99,7 +100,7 @@ def build(config: BuildConfig, coarse_labeller: CoarseLabeller | None = None) ->
 
 def _build_into(
     partial: Path, config: BuildConfig, source: Source, coarse_labeller: CoarseLabeller | None, started: float
-) -> tuple[dict[str, Any], list[Concept]]:
+) -> tuple[BuildRecord, list[Concept]]:
     """Everything of the build, written into `partial`; build.json's content and the concepts."""
     splits = _pick_splits(source, config.splits)
     concepts = _pick_concepts(source.concepts(), config.limit_classes)
@@ -299,7 +300,7 @@ def _summary(
     knowledge_report: dict[str, Any],
     timings: dict[str, float],
     started: float,
-) -> dict[str, Any]:
+) -> BuildRecord:
     options = asdict(config)
     for url in ("base_url", "wiki_api"):  # a URL may carry credentials in its user info or query
         if options["knowledge_options"][url]:

@@ -16,6 +16,7 @@ import datasets
 import yaml
 
 from finer.builders import SourceTerms, source_class
+from finer.records import BuildRecord
 from finer.schema import Concept
 
 TASK_CATEGORIES = ["image-classification", "visual-question-answering"]
@@ -89,7 +90,7 @@ def size_category(rows: int) -> str:
 def dataset_card(
     *,
     repo_id: str,
-    build: dict[str, Any],
+    build: BuildRecord,
     built_on: datetime,
     concepts: list[Concept],
     image_features: datasets.Features,
@@ -137,7 +138,7 @@ def dataset_card(
     return f"---\n{header}---\n\n" + "\n\n".join(sections) + "\n"
 
 
-def _intro(repo_id: str, pretty_name: str, terms: SourceTerms, build: dict[str, Any]) -> str:
+def _intro(repo_id: str, pretty_name: str, terms: SourceTerms, build: BuildRecord) -> str:
     version = build.get("versions", {}).get("finer", "unknown")
     return f"""# {pretty_name}
 
@@ -181,7 +182,7 @@ def _terms_section(terms: SourceTerms, concepts: list[Concept]) -> str:
 
 
 def _build_section(
-    build: dict[str, Any], built_on: datetime, concepts: list[Concept], terms: SourceTerms
+    build: BuildRecord, built_on: datetime, concepts: list[Concept], terms: SourceTerms
 ) -> str:
     versions = build.get("versions", {})
     knowledge = build.get("knowledge", {})

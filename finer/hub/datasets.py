@@ -25,6 +25,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from finer.data.build import BUILD_FILE, CONCEPTS_FILE, iter_concepts
 from finer.errors import FinerError
 from finer.hub.cards import CONCEPTS_CONFIG, CONCEPTS_SPLIT, dataset_card, terms_for
+from finer.records import BuildRecord
 from finer.schema import Concept
 
 __all__ = ["concept_dataset", "push_dataset"]
@@ -153,7 +154,7 @@ def concept_dataset(concepts: list[Concept]) -> datasets.Dataset:
     )
 
 
-def _read_build(folder: Path) -> dict:
+def _read_build(folder: Path) -> BuildRecord:
     """build.json of a finished build, or a one-line error saying what is missing."""
     if not folder.is_dir():
         raise FinerError(f"{folder} is not a folder; pass the --out folder of a `finer build`")
