@@ -15,6 +15,7 @@ from finer.errors import FinerError
 from finer.run_folder import RUN_FILE
 
 __all__ = [
+    "BuildKnowledge",
     "BuildRecord",
     "EvalRun",
     "GroundedImages",
@@ -196,6 +197,25 @@ class GroundingRecord(UsageCounts):
     batch: NotRequired[dict[str, Any]]
 
 
+class BuildKnowledge(TypedDict):
+    """build.json's ``knowledge``: where descriptions, attributes and coarse labels came from, and the
+    calls that took (`finer.data.knowledge`); without knowledge only the tallies."""
+
+    enabled: bool
+    #: Per knowledge status (found, missing, ...) and per attribute extractor: how many concepts.
+    status: dict[str, int]
+    extractors: dict[str, int]
+    calls: int
+    cache_hits: int
+    failed_calls: NotRequired[int]
+    #: With knowledge: the extractor used, the Wikipedia fetch and the extraction's own reports.
+    extractor: NotRequired[str]
+    wikipedia: NotRequired[dict[str, Any] | None]
+    attributes: NotRequired[dict[str, Any]]
+    #: An LLM coarse labeller's report.
+    coarse_llm: NotRequired[dict[str, Any]]
+
+
 class BuildRecord(TypedDict):
     """``build.json``: what one `finer build` did (`finer.data.build`), written last, so only a finished
     build has it; read by the dataset card and upload (`finer.hub`) and `finer inspect`."""
@@ -211,9 +231,7 @@ class BuildRecord(TypedDict):
     concepts: int
     #: Per origin of the coarse labels ("source", "rules", "llm", ...): how many concepts.
     coarse_sources: dict[str, int]
-    #: {"enabled", "status", "extractors", "calls", "cache_hits"} and what the knowledge step reported
-    #: (`finer.data.knowledge.add_knowledge`).
-    knowledge: dict[str, Any]
+    knowledge: BuildKnowledge
     #: Per split, the unreadable images: {"image_id", "reason"}.
     skipped: dict[str, list[dict[str, str]]]
     #: Seconds per step ("concepts_s", "<split>_s", "total_s").

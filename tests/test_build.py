@@ -16,7 +16,7 @@ from finer.builders import ImageRecord, Source
 from finer.data.build import BuildConfig, build, iter_concepts
 from finer.data.coarse import HEAD_NOUN, CoarseRule
 from finer.errors import FinerError
-from finer.records import BuildRecord
+from finer.records import BuildKnowledge, BuildRecord
 from finer.schema import Concept, image_features
 from tests.records_check import declared
 
@@ -107,6 +107,7 @@ def test_build_writes_contract_and_skips_broken_images(toy: None, toy_root: Path
     assert row["image"].size == (20, 30)
     on_disk = json.loads((out / "build.json").read_text())
     declared(on_disk, BuildRecord)
+    declared(on_disk["knowledge"], BuildKnowledge)
     assert on_disk["coarse_sources"] == {"rules": 3}
     assert any("without knowledge" in w for w in on_disk["warnings"])
     concepts = list(iter_concepts(out / "concepts.jsonl"))

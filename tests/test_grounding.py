@@ -27,7 +27,7 @@ from finer.data.build import BuildConfig, build, iter_concepts
 from finer.data.grounding import GroundConfig, ground, parse_grounding_reply
 from finer.data.knowledge import Exemplars, KnowledgeOptions
 from finer.errors import FinerError
-from finer.records import GroundedImages, GroundingRecord
+from finer.records import BuildKnowledge, GroundedImages, GroundingRecord
 from finer.run_folder import OutputLock
 from finer.schema import Concept
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage
@@ -515,6 +515,7 @@ def test_vlm_extractor_sends_spread_exemplars_and_rekeys_on_change(birds: Path, 
     changed = [colour_of(url) for url in image_urls(after[-1])]
     assert changed == [exemplar_colour(0, 0), (250, 250, 250), exemplar_colour(0, 6)]
     knowledge = summary["knowledge"]
+    declared(knowledge, BuildKnowledge)
     assert knowledge["extractor"] == "vlm" and knowledge["attributes"]["extractor"] == "vlm:test-vlm"
     assert knowledge["attributes"]["exemplars"]["images"] == {
         "Cerulean_Warbler": [f"train/Cerulean_Warbler/{i}.png" for i in (0, 4, 6)],
@@ -532,6 +533,7 @@ def test_vlm_extractor_falls_back_to_text_when_images_are_refused(
     with FakeMediaWiki(PAGES) as wiki, FakeOpenAI(extraction_reply, images=False) as server:
         summary = build_birds(birds, tmp_path / "out", wiki, server)
     knowledge = summary["knowledge"]
+    declared(knowledge, BuildKnowledge)
     assert knowledge["extractor"] == "llm"
     fallback = knowledge["attributes"]["fallback"]
     assert fallback["requested"] == "vlm" and fallback["used"] == "llm" and "image" in fallback["reason"]

@@ -17,8 +17,10 @@ from PIL import Image
 
 from finer.data.build import BuildConfig, build, iter_concepts
 from finer.data.knowledge import KnowledgeOptions
+from finer.records import BuildKnowledge
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage
 from finer.testing.fake_openai import FakeOpenAI, Fault
+from tests.records_check import declared
 
 SPECIES = ["Cerulean Warbler", "Magnolia Warbler", "Baltimore Oriole", "Orchard Oriole", "Scarlet Tanager"]
 PAGES = {
@@ -156,6 +158,7 @@ def test_coarse_label_failures_are_warnings_and_counted_calls(birds: Path, tmp_p
         summary = build(config)
         llm_calls = llm.count
     report = summary["knowledge"]
+    declared(report, BuildKnowledge)
     assert report["failed_calls"] == 1 and report["coarse_llm"]["failed_calls"] == 1
     assert (
         report["calls"] == report["wikipedia"]["requests"] + llm_calls - 1
