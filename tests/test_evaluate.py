@@ -167,11 +167,13 @@ def test_adapter_and_its_base(demo: Path, tmp_path: Path, capsys: pytest.Capture
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(run["label"] for run in metrics["runs"]) == ["adapter direct", "no adapter direct"]
 
+    idefics3 = str(tiny_vlm_path("idefics3"))  # built first: its progress bars are not the command's output
+    capsys.readouterr()
     code, _, err = run_cli(
         [
             *common,
             "--model",
-            str(tiny_vlm_path("idefics3")),
+            idefics3,
             "--adapter",
             str(tmp_path / "adapter"),
             "--out",
