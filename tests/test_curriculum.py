@@ -314,6 +314,7 @@ def test_bad_recipes_are_one_line_exit_2_and_write_nothing(
     recipe = {**_recipe(demo, tmp_path / "o"), "stages": [GOOD_STAGE], **change}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe).replace("{tmp}", str(tmp_path)))
+    capsys.readouterr()  # building the demo and the tiny model is not the command's output
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(logging.getLogger("finer"), "handlers", [logging.NullHandler()])
         with pytest.raises(SystemExit) as exit_info:
