@@ -21,10 +21,11 @@ A bare `{"type": "image"}` placeholder also works when the images are passed as
 from __future__ import annotations
 
 import atexit
+import contextlib
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -889,9 +890,23 @@ def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0) -> Path:
         eos_token_id=[tokenizer.eos_token_id, *stops] if stops else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model.save_pretrained(out_dir)
+    with _quiet_progress():  # a tiny model's one shard needs no progress bar in a test's or user's output
+        model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @cache
