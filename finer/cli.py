@@ -493,16 +493,29 @@ def _log_progress() -> None:
         log.setLevel(logging.INFO)
 
 
-def _trainer_settings(kind: Any, recipe: str | None, options: dict[str, Any], items: list[str] | None) -> Any:
-    """A trainer config (`kind`): the recipe's values, then the options given, then `--set` ones, checked."""
+#: A training command's options that are not config keys.
+_NOT_CONFIG = ("config", "set_", "push_to_hub", "private", "dataset")
+
+
+def _trainer_settings(kind: Any, options: dict[str, Any]) -> Any:
+    """A trainer config (`kind`): the `--config` recipe's values, then the options given (`None` and an
+    unset flag are not given; `--dataset` fills `datasets`), then `--set` ones, checked."""
     from finer.train.sft import load_recipe
 
-    given = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in options.items() if v is not None}
+    values = {k: v for k, v in options.items() if k not in _NOT_CONFIG}
+    values |= {"datasets": options["dataset"], "resume": options["resume"] or None}
+    values |= {
+        "overwrite": options["overwrite"] or None,
+        "output_dir": options["output_dir"] and str(options["output_dir"]),
+    }
+    given = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in values.items() if v is not None}
     if options.get("model") is not None:
         given["tiny_model"] = None  # a recipe's tiny model is built only at the recipe's own model path
-    given.update(_set_values(items))
-    values = load_recipe(recipe) if recipe else {}
-    return kind.from_sources(values, given, origin=(f"recipe {recipe}", "command line"))
+    given.update(_set_values(options["set_"]))
+    recipe = options["config"]
+    return kind.from_sources(
+        load_recipe(recipe) if recipe else {}, given, origin=(f"recipe {recipe}", "command line")
+    )
 
 
 def _set_values(items: list[str] | None) -> dict[str, Any]:
@@ -518,135 +531,103 @@ def _set_values(items: list[str] | None) -> dict[str, Any]:
     return values
 
 
+def _recipe(help: str, **limits: Any) -> Any:
+    """An option a recipe may set: `None` means not given, and help shows the default as the recipe's."""
+    return typer.Option(help=help, show_default=FROM_RECIPE, **limits)
+
+
+RecipeModel = Annotated[str | None, _recipe("Base model id or path." + _NEEDED)]
+RecipeOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "--output-dir",
+        help="Where checkpoints and the adapter go." + _NEEDED,
+        show_default=FROM_RECIPE,
+    ),
+]
+RecipeDatasets = Annotated[
+    list[str] | None, _recipe("Built dataset folder or Hub repo; repeat to mix several." + _NEEDED)
+]
+RecipeSplit = Annotated[str | None, _recipe("Split to train on.")]
+TrainLlm = Annotated[LlmPolicy | None, _recipe("Language model policy.")]
+TrainVision = Annotated[VisionPolicy | None, _recipe("Vision tower policy.")]
+TrainProjector = Annotated[ProjectorPolicy | None, _recipe("Projector policy.")]
+LoraR = Annotated[int | None, _recipe("LoRA rank.", min=1)]
+LoraAlpha = Annotated[int | None, _recipe("LoRA scaling (alpha).", min=1)]
+LearningRate = Annotated[float | None, _recipe("Peak learning rate.", min=0)]
+Epochs = Annotated[float | None, _recipe("Passes over the data (unless --max-steps).", min=0)]
+MaxSteps = Annotated[int | None, _recipe("Stop after N optimizer steps (overrides --epochs).", min=1)]
+GradAccum = Annotated[int | None, _recipe("Gradient accumulation steps.", min=1)]
+TrainSeed = Annotated[int | None, _recipe("Seed of data order, LoRA initialisation and sampling.")]
+RecipePromptsDir = Annotated[str | None, _recipe("Folder overriding the prompt templates.")]
+Resume = Annotated[bool, typer.Option(help="Continue from the output folder's last checkpoint.")]
+TrainOverwrite = Annotated[bool, typer.Option(help="Replace an earlier run in --out.")]
+SetValues = Annotated[
+    list[str] | None, typer.Option("--set", help="Any other config field: KEY=VALUE (YAML value).")
+]
+
+
 @app.command()
 def finetune(
-    model: Annotated[
-        str | None, typer.Option(help="Base model id or path." + _NEEDED, show_default=FROM_RECIPE)
-    ] = None,
-    dataset: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Built dataset folder or Hub repo; repeat to mix several." + _NEEDED,
-            show_default=FROM_RECIPE,
-        ),
-    ] = None,
-    output_dir: Annotated[
-        Path | None,
-        typer.Option(help="Where checkpoints and the adapter go." + _NEEDED, show_default=FROM_RECIPE),
-    ] = None,
+    model: RecipeModel = None,
+    dataset: RecipeDatasets = None,
+    output_dir: RecipeOut = None,
     config: Annotated[
         str | None, typer.Option(help="Recipe: a YAML file or a shipped name (demo-tiny, llava-1.5-7b, ...).")
     ] = None,
     format: Annotated[
         Format | None,
-        typer.Option(
-            help="direct: question -> name; finer: three assistant turns; caption: describe -> caption "
-            "(pretraining, recipe `pretrain`).",
-            show_default=FROM_RECIPE,
+        _recipe(
+            "direct: question -> name; finer: three assistant turns; caption: describe -> caption "
+            "(pretraining, recipe `pretrain`)."
         ),
     ] = None,
     attributes: Annotated[
         AttributeSource | None,
-        typer.Option(
-            help="--format finer: attributes_visible (grounded), attributes_required, or auto.",
-            show_default=FROM_RECIPE,
-        ),
+        _recipe("--format finer: attributes_visible (grounded), attributes_required, or auto."),
     ] = None,
-    split: Annotated[str | None, typer.Option(help="Split to train on.", show_default=FROM_RECIPE)] = None,
-    hold_out: Annotated[
-        str | None,
-        typer.Option(help="Leave this source out (leave-one-dataset-out).", show_default=FROM_RECIPE),
-    ] = None,
+    split: RecipeSplit = None,
+    hold_out: Annotated[str | None, _recipe("Leave this source out (leave-one-dataset-out).")] = None,
     instruction_data: Annotated[
-        str | None,
-        typer.Option(
-            help="General instruction data to mix in: a LLaVA-style JSON with images.",
-            show_default=FROM_RECIPE,
-        ),
+        str | None, _recipe("General instruction data to mix in: a LLaVA-style JSON with images.")
     ] = None,
     instruction_images: Annotated[
-        str | None,
-        typer.Option(
-            help="Folder the instruction data's image paths are relative to.", show_default=FROM_RECIPE
-        ),
+        str | None, _recipe("Folder the instruction data's image paths are relative to.")
     ] = None,
     instruction_ratio: Annotated[
-        float | None,
-        typer.Option(
-            min=0, help="Instruction conversations per fine-grained row (0.5).", show_default=FROM_RECIPE
-        ),
+        float | None, _recipe("Instruction conversations per fine-grained row (0.5).", min=0)
     ] = None,
-    train_llm: Annotated[
-        LlmPolicy | None, typer.Option(help="Language model policy.", show_default=FROM_RECIPE)
-    ] = None,
-    train_vision: Annotated[
-        VisionPolicy | None, typer.Option(help="Vision tower policy.", show_default=FROM_RECIPE)
-    ] = None,
-    train_projector: Annotated[
-        ProjectorPolicy | None, typer.Option(help="Projector policy.", show_default=FROM_RECIPE)
-    ] = None,
-    lora_r: Annotated[int | None, typer.Option(min=1, help="LoRA rank.", show_default=FROM_RECIPE)] = None,
-    lora_alpha: Annotated[
-        int | None, typer.Option(min=1, help="LoRA scaling (alpha).", show_default=FROM_RECIPE)
-    ] = None,
-    lora_dropout: Annotated[
-        float | None, typer.Option(min=0, max=1, help="Dropout on the LoRA layers.", show_default=FROM_RECIPE)
-    ] = None,
-    learning_rate: Annotated[
-        float | None, typer.Option(min=0, help="Peak learning rate.", show_default=FROM_RECIPE)
-    ] = None,
-    epochs: Annotated[
-        float | None,
-        typer.Option(min=0, help="Passes over the data (unless --max-steps).", show_default=FROM_RECIPE),
-    ] = None,
-    max_steps: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Stop after N optimizer steps (overrides --epochs).", show_default=FROM_RECIPE
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Per-device batch size.", show_default=FROM_RECIPE)
-    ] = None,
-    grad_accum: Annotated[
-        int | None, typer.Option(min=1, help="Gradient accumulation steps.", show_default=FROM_RECIPE)
-    ] = None,
+    train_llm: TrainLlm = None,
+    train_vision: TrainVision = None,
+    train_projector: TrainProjector = None,
+    lora_r: LoraR = None,
+    lora_alpha: LoraAlpha = None,
+    lora_dropout: Annotated[float | None, _recipe("Dropout on the LoRA layers.", min=0, max=1)] = None,
+    learning_rate: LearningRate = None,
+    epochs: Epochs = None,
+    max_steps: MaxSteps = None,
+    batch_size: Annotated[int | None, _recipe("Per-device batch size.", min=1)] = None,
+    grad_accum: GradAccum = None,
     max_length: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Longer conversations are dropped (and counted), never cut.", show_default=FROM_RECIPE
-        ),
+        int | None, _recipe("Longer conversations are dropped (and counted), never cut.", min=1)
     ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(help="Seed of data order, LoRA initialisation and sampling.", show_default=FROM_RECIPE),
-    ] = None,
+    seed: TrainSeed = None,
     chat_template: Annotated[
-        str | None,
-        typer.Option(
-            help="A .jinja chat template with {% generation %} markers to train with.",
-            show_default=FROM_RECIPE,
-        ),
+        str | None, _recipe("A .jinja chat template with {% generation %} markers to train with.")
     ] = None,
-    prompts_dir: Annotated[
-        str | None, typer.Option(help="Folder overriding the training prompts.", show_default=FROM_RECIPE)
-    ] = None,
+    prompts_dir: RecipePromptsDir = None,
     eval_split: Annotated[
-        str | None,
-        typer.Option(
-            help="After training, score fine-level generations on this split.", show_default=FROM_RECIPE
-        ),
+        str | None, _recipe("After training, score fine-level generations on this split.")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the output folder's last checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --output-dir.")] = False,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Any other config field: KEY=VALUE (YAML value).")
-    ] = None,
+    resume: Resume = False,
+    overwrite: TrainOverwrite = False,
+    set_: SetValues = None,
     push_to_hub: Annotated[str | None, typer.Option(help="Publish the adapter to this Hub repo.")] = None,
     private: Annotated[bool, typer.Option(help="With --push-to-hub: create a private repo.")] = False,
 ) -> None:
     """Fine-tune a VLM with LoRA on built datasets (TRL SFTTrainer + PEFT); recipe values, then options."""
-
+    options = dict(locals())
     from finer.train.sft import FinetuneConfig, describe_loss, run_finetune
 
     if push_to_hub:
@@ -655,37 +636,7 @@ def finetune(
         if not get_token():  # before training, not after
             raise FinerError("--push-to-hub: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
     _log_progress()
-    options = {
-        "model": model,
-        "datasets": dataset,
-        "output_dir": str(output_dir) if output_dir else None,
-        "format": format,
-        "attributes": attributes,
-        "split": split,
-        "hold_out": hold_out,
-        "instruction_data": instruction_data,
-        "instruction_images": instruction_images,
-        "instruction_ratio": instruction_ratio,
-        "train_llm": train_llm,
-        "train_vision": train_vision,
-        "train_projector": train_projector,
-        "lora_r": lora_r,
-        "lora_alpha": lora_alpha,
-        "lora_dropout": lora_dropout,
-        "learning_rate": learning_rate,
-        "epochs": epochs,
-        "max_steps": max_steps,
-        "batch_size": batch_size,
-        "grad_accum": grad_accum,
-        "max_length": max_length,
-        "seed": seed,
-        "chat_template": chat_template,
-        "prompts_dir": prompts_dir,
-        "eval_split": eval_split,
-        "resume": resume or None,
-        "overwrite": overwrite or None,
-    }
-    settings = _trainer_settings(FinetuneConfig, config, options, set_)
+    settings = _trainer_settings(FinetuneConfig, options)
     summary = run_finetune(settings)
     if os.environ.get("RANK", "0") != "0":  # a multi-process launch: the first process reports
         return
@@ -1013,162 +964,60 @@ def merge(
 
 @app.command()
 def grpo(
-    model: Annotated[
-        str | None, typer.Option(help="Base model id or path." + _NEEDED, show_default=FROM_RECIPE)
-    ] = None,
-    output_dir: Annotated[
-        Path | None,
-        typer.Option(help="Where checkpoints and the adapter go." + _NEEDED, show_default=FROM_RECIPE),
-    ] = None,
+    model: RecipeModel = None,
+    output_dir: RecipeOut = None,
     config: Annotated[
         str | None, typer.Option(help="Recipe: a YAML file of GrpoConfig keys; options override it.")
     ] = None,
-    dataset: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Built dataset folder or Hub repo; repeat to mix several." + _NEEDED,
-            show_default=FROM_RECIPE,
-        ),
-    ] = None,
+    dataset: RecipeDatasets = None,
     format: Annotated[
-        str | None,
-        typer.Option(
-            help="open (default): the direct question at --level; choice: a --choices-way one.",
-            show_default=FROM_RECIPE,
-        ),
+        str | None, _recipe("open (default): the direct question at --level; choice: a --choices-way one.")
     ] = None,
-    level: Annotated[
-        str | None, typer.Option(help="Level asked: superordinate, coarse or fine.", show_default=FROM_RECIPE)
-    ] = None,
-    choices: Annotated[
-        int | None,
-        typer.Option(min=2, max=26, help="Options per question (--format choice).", show_default=FROM_RECIPE),
-    ] = None,
+    level: Annotated[str | None, _recipe("Level asked: superordinate, coarse or fine.")] = None,
+    choices: Annotated[int | None, _recipe("Options per question (--format choice).", min=2, max=26)] = None,
     distractors: Annotated[
-        Distractors | None,
-        typer.Option(help="Wrong options (--format choice); default siblings.", show_default=FROM_RECIPE),
+        Distractors | None, _recipe("Wrong options (--format choice); default siblings.")
     ] = None,
     distractor_model: Annotated[
-        str | None,
-        typer.Option(help="CLIP/SigLIP model id or path for --distractors clip.", show_default=FROM_RECIPE),
+        str | None, _recipe("CLIP/SigLIP model id or path for --distractors clip.")
     ] = None,
     distractor_space: Annotated[
-        DistractorSpace | None,
-        typer.Option(
-            help="--distractors clip: text, image or both (default text).", show_default=FROM_RECIPE
-        ),
+        DistractorSpace | None, _recipe("--distractors clip: text, image or both (default text).")
     ] = None,
     reward_weights: Annotated[
-        str | None,
-        typer.Option(
-            help="Rewards and weights (default accuracy=0.9,format=0.1[,grounding=W]).",
-            show_default=FROM_RECIPE,
-        ),
+        str | None, _recipe("Rewards and weights (default accuracy=0.9,format=0.1[,grounding=W]).")
     ] = None,
-    num_generations: Annotated[
-        int | None, typer.Option(min=2, help="Completions sampled per prompt.", show_default=FROM_RECIPE)
-    ] = None,
-    max_steps: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Stop after N optimizer steps (overrides --epochs).", show_default=FROM_RECIPE
-        ),
-    ] = None,
-    epochs: Annotated[
-        float | None,
-        typer.Option(min=0, help="Passes over the data (unless --max-steps).", show_default=FROM_RECIPE),
-    ] = None,
-    learning_rate: Annotated[
-        float | None, typer.Option(min=0, help="Peak learning rate.", show_default=FROM_RECIPE)
-    ] = None,
+    num_generations: Annotated[int | None, _recipe("Completions sampled per prompt.", min=2)] = None,
+    max_steps: MaxSteps = None,
+    epochs: Epochs = None,
+    learning_rate: LearningRate = None,
     batch_size: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Completions per device step; a multiple of --num-generations.",
-            show_default=FROM_RECIPE,
-        ),
+        int | None, _recipe("Completions per device step; a multiple of --num-generations.", min=1)
     ] = None,
-    grad_accum: Annotated[
-        int | None, typer.Option(min=1, help="Gradient accumulation steps.", show_default=FROM_RECIPE)
-    ] = None,
-    train_llm: Annotated[
-        LlmPolicy | None, typer.Option(help="Language model policy (default lora).", show_default=FROM_RECIPE)
-    ] = None,
-    train_vision: Annotated[
-        VisionPolicy | None,
-        typer.Option(help="Vision tower policy (default frozen).", show_default=FROM_RECIPE),
-    ] = None,
-    train_projector: Annotated[
-        ProjectorPolicy | None,
-        typer.Option(help="Projector policy (default frozen).", show_default=FROM_RECIPE),
-    ] = None,
-    lora_r: Annotated[int | None, typer.Option(min=1, help="LoRA rank.", show_default=FROM_RECIPE)] = None,
-    lora_alpha: Annotated[
-        int | None, typer.Option(min=1, help="LoRA scaling (alpha).", show_default=FROM_RECIPE)
-    ] = None,
-    max_completion_length: Annotated[
-        int | None, typer.Option(min=1, help="Tokens generated per completion.", show_default=FROM_RECIPE)
-    ] = None,
-    split: Annotated[
-        str | None, typer.Option(help="Split to train on (default train).", show_default=FROM_RECIPE)
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(help="Seed of data order, LoRA initialisation and sampling.", show_default=FROM_RECIPE),
-    ] = None,
-    prompts_dir: Annotated[
-        str | None, typer.Option(help="Folder overriding the prompt templates.", show_default=FROM_RECIPE)
-    ] = None,
-    report_to: Annotated[
-        str | None, typer.Option(help="Trainer logging: none, tensorboard, ...", show_default=FROM_RECIPE)
-    ] = None,
-    crop_to_bbox: Annotated[
-        bool | None,
-        typer.Option(help="Show each image cropped to its box (default: no).", show_default=FROM_RECIPE),
-    ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the output folder's last checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --output-dir.")] = False,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Any other config field: KEY=VALUE (YAML value).")
-    ] = None,
+    grad_accum: GradAccum = None,
+    train_llm: TrainLlm = None,
+    train_vision: TrainVision = None,
+    train_projector: TrainProjector = None,
+    lora_r: LoraR = None,
+    lora_alpha: LoraAlpha = None,
+    max_completion_length: Annotated[int | None, _recipe("Tokens generated per completion.", min=1)] = None,
+    split: RecipeSplit = None,
+    seed: TrainSeed = None,
+    prompts_dir: RecipePromptsDir = None,
+    report_to: Annotated[str | None, _recipe("Trainer logging: none, tensorboard, ...")] = None,
+    crop_to_bbox: Annotated[bool | None, _recipe("Show each image cropped to its box (default: no).")] = None,
+    resume: Resume = False,
+    overwrite: TrainOverwrite = False,
+    set_: SetValues = None,
 ) -> None:
     """GRPO with verifiable rewards (TRL GRPOTrainer + PEFT): modified EM or option letter, plus format."""
+    options = dict(locals())
     from finer.train.grpo import GrpoConfig, run_grpo
     from finer.train.rewards import parse_reward_weights
 
-    options = {
-        "model": model,
-        "datasets": dataset,
-        "output_dir": str(output_dir) if output_dir else None,
-        "format": format,
-        "level": level,
-        "choices": choices,
-        "distractors": distractors.value if distractors else None,
-        "distractor_model": distractor_model,
-        "distractor_space": distractor_space.value if distractor_space else None,
-        "split": split,
-        "prompts_dir": prompts_dir,
-        "reward_weights": parse_reward_weights(reward_weights) if reward_weights is not None else None,
-        "train_llm": train_llm,
-        "train_vision": train_vision,
-        "train_projector": train_projector,
-        "lora_r": lora_r,
-        "lora_alpha": lora_alpha,
-        "learning_rate": learning_rate,
-        "epochs": epochs,
-        "max_steps": max_steps,
-        "batch_size": batch_size,
-        "grad_accum": grad_accum,
-        "num_generations": num_generations,
-        "max_completion_length": max_completion_length,
-        "seed": seed,
-        "report_to": report_to,
-        "crop_to_bbox": crop_to_bbox,
-        "resume": resume or None,
-        "overwrite": overwrite or None,
-    }
-    settings = _trainer_settings(GrpoConfig, config, options, set_)
+    if reward_weights is not None:
+        options["reward_weights"] = parse_reward_weights(reward_weights)
+    settings = _trainer_settings(GrpoConfig, options)
     summary = run_grpo(settings)
     rewards = summary["rewards"]
     last = f"{rewards[-1]:.3f}" if rewards else "n/a"
@@ -1183,7 +1032,8 @@ def curriculum(
         str, typer.Argument(help="A YAML file or a shipped curriculum (demo-tiny, qwen2.5-vl-7b).")
     ],
     out: Annotated[
-        Path | None, typer.Option(help="Output folder (default: the recipe's output_dir).")
+        Path | None,
+        typer.Option("--out", "--output-dir", help="Output folder (default: the recipe's output_dir)."),
     ] = None,
     dataset: Annotated[
         list[str] | None,
