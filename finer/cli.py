@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -24,14 +24,17 @@ import typer
 import finer
 from finer.data.build import BuildConfig
 from finer.data.grounding import GroundConfig
-from finer.data.knowledge import KnowledgeOptions
+from finer.data.knowledge import EXTRACTORS, KnowledgeOptions
 from finer.errors import FinerError
-from finer.eval.engine import EvalConfig
+from finer.eval.distractors import SPACES
+from finer.eval.engine import BACKENDS, EvalConfig
 from finer.eval.lmms_eval import ExportConfig
 from finer.eval.predict import PredictConfig
 from finer.eval.probes import ProbeConfig
+from finer.eval.tasks import DISTRACTOR_KINDS, MODES
 from finer.models.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 from finer.models.images import DEFAULT_MAX_IMAGE_SIDE
+from finer.schema import LEVELS
 
 app = typer.Typer(
     name="finer",
@@ -42,66 +45,26 @@ app = typer.Typer(
 )
 
 
-class Extractor(StrEnum):
-    llm = "llm"
-    vlm = "vlm"
-    rules = "rules"
-    cub_annotations = "cub-annotations"
+def _choices(name: str, values: Iterable[str]) -> Any:
+    """The values an engine accepts, as the choices of an option (the engine's tuple, not a copy)."""
+    return StrEnum(name, {value.replace("-", "_"): value for value in values})
 
 
-class Format(StrEnum):
-    direct = "direct"
-    finer = "finer"
-    caption = "caption"
-
-
-class Mode(StrEnum):
-    direct = "direct"
-    attrseek = "attrseek"
-    probe = "probe"
-    choice = "choice"
-    finer = "finer"
-
-
-class Level(StrEnum):
-    superordinate = "superordinate"
-    coarse = "coarse"
-    fine = "fine"
-    all = "all"
-
-
-class BackendName(StrEnum):
-    hf = "hf"
-    openai = "openai"
-
-
-class LlmPolicy(StrEnum):
-    lora = "lora"
-    full = "full"
-    frozen = "frozen"
-
-
-class VisionPolicy(StrEnum):
-    frozen = "frozen"
-    lora = "lora"
-    full = "full"
-
-
-class ProjectorPolicy(StrEnum):
-    frozen = "frozen"
-    full = "full"
-
-
-class Distractors(StrEnum):
-    siblings = "siblings"
-    random = "random"
-    clip = "clip"
-
-
-class DistractorSpace(StrEnum):
-    text = "text"
-    image = "image"
-    both = "both"
+Extractor = _choices("Extractor", EXTRACTORS)
+Mode = _choices("Mode", MODES)
+Level = _choices("Level", (*LEVELS, "all"))
+LabelLevel = _choices("LabelLevel", LEVELS)
+BackendName = _choices("BackendName", BACKENDS)
+Distractors = _choices("Distractors", DISTRACTOR_KINDS)
+DistractorSpace = _choices("DistractorSpace", SPACES)
+Format = _choices("Format", ("direct", "finer", "caption"))
+LlmPolicy = _choices("LlmPolicy", ("lora", "full", "frozen"))
+VisionPolicy = _choices("VisionPolicy", ("frozen", "lora", "full"))
+ProjectorPolicy = _choices("ProjectorPolicy", ("frozen", "full"))
+AttributeSource = _choices("AttributeSource", ("auto", "visible", "required"))
+BatchRetry = _choices("BatchRetry", ("sync", "batch"))
+PredictMode = _choices("PredictMode", ("direct", "finer"))
+ExportMode = _choices("ExportMode", ("direct", "choice"))
 
 
 _DISTRACTORS_HELP = (
@@ -154,11 +117,6 @@ DistractorModel = Annotated[str, typer.Option(help="CLIP/SigLIP model for --dist
 DistractorSpaceOption = Annotated[
     DistractorSpace, typer.Option(help="--distractors clip compares class texts, mean train images, or both.")
 ]
-
-
-class BatchRetry(StrEnum):
-    sync = "sync"
-    batch = "batch"
 
 
 Batch = Annotated[
@@ -475,12 +433,6 @@ def info(
     Console().print(table)
 
 
-class AttributeSource(StrEnum):
-    auto = "auto"
-    visible = "visible"
-    required = "required"
-
-
 def _log_progress() -> None:
     """Training commands print the trainers' progress lines (the `finer` loggers) on stderr."""
     import logging
@@ -740,17 +692,6 @@ def compare(
         out.write_text(table, encoding="utf-8")
 
 
-class PredictLevel(StrEnum):
-    superordinate = "superordinate"
-    coarse = "coarse"
-    fine = "fine"
-
-
-class PredictMode(StrEnum):
-    direct = "direct"
-    finer = "finer"
-
-
 @app.command()
 def predict(
     image: Annotated[Path | None, typer.Argument(help="An image file (or --dataset DIR --index I).")] = None,
@@ -759,7 +700,7 @@ def predict(
     ] = None,
     adapter: Adapter = None,
     level: Annotated[
-        PredictLevel, typer.Option(help="Label level to ask for (--mode direct).")
+        LabelLevel, typer.Option(help="Label level to ask for (--mode direct).")
     ] = PREDICT.level,
     mode: Annotated[
         PredictMode, typer.Option(help="direct: one question; finer: the `--format finer` conversation.")
@@ -898,17 +839,6 @@ def probe_features(
     typer.echo(f"wrote {out}/probe_features.json")
 
 
-class ExportMode(StrEnum):
-    direct = "direct"
-    choice = "choice"
-
-
-class ExportLevel(StrEnum):
-    superordinate = "superordinate"
-    coarse = "coarse"
-    fine = "fine"
-
-
 @app.command("export-lmms-eval")
 def export_lmms_eval(
     dataset: DatasetOption,
@@ -916,7 +846,7 @@ def export_lmms_eval(
     mode: Annotated[ExportMode, typer.Option(help="Free answer (direct) or k-way multiple choice.")] = (
         EXPORT.mode
     ),
-    level: Annotated[ExportLevel, typer.Option(help="Label level the task asks for.")] = EXPORT.level,
+    level: Annotated[LabelLevel, typer.Option(help="Label level the task asks for.")] = EXPORT.level,
     split: Annotated[str, typer.Option(help="Split lmms-eval evaluates.")] = EXPORT.split,
     task: Annotated[str | None, typer.Option(help="Task name (default finer_<dataset>_<level>).")] = None,
     choices: Choices = EXPORT.choices,
