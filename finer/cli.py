@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import inspect
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -158,6 +159,47 @@ def _config(config: type, options: dict[str, Any], **values: Any) -> Any:
 
 #: The options of a paid run (`_paid_run`).
 _POLICY_OPTIONS = ("prices", "max_cost", "rpm", "tpm")
+#: The options every command that calls an endpoint takes (build, ground, eval): name -> (type, default).
+ENDPOINT_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "base_url": (BaseUrls, None),
+    "timeout": (Timeout, DEFAULT_TIMEOUT_S),
+    "max_retries": (MaxRetries, DEFAULT_MAX_RETRIES),
+    "dry_run": (DryRun, False),
+    "prices": (Prices, None),
+    "max_cost": (MaxCost, None),
+    "rpm": (Rpm, None),
+    "tpm": (Tpm, None),
+}
+#: `--batch` and its retry rule (build, ground).
+BATCH_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "batch": (Batch, False),
+    "batch_retry": (BatchRetries, BatchRetry.sync),
+}
+
+
+def _shared_options(
+    *groups: dict[str, tuple[Any, Any]],
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Add the options of `groups`, declared once above, to a command that takes them as `**shared`."""
+
+    def add(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+            for group in groups
+            for name, (kind, default) in group.items()
+        ]
+        command.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
+        command.__annotations__ = {**command.__annotations__, **{p.name: p.annotation for p in added}}
+        return command
+
+    return add
+
+
+def _options(params: dict[str, Any]) -> dict[str, Any]:
+    """A command's own options and its `**shared` ones, in one mapping."""
+    return {**{k: v for k, v in params.items() if k != "shared"}, **params.get("shared", {})}
 
 
 @contextmanager
@@ -291,6 +333,7 @@ def _split_list(values: list[str] | None) -> list[str] | None:
 
 
 @app.command()
+@_shared_options(ENDPOINT_OPTIONS, BATCH_OPTIONS)
 def build(
     source: Annotated[str, typer.Argument(help=f"One of: {', '.join(_source_names())}.")],
     out: Annotated[Path, typer.Option(help="Folder to write the dataset into.")],
@@ -340,10 +383,7 @@ def build(
         BackendName, typer.Option(help="--extractor vlm: an OpenAI-compatible endpoint or a local model.")
     ] = KNOWLEDGE.backend,
     model: Annotated[str | None, typer.Option(help="LLM/VLM name at the endpoint.")] = None,
-    base_url: BaseUrls = None,
     concurrency: Concurrency = KNOWLEDGE.concurrency,
-    timeout: Timeout = DEFAULT_TIMEOUT_S,
-    max_retries: MaxRetries = DEFAULT_MAX_RETRIES,
     wiki_api: Annotated[str | None, typer.Option(help="MediaWiki API URL of a Wikipedia mirror.")] = None,
     wiki_lang: Annotated[str, typer.Option(help="Wikipedia language.")] = KNOWLEDGE.wiki_lang,
     wiki_words: Annotated[
@@ -362,16 +402,10 @@ def build(
     ] = None,
     push_to_hub: Annotated[str | None, typer.Option(help="Publish to this Hub dataset repo.")] = None,
     private: Annotated[bool, typer.Option(help="Make the Hub repo private.")] = False,
-    dry_run: DryRun = False,
-    prices: Prices = None,
-    max_cost: MaxCost = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
-    batch: Batch = False,
-    batch_retry: BatchRetries = BatchRetry.sync,
+    **shared: Any,
 ) -> None:
     """Turn a fine-grained dataset on disk into image-attribute-label rows."""
-    options = dict(locals())
+    options = _options(locals())
     from finer.data.build import build as run_build
     from finer.data.knowledge import resolve_knowledge
 
@@ -387,7 +421,7 @@ def build(
             options,
             out=folder,
             knowledge=knowledge,
-            export_finer=None if dry_run else export_finer,
+            export_finer=None if options["dry_run"] else export_finer,
             knowledge_options=_config(KnowledgeOptions, options, wikipedia=wikipedia),
         )
         summary = _batched(policy, options, run_build, settings)
@@ -604,6 +638,7 @@ def finetune(
 
 
 @app.command("eval")
+@_shared_options(ENDPOINT_OPTIONS)
 def evaluate(
     dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Folder for predictions, metrics and the report.")],
@@ -620,10 +655,7 @@ def evaluate(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images per generation batch (--backend hf).")
     ] = EVAL.batch_size,
-    base_url: BaseUrls = None,
     concurrency: Concurrency = EVAL.concurrency,
-    timeout: Timeout = DEFAULT_TIMEOUT_S,
-    max_retries: MaxRetries = DEFAULT_MAX_RETRIES,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N images.")] = None,
     gold_parent: Annotated[
         bool, typer.Option(help='Name the gold label one level up in the question ("Which Owl …?").')
@@ -648,14 +680,10 @@ def evaluate(
             help="Delete --out's earlier predictions and start afresh (needed for another dataset)."
         ),
     ] = False,
-    dry_run: DryRun = False,
-    prices: Prices = None,
-    max_cost: MaxCost = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
+    **shared: Any,
 ) -> None:
     """Evaluate a model at superordinate, coarse and fine granularity (resumable; writes a report)."""
-    options = dict(locals())
+    options = _options(locals())
     from finer.eval.engine import evaluate as run_eval
 
     _endpoint_only(options)
@@ -744,6 +772,7 @@ def predict(
 
 
 @app.command()
+@_shared_options(ENDPOINT_OPTIONS, BATCH_OPTIONS)
 def ground(
     dataset: Annotated[str, typer.Argument(help="Built dataset folder or Hub repo.")],
     out: Annotated[Path, typer.Option(help="Folder for the grounded dataset (the input is never modified).")],
@@ -751,7 +780,6 @@ def ground(
     backend: Annotated[BackendName, typer.Option(help="An OpenAI-compatible endpoint or a local model.")] = (
         GROUND.backend
     ),
-    base_url: BaseUrls = None,
     concurrency: Annotated[
         int, typer.Option(min=1, help="Concurrent calls (openai, per endpoint) or batch size (hf).")
     ] = GROUND.concurrency,
@@ -766,21 +794,13 @@ def ground(
     cache: Cache = None,
     prompts_dir: PromptsDir = None,
     overwrite: Overwrite = False,
-    timeout: Timeout = GROUND.timeout,
-    max_retries: MaxRetries = GROUND.max_retries,
     allow_failures: Annotated[
         bool, typer.Option(help="Exit 0 although some images failed (their rows are marked 'failed').")
     ] = False,
-    dry_run: DryRun = False,
-    prices: Prices = None,
-    max_cost: MaxCost = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
-    batch: Batch = False,
-    batch_retry: BatchRetries = BatchRetry.sync,
+    **shared: Any,
 ) -> None:
     """Mark which of each concept's attributes a VLM sees in each image (column attributes_visible)."""
-    options = dict(locals())
+    options = _options(locals())
     from finer.data.grounding import ground as run_ground
 
     _endpoint_only(options)
