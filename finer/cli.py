@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import typer
 
 import finer
+from finer.builders.imagefolder import DEFAULT_TEST_FRACTION
 from finer.data.build import BuildConfig
 from finer.data.grounding import GroundConfig
 from finer.data.knowledge import EXTRACTORS, KnowledgeOptions
@@ -36,6 +37,7 @@ from finer.eval.tasks import DISTRACTOR_KINDS, MODES
 from finer.models.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 from finer.models.images import DEFAULT_MAX_IMAGE_SIDE
 from finer.schema import LEVELS
+from finer.train.compose import DTYPES, ComposeConfig
 
 app = typer.Typer(
     name="finer",
@@ -143,7 +145,7 @@ def _defaults(config: type) -> SimpleNamespace:
 
 BUILD, KNOWLEDGE, GROUND = _defaults(BuildConfig), _defaults(KnowledgeOptions), _defaults(GroundConfig)
 EVAL, PROBE, EXPORT = _defaults(EvalConfig), _defaults(ProbeConfig), _defaults(ExportConfig)
-PREDICT = _defaults(PredictConfig)
+PREDICT, COMPOSE = _defaults(PredictConfig), _defaults(ComposeConfig)
 
 
 def _config(config: type, options: dict[str, Any], **values: Any) -> Any:
@@ -348,7 +350,7 @@ def build(
             max=1,
             help="imagefolder's <root>/<class>/* layout (no split folders): each class's share of test "
             "images, drawn with a fixed seed.",
-            show_default="0.2",
+            show_default=str(DEFAULT_TEST_FRACTION),
         ),
     ] = None,
     knowledge: Annotated[
@@ -898,13 +900,13 @@ def merge(
     ] = None,
     dtype: Annotated[
         str, typer.Option(help="Weights dtype: auto (the base checkpoint's), bfloat16, float16, float32.")
-    ] = "auto",
+    ] = DTYPES[0],
 ) -> None:
     """Merge an adapter into its base model (safetensors + processor), e.g. for serving with vLLM."""
     from finer.models.loading import merge_adapter
 
-    if dtype not in ("auto", "bfloat16", "float16", "float32"):
-        raise FinerError(f"--dtype {dtype}: choose auto, bfloat16, float16 or float32")
+    if dtype not in DTYPES:
+        raise FinerError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if model is not None:
         from finer.models.loading import check_adapter_base
 
@@ -1022,28 +1024,18 @@ def compose(
     out: Annotated[Path, typer.Option(help="New folder for the composed model and its processor.")],
     vision_feature_layer: Annotated[
         int, typer.Option(help="Hidden layer of the tower fed to the projector (-2: LLaVA's penultimate).")
-    ] = -2,
+    ] = COMPOSE.vision_feature_layer,
     dtype: Annotated[
         str, typer.Option(help="auto (the LLM checkpoint's), bfloat16, float16 or float32.")
-    ] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of the new projector's initialisation.")] = 0,
+    ] = COMPOSE.dtype,
+    seed: Annotated[int, typer.Option(help="Seed of the new projector's initialisation.")] = COMPOSE.seed,
     overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
 ) -> None:
     """A LLaVA-style VLM from any vision encoder and causal LM, with a new two-layer MLP projector."""
-    from finer.train.compose import ComposeConfig
+    options = dict(locals())
     from finer.train.compose import compose as run_compose
 
-    summary = run_compose(
-        ComposeConfig(
-            vision=vision,
-            llm=llm,
-            out=str(out),
-            overwrite=overwrite,
-            vision_feature_layer=vision_feature_layer,
-            dtype=dtype,
-            seed=seed,
-        )
-    )
+    summary = run_compose(_config(ComposeConfig, options, out=str(out)))
     height, width = summary["image_size"]
     typer.echo(
         f"wrote {summary['out']}: {summary['encoder']} tower ({summary['vision_feature_select_strategy']}, "
