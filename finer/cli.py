@@ -263,27 +263,13 @@ def _endpoint_only(options: dict[str, Any]) -> None:
 
 
 def _batched(policy: Any, options: dict[str, Any], run: Any, config: Any) -> Any:
-    """`run(config)`; with `--batch`, after the calls it would make were answered through batches
-    (`finer.models.batch.run_batched`), whose ids, counts and batch-price cost go into the run's summary
-    (build.json or grounding.json, under "batch")."""
+    """`run(config)`; with `--batch`, through `finer.models.batch.run_config_batched`, saying what the
+    batches did."""
     if not options["batch"]:
         return run(config)
-    from dataclasses import replace
+    from finer.models.batch import run_config_batched
 
-    from finer.models.batch import run_batched
-    from finer.run_folder import write_json
-
-    if policy.projection is not None:
-        raise FinerError(
-            "--batch and --dry-run: run the dry run alone (its USD at batch price: x (1 - discount))"
-        )
-    scratch = {"export_finer": None} if hasattr(config, "export_finer") else {}  # a pass writes nothing else
-    passes = lambda where: run(replace(config, out=where, **scratch))  # noqa: E731
-    report = run_batched(passes, config.out, policy, retry=options["batch_retry"].value)
-    result = run(config)
-    for name in ("build.json", "grounding.json"):
-        if (summary := config.out / name).is_file():
-            write_json(summary, {**json.loads(summary.read_text()), "batch": report.to_json()})
+    result, report = run_config_batched(run, config, policy, retry=options["batch_retry"].value)
     counts = report.to_json()
     typer.echo(
         f"batch: {counts['completed']} of {counts['requests']} calls answered ({counts['failed']} failed, "

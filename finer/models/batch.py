@@ -17,6 +17,7 @@ a batch is pending (SIGKILL included) re-attaches to it on the next run instead 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 import threading
@@ -34,7 +35,14 @@ from finer.errors import FinerError
 from finer.models.client import NO_KEY
 from finer.run_folder import write_json
 
-__all__ = ["BatchReport", "Collector", "batch_record_path", "run_batched", "submit_and_wait"]
+__all__ = [
+    "BatchReport",
+    "Collector",
+    "batch_record_path",
+    "run_batched",
+    "run_config_batched",
+    "submit_and_wait",
+]
 
 CACHE_NAMESPACE = "llm"
 COMPLETION_WINDOW = "24h"
@@ -238,3 +246,26 @@ def run_batched(
                 given_up.add(key)
     report.retried_sync = len(given_up)
     return report
+
+
+#: The run summaries a batched run records its batches in (under "batch").
+SUMMARY_FILES = ("build.json", "grounding.json")
+
+
+def run_config_batched(
+    run: Callable[[Any], Any], config: Any, policy: Any, *, retry: str = "sync"
+) -> tuple[Any, BatchReport]:
+    """`run(config)` after every call it would make was answered through batches (`run_batched`); the
+    batches' ids, counts and batch-price cost go into the run's summary (build.json or grounding.json)."""
+    if policy.projection is not None:
+        raise FinerError(
+            "--batch and --dry-run: run the dry run alone (its USD at batch price: x (1 - discount))"
+        )
+    scratch = {"export_finer": None} if hasattr(config, "export_finer") else {}  # a pass writes nothing else
+    passes = lambda where: run(dataclasses.replace(config, out=where, **scratch))  # noqa: E731
+    report = run_batched(passes, config.out, policy, retry=retry)
+    result = run(config)
+    for name in SUMMARY_FILES:
+        if (summary := config.out / name).is_file():
+            write_json(summary, {**json.loads(summary.read_text()), "batch": report.to_json()})
+    return result, report
