@@ -80,3 +80,46 @@ def test_no_top_level_builders_or_train_module(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.stdout.split() == ["True", "True"], result.stderr
+
+
+def _commands() -> dict:
+    import typer.main
+
+    from finer.cli import app
+
+    return typer.main.get_command(app).commands  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("command", "config"),
+    [
+        ("eval", "finer.eval.engine:EvalConfig"),
+        ("ground", "finer.data.grounding:GroundConfig"),
+        ("build", "finer.data.knowledge:KnowledgeOptions"),
+        ("export-lmms-eval", "finer.eval.lmms_eval:ExportConfig"),
+        ("probe-features", "finer.eval.probes:ProbeConfig"),
+        ("predict", "finer.eval.predict:PredictConfig"),
+        ("compose", "finer.train.compose:ComposeConfig"),
+    ],
+)
+def test_option_defaults_are_the_engines(command: str, config: str) -> None:
+    """An option of a config field's name defaults to that field's default (the CLI copies none)."""
+    import dataclasses
+    import importlib
+
+    module, name = config.split(":")
+    fields = dataclasses.fields(getattr(importlib.import_module(module), name))
+    engine = {f.name: f.default for f in fields if f.default not in (dataclasses.MISSING, None)}
+    shown = {p.name: p.default for p in _commands()[command].params if p.name in engine}
+    assert shown and not {k: (v, engine[k]) for k, v in shown.items() if str(v) != str(engine[k])}
+
+
+def test_every_command_that_writes_a_folder_takes_out() -> None:
+    """`--out` everywhere; the training commands keep `--output-dir` as its other spelling."""
+    commands = _commands()
+    writers = {n: c for n, c in commands.items() if any(p.name in ("out", "output_dir") for p in c.params)}
+    assert {"build", "eval", "ground", "finetune", "grpo", "curriculum", "merge", "compose"} <= set(writers)
+    for name, command in writers.items():
+        opts = next(p.opts for p in command.params if p.name in ("out", "output_dir"))
+        assert "--out" in opts, name
+        assert name not in ("finetune", "grpo", "curriculum") or "--output-dir" in opts, name
