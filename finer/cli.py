@@ -180,19 +180,25 @@ BATCH_OPTIONS: dict[str, tuple[Any, Any]] = {
 
 
 def _shared_options(
-    *groups: dict[str, tuple[Any, Any]],
+    *groups: dict[str, tuple[Any, Any]], head: dict[str, tuple[Any, Any]] | None = None
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Add the options of `groups`, declared once above, to a command that takes them as `**shared`."""
+    """Add the options of `groups` (after the command's own; `head`'s before them), declared once, to a
+    command that takes them as `**shared`."""
+
+    def options(group: dict[str, tuple[Any, Any]]) -> list[inspect.Parameter]:
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        return [inspect.Parameter(n, keyword, annotation=kind, default=d) for n, (kind, d) in group.items()]
 
     def add(command: Callable[..., None]) -> Callable[..., None]:
         signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
-        added = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
-            for group in groups
-            for name, (kind, default) in group.items()
+        own = [
+            p.replace(kind=p.KEYWORD_ONLY) for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD
         ]
-        command.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
+        added = options(head or {}) + [p for group in groups for p in options(group)]
+        first = len(head or {})
+        command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=added[:first] + own + added[first:]
+        )
         command.__annotations__ = {**command.__annotations__, **{p.name: p.annotation for p in added}}
         return command
 
@@ -542,11 +548,35 @@ SetValues = Annotated[
 ]
 
 
+#: The options `finetune` and `grpo` both take: what to train, and where (first in help) ...
+RECIPE_HEAD: dict[str, tuple[Any, Any]] = {
+    "model": (RecipeModel, None),
+    "dataset": (RecipeDatasets, None),
+    "output_dir": (RecipeOut, None),
+}
+#: ... and how.
+RECIPE_TRAINING: dict[str, tuple[Any, Any]] = {
+    "split": (RecipeSplit, None),
+    "train_llm": (TrainLlm, None),
+    "train_vision": (TrainVision, None),
+    "train_projector": (TrainProjector, None),
+    "lora_r": (LoraR, None),
+    "lora_alpha": (LoraAlpha, None),
+    "learning_rate": (LearningRate, None),
+    "epochs": (Epochs, None),
+    "max_steps": (MaxSteps, None),
+    "grad_accum": (GradAccum, None),
+    "seed": (TrainSeed, None),
+    "prompts_dir": (RecipePromptsDir, None),
+    "resume": (Resume, False),
+    "overwrite": (TrainOverwrite, False),
+    "set_": (SetValues, None),
+}
+
+
 @app.command()
+@_shared_options(RECIPE_TRAINING, head=RECIPE_HEAD)
 def finetune(
-    model: RecipeModel = None,
-    dataset: RecipeDatasets = None,
-    output_dir: RecipeOut = None,
     config: Annotated[
         str | None, typer.Option(help="Recipe: a YAML file or a shipped name (demo-tiny, llava-1.5-7b, ...).")
     ] = None,
@@ -561,7 +591,6 @@ def finetune(
         AttributeSource | None,
         _recipe("--format finer: attributes_visible (grounded), attributes_required, or auto."),
     ] = None,
-    split: RecipeSplit = None,
     hold_out: Annotated[str | None, _recipe("Leave this source out (leave-one-dataset-out).")] = None,
     instruction_data: Annotated[
         str | None, _recipe("General instruction data to mix in: a LLaVA-style JSON with images.")
@@ -572,36 +601,23 @@ def finetune(
     instruction_ratio: Annotated[
         float | None, _recipe("Instruction conversations per fine-grained row (0.5).", min=0)
     ] = None,
-    train_llm: TrainLlm = None,
-    train_vision: TrainVision = None,
-    train_projector: TrainProjector = None,
-    lora_r: LoraR = None,
-    lora_alpha: LoraAlpha = None,
     lora_dropout: Annotated[float | None, _recipe("Dropout on the LoRA layers.", min=0, max=1)] = None,
-    learning_rate: LearningRate = None,
-    epochs: Epochs = None,
-    max_steps: MaxSteps = None,
     batch_size: Annotated[int | None, _recipe("Per-device batch size.", min=1)] = None,
-    grad_accum: GradAccum = None,
     max_length: Annotated[
         int | None, _recipe("Longer conversations are dropped (and counted), never cut.", min=1)
     ] = None,
-    seed: TrainSeed = None,
     chat_template: Annotated[
         str | None, _recipe("A .jinja chat template with {% generation %} markers to train with.")
     ] = None,
-    prompts_dir: RecipePromptsDir = None,
     eval_split: Annotated[
         str | None, _recipe("After training, score fine-level generations on this split.")
     ] = None,
-    resume: Resume = False,
-    overwrite: TrainOverwrite = False,
-    set_: SetValues = None,
     push_to_hub: Annotated[str | None, typer.Option(help="Publish the adapter to this Hub repo.")] = None,
     private: Annotated[bool, typer.Option(help="With --push-to-hub: create a private repo.")] = False,
+    **shared: Any,
 ) -> None:
     """Fine-tune a VLM with LoRA on built datasets (TRL SFTTrainer + PEFT); recipe values, then options."""
-    options = dict(locals())
+    options = _options(locals())
     from finer.train.sft import FinetuneConfig, describe_loss, run_finetune
 
     if push_to_hub:
@@ -901,13 +917,11 @@ def merge(
 
 
 @app.command()
+@_shared_options(RECIPE_TRAINING, head=RECIPE_HEAD)
 def grpo(
-    model: RecipeModel = None,
-    output_dir: RecipeOut = None,
     config: Annotated[
         str | None, typer.Option(help="Recipe: a YAML file of GrpoConfig keys; options override it.")
     ] = None,
-    dataset: RecipeDatasets = None,
     format: Annotated[
         str | None, _recipe("open (default): the direct question at --level; choice: a --choices-way one.")
     ] = None,
@@ -926,30 +940,16 @@ def grpo(
         str | None, _recipe("Rewards and weights (default accuracy=0.9,format=0.1[,grounding=W]).")
     ] = None,
     num_generations: Annotated[int | None, _recipe("Completions sampled per prompt.", min=2)] = None,
-    max_steps: MaxSteps = None,
-    epochs: Epochs = None,
-    learning_rate: LearningRate = None,
     batch_size: Annotated[
         int | None, _recipe("Completions per device step; a multiple of --num-generations.", min=1)
     ] = None,
-    grad_accum: GradAccum = None,
-    train_llm: TrainLlm = None,
-    train_vision: TrainVision = None,
-    train_projector: TrainProjector = None,
-    lora_r: LoraR = None,
-    lora_alpha: LoraAlpha = None,
     max_completion_length: Annotated[int | None, _recipe("Tokens generated per completion.", min=1)] = None,
-    split: RecipeSplit = None,
-    seed: TrainSeed = None,
-    prompts_dir: RecipePromptsDir = None,
     report_to: Annotated[str | None, _recipe("Trainer logging: none, tensorboard, ...")] = None,
     crop_to_bbox: Annotated[bool | None, _recipe("Show each image cropped to its box (default: no).")] = None,
-    resume: Resume = False,
-    overwrite: TrainOverwrite = False,
-    set_: SetValues = None,
+    **shared: Any,
 ) -> None:
     """GRPO with verifiable rewards (TRL GRPOTrainer + PEFT): modified EM or option letter, plus format."""
-    options = dict(locals())
+    options = _options(locals())
     from finer.train.grpo import GrpoConfig, run_grpo
     from finer.train.rewards import parse_reward_weights
 
