@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 
@@ -13,3 +15,14 @@ def declared(record: dict[str, Any], kind: Any) -> None:
     assert record.keys() <= required | optional, (
         f"{kind.__name__}: undeclared {sorted(record.keys() - required - optional)}"
     )
+
+
+def checked_predictions(out: Path) -> list[dict[str, Any]]:
+    """The lines of ``out``'s predictions file, each checked against the declared record."""
+    from finer.records import EvalRun, PredictionRecord
+
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    for line in lines:
+        declared(line, PredictionRecord)
+        declared(line["run"], EvalRun)
+    return lines

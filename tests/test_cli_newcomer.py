@@ -234,8 +234,8 @@ def test_predict_input_crops_a_dataset_row_to_its_box_or_a_file_to_box(
 ) -> None:
     import datasets
 
-    from finer.eval.predict import predict_input
     from finer.errors import FinerError
+    from finer.eval.predict import predict_input
     from finer.models.images import crop_box
 
     row = datasets.load_from_disk(str(demo_rows))["test"][1]

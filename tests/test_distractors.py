@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.eval import distractors
@@ -27,6 +26,7 @@ from finer.eval.lmms_eval import ExportConfig, LmmsTask, export_lmms_eval
 from finer.eval.tasks import EvalPlan, LabelPool, choice_question
 from finer.testing.fake_openai import FakeOpenAI
 from finer.testing.tiny_parts import tiny_clip_path
+from tests.cli_helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -297,13 +297,6 @@ def test_the_seed_fixes_the_option_order_of_mined_questions(demo: Path) -> None:
 
 
 # --- end to end ---------------------------------------------------------------------------------------
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 def answer_a(request: dict[str, Any]) -> str:

@@ -4,7 +4,6 @@ backends; replies are stored capped; empty answers are counted. Only the far end
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +15,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.eval.engine import MAX_STORED_CHARS, EvalConfig, evaluate
@@ -24,10 +22,10 @@ from finer.eval.report import read_predictions
 from finer.models import fingerprint as fingerprint_module
 from finer.models.backends import Generation
 from finer.models.fingerprint import weights_fingerprint
-from finer.records import EvalRun, PredictionRecord
 from finer.testing import tiny_vlm_path
 from finer.testing.fake_openai import FakeOpenAI
-from tests.records_check import declared
+from tests.cli_helpers import run_cli
+from tests.records_check import checked_predictions
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +39,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _no_endpoint_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def records(out: Path) -> list[dict[str, Any]]:
-    """The lines of ``out``'s predictions file, each checked against the declared record."""
-    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    for line in lines:
-        declared(line, PredictionRecord)
-        declared(line["run"], EvalRun)
-    return lines
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 class Echo:
@@ -97,7 +79,7 @@ def test_retrained_adapter_at_the_same_path_is_asked_again(demo: Path, tmp_path:
     assert any("the adapter at" in w and "changed" in w for w in retrained["warnings"])
     runs = {run["label"]: run for run in retrained["runs"]}
     assert len(runs) == 2 and retrained["current"] in runs
-    fingerprints = {r["run"]["adapter_fingerprint"] for r in records(out)}
+    fingerprints = {r["run"]["adapter_fingerprint"] for r in checked_predictions(out)}
     assert len(fingerprints) == 2 and weights_fingerprint(str(adapter)) in fingerprints
 
 
@@ -127,7 +109,7 @@ def test_another_dataset_into_the_same_out_is_refused(
     fresh = evaluate(
         EvalConfig(dataset=str(other), out=out, model="m", level="fine", overwrite=True), backend=Echo()
     )
-    assert fresh["asked"] == 16 and len(fresh["runs"]) == 1 and len(records(out)) == 16
+    assert fresh["asked"] == 16 and len(fresh["runs"]) == 1 and len(checked_predictions(out)) == 16
 
 
 def test_weights_fingerprint_reads_content_not_paths_or_times(
@@ -202,13 +184,13 @@ def test_unreadable_images_are_skipped_counted_and_listed(backend: str, files: P
         result = evaluate(config)
         assert result["answered"] == 2 and result["skipped"] == 2 and result["failed"] == 0
         assert any("skipped 2 question(s) whose image cannot be read" in w for w in result["warnings"])
-        reasons = sorted(r["skipped"] for r in records(out) if "skipped" in r)
+        reasons = sorted(r["skipped"] for r in checked_predictions(out) if "skipped" in r)
         assert reasons[1] == "missing file" and "truncated" in reasons[0].lower(), reasons
         assert result["runs"][0]["levels"]["fine"]["skipped"] == 2
         assert result["runs"][0]["levels"]["fine"]["count"] == 2
 
         again = evaluate(config)  # the same images fail the same way: skipped again, not written twice
-        assert again["asked"] == 2 and again["skipped"] == 2 and len(records(out)) == 4
+        assert again["asked"] == 2 and again["skipped"] == 2 and len(checked_predictions(out)) == 4
 
         Image.new("RGB", (48, 40)).save(files / "test" / "barn_owl" / "0.jpg")  # the file is back
         fixed = evaluate(config)
@@ -235,14 +217,14 @@ def test_a_box_of_negative_size_or_a_bomb_skips_its_image(
         config.crop_to_bbox, config.limit, config.batch_size = True, 4, 4
         result = evaluate(config)
         assert result["answered"] + result["skipped"] == 4 and result["skipped"] >= 1
-        reasons = [r["skipped"] for r in records(tmp_path / "eval") if "skipped" in r]
+        reasons = [r["skipped"] for r in checked_predictions(tmp_path / "eval") if "skipped" in r]
         assert any("Coordinate" in reason or "empty image" in reason for reason in reasons), reasons
 
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # every image is now a decompression bomb
         config.out, config.crop_to_bbox = tmp_path / "bombs", False
         bombs = evaluate(config)
     assert bombs["answered"] == 0 and bombs["skipped"] == 4
-    assert all("DecompressionBomb" in r["skipped"] for r in records(tmp_path / "bombs"))
+    assert all("DecompressionBomb" in r["skipped"] for r in checked_predictions(tmp_path / "bombs"))
 
 
 # --- what is stored ------------------------------------------------------------------------------------
@@ -253,7 +235,7 @@ def test_long_replies_are_stored_capped_and_empty_answers_counted(demo: Path, tm
         config = EvalConfig(dataset=str(demo), out=tmp_path, model="m", backend="openai", base_url=server.url)
         config.level, config.limit, config.max_new_tokens = "fine", 2, 1_000_000
         result = evaluate(config)
-    saved = records(tmp_path)
+    saved = checked_predictions(tmp_path)
     assert (tmp_path / "predictions.jsonl").stat().st_size < 4 * (MAX_STORED_CHARS + 2000)
     assert all(r["stored_truncated"] and len(r["prediction"]) <= MAX_STORED_CHARS + 100 for r in saved)
     assert all(r["prediction"].endswith("Answer: Barn Owl") for r in saved)  # what scoring reads survives

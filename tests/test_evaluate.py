@@ -17,7 +17,6 @@ from typing import Any
 import datasets
 import pytest
 
-from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.eval.engine import EvalConfig, evaluate
@@ -25,11 +24,11 @@ from finer.eval.tasks import EvalPlan, choice_options
 from finer.models.backends import Generation, HFBackend, OpenAIBackend
 from finer.models.images import image_data_url
 from finer.prompts import render
-from finer.records import EvalRun, PredictionRecord
 from finer.run_folder import OutputLock
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.testing.fake_openai import FakeOpenAI, Fault
-from tests.records_check import declared
+from tests.cli_helpers import run_cli
+from tests.records_check import checked_predictions
 
 ROWS = 16  # the demo's test split at two images per class: eight species in four look-alike pairs
 
@@ -45,22 +44,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _no_endpoint_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def records(out: Path) -> list[dict[str, Any]]:
-    """The lines of ``out``'s predictions file, each checked against the declared record."""
-    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    for line in lines:
-        declared(line, PredictionRecord)
-        declared(line["run"], EvalRun)
-    return lines
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 # --- local models -------------------------------------------------------------------------------------
@@ -79,7 +62,7 @@ def test_hf_every_mode(mode: str, demo: Path, tmp_path: Path) -> None:
     result = evaluate(config)
     levels = ["coarse", "fine"] if mode in ("choice", "finer") else ["superordinate", "coarse", "fine"]
     assert result["asked"] == result["answered"] == 4 * len(levels) and result["failed"] == 0
-    saved = records(tmp_path)
+    saved = checked_predictions(tmp_path)
     assert Counter(r["level"] for r in saved) == dict.fromkeys(levels, 4)
     assert all(isinstance(r["prediction"], str) and isinstance(r["truncated"], bool) for r in saved)
     if mode == "attrseek":
@@ -118,7 +101,7 @@ def test_batched_and_unbatched_greedy_answers_agree(family: str, demo: Path, tmp
             max_new_tokens=6,
         )
         evaluate(config)
-        answers.append({r["key"]: (r["attributes"], r["prediction"]) for r in records(out)})
+        answers.append({r["key"]: (r["attributes"], r["prediction"]) for r in checked_predictions(out)})
     assert len(answers[0]) == 18 and answers[0] == answers[1]
 
 
@@ -139,12 +122,12 @@ def test_hf_resume_after_a_crash(demo: Path, tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(HFBackend, "generate", dying)
     with pytest.raises(RuntimeError):
         evaluate(config)
-    assert len(records(tmp_path)) == 12  # three batches of four, each flushed as it finished
+    assert len(checked_predictions(tmp_path)) == 12  # three batches of four, each flushed as it finished
     with open(tmp_path / "predictions.jsonl", "a") as fh:
         fh.write('{"key": "torn by the crash", "predic')  # a half-written last line
     monkeypatch.setattr(HFBackend, "generate", generate)
     result = evaluate(config)
-    keys = [r["key"] for r in records(tmp_path)]
+    keys = [r["key"] for r in checked_predictions(tmp_path)]
     assert result["asked"] == 3 * ROWS - 12 and len(keys) == len(set(keys)) == 3 * ROWS
 
 
@@ -371,7 +354,7 @@ def test_openai_attrseek_keeps_its_own_attributes(demo: Path, tmp_path: Path) ->
     assert all(
         m[1] == {"role": "assistant", "content": "Attributes: blue back; white belly"} for m in seconds
     )
-    assert all(r["attributes"] == "Attributes: blue back; white belly" for r in records(tmp_path))
+    assert all(r["attributes"] == "Attributes: blue back; white belly" for r in checked_predictions(tmp_path))
     assert {level: v["em"] for level, v in result["runs"][0]["levels"].items()} == EXPECTED
 
 
@@ -395,7 +378,7 @@ def test_openai_finer_mode_asks_about_the_models_own_group(demo: Path, tmp_path:
         m[2]["content"].split(" in this image")[0].removeprefix("Look closely at the ") for m in asked
     )
     assert groups == {"Sparrow": ROWS // 2, "Chickadee": 2, "Oriole": 2, "Tanager": 2, "Warbler": 2}
-    fine = [r for r in records(tmp_path) if r["level"] == "fine"]
+    fine = [r for r in checked_predictions(tmp_path) if r["level"] == "fine"]
     assert all(r["attributes"] == "Attributes: blue back; white belly" and len(r["turns"]) == 2 for r in fine)
 
 
@@ -417,12 +400,12 @@ def test_openai_faults_retry_and_failed_calls_are_asked_again(demo: Path, tmp_pa
         assert (
             "1 of 4 requests failed (e.g. baltimore-oriole/test/000 (fine): HTTP 500" in result["warnings"][0]
         )
-        assert "baltimore-oriole/test/000" not in {r["image_id"] for r in records(tmp_path)}
+        assert "baltimore-oriole/test/000" not in {r["image_id"] for r in checked_predictions(tmp_path)}
 
         scripted.broken = set()
         before = server.count
         result = evaluate(config)
-    assert result["asked"] == 1 and server.count == before + 1 and len(records(tmp_path)) == 8
+    assert result["asked"] == 1 and server.count == before + 1 and len(checked_predictions(tmp_path)) == 8
 
 
 def test_own_prompts_and_original_rules(demo: Path, tmp_path: Path) -> None:
@@ -472,13 +455,13 @@ def test_resume_after_sigkill(demo: Path, tmp_path: Path) -> None:
             time.sleep(0.02)
         child.send_signal(signal.SIGKILL)
         child.wait()
-        kept = {r["key"] for r in records(tmp_path)}
+        kept = {r["key"] for r in checked_predictions(tmp_path)}
         assert 8 <= len(kept) < 3 * ROWS
         before = server.count
         result = evaluate(
             EvalConfig(dataset=str(demo), out=tmp_path, model="m", backend="openai", base_url=server.url)
         )
-    keys = [r["key"] for r in records(tmp_path)]
+    keys = [r["key"] for r in checked_predictions(tmp_path)]
     assert len(keys) == len(set(keys)) == 3 * ROWS and kept <= set(keys)
     assert result["asked"] == 3 * ROWS - len(kept) == server.count - before
 
@@ -567,7 +550,7 @@ def test_crop_to_bbox_shows_the_box_and_keys_apart(demo: Path, tmp_path: Path) -
     evaluate(EvalConfig(**base), backend=whole)
     evaluate(EvalConfig(**base, crop_to_bbox=True), backend=cropped)  # same folder: new keys, asked again
     assert cropped.sizes == boxes and whole.sizes == [im.size for im in rows["image"]] != boxes
-    assert len(records(tmp_path)) == 6
+    assert len(checked_predictions(tmp_path)) == 6
 
 
 def test_openai_answers_cut_at_the_token_limit_are_flagged(demo: Path, tmp_path: Path) -> None:
@@ -580,10 +563,10 @@ def test_openai_answers_cut_at_the_token_limit_are_flagged(demo: Path, tmp_path:
         )
         evaluate(config, backend=OpenAIBackend("m", server.url, max_new_tokens=5))
         assert {r["json"]["max_tokens"] for r in server.requests} == {5}
-        assert all(r["truncated"] and r["prediction"].count(" ") == 4 for r in records(tmp_path))
+        assert all(r["truncated"] and r["prediction"].count(" ") == 4 for r in checked_predictions(tmp_path))
         long_enough = tmp_path / "long"
         evaluate(EvalConfig(**{**config.__dict__, "out": long_enough}))  # the default limit, 128
-    assert not any(r["truncated"] for r in records(long_enough))
+    assert not any(r["truncated"] for r in checked_predictions(long_enough))
 
 
 def test_openai_max_tokens_becomes_max_completion_tokens_where_refused(demo: Path, tmp_path: Path) -> None:
@@ -600,7 +583,7 @@ def test_openai_max_tokens_becomes_max_completion_tokens_where_refused(demo: Pat
     asked = [r for r in sent if "max_tokens" not in r]  # those in flight before the first refusal: again
     assert result["failed"] == 0 and "max_tokens" in sent[0] and len(asked) == result["answered"] == 6
     assert all(r.get("max_completion_tokens") == 5 for r in asked)
-    assert all(r["truncated"] for r in records(tmp_path))
+    assert all(r["truncated"] for r in checked_predictions(tmp_path))
 
     def context_full(request: dict[str, Any]) -> Any:  # names max_tokens, refuses nothing
         return Fault(status=400, message="'max_tokens' is too large: 5. This model's maximum context is 4")

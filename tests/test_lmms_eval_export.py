@@ -13,7 +13,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.eval.engine import load_split
@@ -21,6 +20,7 @@ from finer.eval.lmms_eval import METRICS, ExportConfig, export_lmms_eval
 from finer.eval.scoring import score
 from finer.eval.tasks import choice_options
 from finer.prompts import render
+from tests.cli_helpers import run_cli
 
 # TaskConfig's fields in lmms-eval (lmms_eval/api/task.py): a key outside them fails TaskConfig(**config).
 TASK_CONFIG_FIELDS = {
@@ -71,13 +71,6 @@ def import_hooks(path: Path) -> ModuleType:
 
 def load_task(path: Path) -> dict[str, Any]:
     return yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskLoader)  # noqa: S506 - a safe loader
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 @pytest.mark.parametrize("mode", ["direct", "choice"])

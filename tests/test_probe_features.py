@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.eval.probes import PROBE_FILE, PROBE_REPORT, ProbeConfig, image_features, probe_features
 from finer.models.families import detect_family
 from finer.testing import TINY_FAMILIES, tiny_image, tiny_vlm_path, unavailable_reason
+from tests.cli_helpers import run_cli
 
 #: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
 pytestmark = pytest.mark.slow
@@ -31,13 +31,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "demo"
     build(BuildConfig(source="demo", out=out, limit_per_class=PER_CLASS))
     return out
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
