@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import finer
-from finer.errors import FinerError
+from finer.errors import FinerError, one_line
 from finer.models.families import Family, TrainPlan, detect_family, plan_training
 from finer.records import RunRecord
 from finer.run_folder import (
@@ -233,7 +233,7 @@ def base_model(config: TrainerConfig) -> tuple[str, Family]:
         try:
             model_type = AutoConfig.from_pretrained(model_id).model_type
         except (OSError, ValueError) as err:
-            raise FinerError(f"cannot read the config of model {model_id!r}: {err}".splitlines()[0]) from None
+            raise FinerError(f"cannot read the config of model {model_id!r}: {one_line(err)}") from None
     return model_id, detect_family(model_type, model_id)
 
 
@@ -245,7 +245,7 @@ def _local_model_type(model_id: str) -> str | None:
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("model_type") or None
     except (OSError, ValueError, AttributeError) as err:
-        raise FinerError(f"cannot read the config of model {model_id!r}: {err}".splitlines()[0]) from None
+        raise FinerError(f"cannot read the config of model {model_id!r}: {one_line(err)}") from None
 
 
 def _load_model(model_id: str, bf16: bool, load_in_4bit: bool) -> Any:

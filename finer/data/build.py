@@ -34,6 +34,7 @@ from finer.data.knowledge import KnowledgeOptions, add_coarse_report, add_knowle
 from finer.data.knowledge import coarse_labeller as knowledge_coarse_labeller
 from finer.errors import FinerError
 from finer.models.client import public_url
+from finer.models.images import unreadable_reason
 from finer.records import BuildRecord
 from finer.run_folder import staged_output, write_split_state
 from finer.schema import Concept, image_features
@@ -186,7 +187,7 @@ def _write_split(
                 _fit_box(record, report.boxes)
                 image, bbox = _image_cell(source, record, config)
             except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-                report.skipped.append({"image_id": record.image_id, "reason": _reason(err)})
+                report.skipped.append({"image_id": record.image_id, "reason": unreadable_reason(err)})
                 bar.set_postfix(skipped=len(report.skipped), refresh=False)
                 continue
             per_class[record.concept_id] += 1
@@ -283,12 +284,6 @@ def _image_cell(source: Source, record: ImageRecord, config: BuildConfig) -> tup
     else:
         image.save(buf, format="PNG")
     return {"path": None, "bytes": buf.getvalue()}, bbox
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, FileNotFoundError):
-        return "missing file"
-    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
 
 
 def _summary(

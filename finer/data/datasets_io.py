@@ -14,7 +14,7 @@ from typing import Any
 
 import datasets
 
-from finer.errors import FinerError
+from finer.errors import FinerError, one_line
 
 __all__ = ["REPO_ID", "load_built", "load_concepts", "pick_split"]
 
@@ -46,8 +46,7 @@ def load_built(
         else:
             loaded = datasets.load_dataset(dataset, split=split)
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
-        message = " ".join(str(err).split())[:200]
-        raise FinerError(f"cannot load {option} {dataset} ({message})") from None
+        raise FinerError(f"cannot load {option} {dataset} ({one_line(err)})") from None
     if path.is_dir() and not one_split and not isinstance(loaded, datasets.DatasetDict):
         raise FinerError(f"{option} {dataset}: holds one split without a name; save a DatasetDict")
     return loaded

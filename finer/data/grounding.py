@@ -58,7 +58,13 @@ from finer.models.client import (
     run_sync,
     run_workers,
 )
-from finer.models.images import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, encode_image, open_image
+from finer.models.images import (
+    DEFAULT_MAX_IMAGE_SIDE,
+    UNREADABLE,
+    encode_image,
+    open_image,
+    unreadable_reason,
+)
 from finer.models.vlm import HFChat
 from finer.prompts import render, template_sha256
 from finer.records import GroundingRecord
@@ -326,12 +332,6 @@ def _image_url(cell: dict[str, Any], max_side: int) -> str:
     return encode_image(open_image(cell.get("path"), cell.get("bytes")), max_side)
 
 
-def _reason(err: BaseException) -> str:
-    if isinstance(err, FileNotFoundError):
-        return "missing file"
-    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
-
-
 class _Asker:
     """Grounds items with one chat client; the prompt of a concept is rendered once."""
 
@@ -361,7 +361,7 @@ class _Asker:
         try:
             url = await asyncio.to_thread(_image_url, cell, self.config.max_image_side)
         except UNREADABLE as err:
-            return {**record, "status": "skipped", "reason": _reason(err)}
+            return {**record, "status": "skipped", "reason": unreadable_reason(err)}
         messages = openai_messages(self._prompt(item), [url])
         schema = grounding_schema(item.attributes)
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from finer.cache import DEFAULT_CACHE, cache_key
-from finer.errors import FinerError
+from finer.errors import FinerError, one_line
 from finer.eval.scoring import LEVELS, parse_choice
 from finer.eval.tasks import DISTRACTOR_KINDS, LabelPool, canonical_label
 from finer.records import PredictionRecord
@@ -106,8 +106,7 @@ def load_encoder(model: str, device: str) -> tuple[Any, Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(model)
         processor = AutoImageProcessor.from_pretrained(model)
     except (OSError, ValueError) as err:
-        message = " ".join(str(err).split())[:200]
-        raise FinerError(f"cannot load --distractor-model {model} ({message})") from None
+        raise FinerError(f"cannot load --distractor-model {model} ({one_line(err)})") from None
     if not hasattr(encoder, "get_text_features") or not hasattr(encoder, "get_image_features"):
         raise FinerError(
             f"--distractor-model {model} is a {type(encoder).__name__}, not a contrastive image-text "

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from finer.errors import FinerError
+from finer.errors import FinerError, one_line
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_SIDE",
@@ -38,7 +38,7 @@ def unreadable_reason(err: BaseException) -> str:
     """Why an image could not be read, in one short line for a skip list."""
     if isinstance(err, FileNotFoundError):
         return "missing file"
-    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
+    return f"{type(err).__name__}: {one_line(err)}"[:200]
 
 
 def open_image(path: str | Path | None = None, data: bytes | None = None) -> Image.Image:

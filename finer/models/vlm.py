@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from finer.errors import FinerError
+from finer.errors import FinerError, one_line
 from finer.models.client import Reply, Usage
 from finer.models.images import decode_data_url
 
@@ -117,8 +117,7 @@ class HFChat:
                 try:
                     replies = await asyncio.to_thread(self._generate, group)
                 except Exception as err:  # noqa: BLE001 - any generation error stops the callers, one line
-                    message = " ".join(str(err).split())[:200]
-                    error = FinerError(f"--model {self.model}: local generation failed ({message})")
+                    error = FinerError(f"--model {self.model}: local generation failed ({one_line(err)})")
                     for _, _, future in group:
                         if not future.done():
                             future.set_exception(error)
