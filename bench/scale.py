@@ -27,7 +27,7 @@ from ground_throughput import ANSWER, LATENCY_S, write_dataset
 from finer.data.grounding import GroundConfig, ground
 from finer.errors import FinerError
 from finer.models.policy import Projection, RunPolicy, use_policy
-from finer.testing.fake_openai import FakeOpenAI, pretokens
+from finer.testing.fake_openai import FakeOpenAI, billed_tokens
 
 
 def config(data: Path, out: Path, url: str, concurrency: int, **extra: object) -> GroundConfig:
@@ -101,7 +101,7 @@ def projection(data: Path, work: Path, images: int) -> None:
     """Dry run of `images`, the real run of half, a dry run of all (half cached), the real rest."""
     answer = {"black crown": "visible", "white wing bars": "not visible"}
     cache = work / "cache-projection"
-    with FakeOpenAI(lambda request: answer, count_tokens=pretokens, bill_images=True) as server:
+    with FakeOpenAI(lambda request: answer, count_tokens=billed_tokens, bill_images=True) as server:
         cold = dry_run(data, work / "dry-cold", server.url, images, cache)
         _, half = timed(
             config(data, work / "half", server.url, 16, limit=images // 2, model="gpt-4o", cache=cache)

@@ -256,10 +256,9 @@ def _print_projection(projected: dict[str, Any]) -> None:
         f"total: {projected['calls']} calls ({projected['cached_calls']} cached), "
         f"{projected['tokens']} tokens, {projected['usd']} USD"
     )
-    typer.echo(
-        "* estimated at 4 characters a token (no tokenizer for the model here). Repair turns, and follow-up "
-        "turns that depend on a reply, are not projected."
-    )
+    if any(step["text_tokens_counted"] != "tokenizer" for step in projected["steps"].values()):
+        typer.echo("* estimated at 4 characters a token (no tokenizer for the model here).")
+    typer.echo("Repair turns, and follow-up turns that depend on a reply, are not projected.")
 
 
 def _endpoint_only(options: dict[str, Any]) -> None:

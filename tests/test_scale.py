@@ -25,7 +25,7 @@ from finer.models.policy import Projection, RunPolicy, use_policy
 from finer.models.pricing import PriceTable
 from finer.models.ratelimit import CATCH_UP_S, RateLimiter
 from finer.models.tokens import count_request
-from finer.testing.fake_openai import FakeOpenAI, Fault, pretokens
+from finer.testing.fake_openai import FakeOpenAI, Fault, billed_tokens
 
 MODEL = "gpt-4o"
 #: Images of the synthetic CUB copy with attributes to ask about (test_grounding: 8, one unreadable).
@@ -84,7 +84,7 @@ def cached_costs(cache: Path) -> list[float]:
 def test_dry_run_projects_the_tokens_the_real_run_is_billed(built: Path, tmp_path: Path) -> None:  # noqa: F811
     """Text within 10 % of a tokenizer-like count, image tokens exactly by the tile rule, calls equal."""
     policy = RunPolicy(projection=Projection())
-    with FakeOpenAI(grounder, count_tokens=pretokens, bill_images=True) as server:
+    with FakeOpenAI(grounder, count_tokens=billed_tokens, bill_images=True) as server:
         with use_policy(policy):
             ground(config(built, tmp_path / "dry", server))
         assert server.count == 0, "a dry run sent a request"
@@ -125,7 +125,7 @@ def test_max_cost_stops_within_one_call_of_the_budget_and_resumes(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with FakeOpenAI(grounder, count_tokens=pretokens, bill_images=True) as server:
+    with FakeOpenAI(grounder, count_tokens=billed_tokens, bill_images=True) as server:
         assert run_main(ground_argv(built, tmp_path / "ref", server, tmp_path / "ref-cache")) == 0
         costs = cached_costs(tmp_path / "ref-cache")
         budget = sum(sorted(costs)[:4]) + 0.5 * min(costs)

@@ -13,7 +13,7 @@ from test_scale import run_main
 
 from finer.testing.fake_batches import FakeBatches
 from finer.testing.fake_mediawiki import FakeMediaWiki
-from finer.testing.fake_openai import FakeOpenAI, pretokens
+from finer.testing.fake_openai import FakeOpenAI, billed_tokens
 
 
 def build_argv(root: Path, out: Path, wiki: FakeMediaWiki, llm: FakeOpenAI, cache: Path) -> list[str]:
@@ -37,7 +37,7 @@ def test_build_dry_run_counts_both_steps_then_the_real_build_matches(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with FakeMediaWiki(PAGES) as wiki, FakeOpenAI(coarse_answer, count_tokens=pretokens) as llm:
+    with FakeMediaWiki(PAGES) as wiki, FakeOpenAI(coarse_answer, count_tokens=billed_tokens) as llm:
         argv = build_argv(birds, tmp_path / "out", wiki, llm, tmp_path / "cache")
         assert run_main([*argv, "--dry-run"]) == 0
         assert llm.count == 0 and not (tmp_path / "out").exists()
@@ -49,9 +49,9 @@ def test_build_dry_run_counts_both_steps_then_the_real_build_matches(
         )
     coarse, attributes = projected(printed, "coarse_label"), projected(printed, "extract_attributes")
     assert coarse[0] == attributes[0] == len(SPECIES) and llm.count == 2 * len(SPECIES)
-    # Wikipedia prose: 4 characters a token counts long words as the BPE does, the server's word pieces
-    # (a lower bound of BPE) as one token each, so the two part further here than on ground's template
-    assert abs(coarse[1] + attributes[1] - billed) <= 0.20 * billed, (coarse, attributes, billed)
+    # both count with gpt-4o-mini's tokenizer; the projection adds OpenAI's chat framing the server omits
+    assert abs(coarse[1] + attributes[1] - billed) <= 0.10 * billed, (coarse, attributes, billed)
+    assert "* text" not in printed, "gpt-4o-mini's text tokens were estimated, not counted"
 
 
 def test_build_batch_sends_no_call(birds: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -16,7 +16,7 @@ from finer.models.endpoints import Endpoint, EndpointPool, split_urls
 from finer.models.policy import Budget, Projection, RunPolicy
 from finer.models.pricing import BUILTIN_PRICES, PRICES_AS_OF, PriceTable
 from finer.models.ratelimit import RateLimiter, pause_seconds
-from finer.models.tokens import count_request, image_tokens
+from finer.models.tokens import count_request, encoding, image_tokens
 
 
 def test_builtin_prices_are_dated_and_unknown_models_are_unknown() -> None:
@@ -81,11 +81,11 @@ def _data_url(width: int, height: int) -> str:
 
 def test_count_request_reads_image_sizes_from_the_data_urls() -> None:
     messages = [
-        {"role": "system", "content": "x" * 40},
+        {"role": "system", "content": "hello world"},
         {
             "role": "user",
             "content": [
-                {"type": "text", "text": "y" * 8},
+                {"type": "text", "text": "hello world"},
                 {"type": "image_url", "image_url": {"url": _data_url(1024, 1024), "detail": "high"}},
                 {"type": "image_url", "image_url": {"url": _data_url(300, 200), "detail": "low"}},
             ],
@@ -93,9 +93,31 @@ def test_count_request_reads_image_sizes_from_the_data_urls() -> None:
     ]
     tokens = count_request("gpt-4o", messages)
     assert tokens.images == 765 + 85 and tokens.images_exact
-    # 3 reply priming + per message 3 framing + role + text (4 characters a token without tiktoken)
-    assert tokens.text == 3 + (3 + 2 + 10) + (3 + 1 + 2)
-    assert not count_request("Qwen/Qwen2-VL-2B-Instruct", messages).images_exact
+    # 3 reply priming + per message 3 framing + role + text: "system", "user" one token each and "hello
+    # world" two in o200k_base (ids 24912, 2375, as tiktoken's README shows)
+    assert tokens.text == 3 + (3 + 1 + 2) + (3 + 1 + 2) and tokens.text_exact
+    other = count_request("Qwen/Qwen2-VL-2B-Instruct", messages)
+    assert not other.images_exact and not other.text_exact
+    assert other.text == 3 + (3 + 2 + 3) + (3 + 1 + 3)  # an estimate: 4 characters a token, rounded up
+
+
+def test_the_bundled_rank_files_are_the_ones_tiktoken_checks() -> None:
+    """Exact counts offline rest on bpe-openai shipping OpenAI's rank files unchanged: their sha256 must be
+    the one tiktoken itself checks a download against."""
+    import gzip
+    import hashlib
+    import importlib.resources
+    import inspect
+    import re
+
+    import tiktoken_ext.openai_public as public
+
+    for name in ("o200k_base", "cl100k_base"):
+        expected = re.search(r'expected_hash="([0-9a-f]{64})"', inspect.getsource(getattr(public, name)))
+        packed = importlib.resources.files("bpe_openai.data").joinpath(f"{name}.tiktoken.gz").read_bytes()
+        assert hashlib.sha256(gzip.decompress(packed)).hexdigest() == expected.group(1), name
+    assert encoding("o200k_base").encode("hello world") == [24912, 2375]
+    assert encoding("cl100k_base").encode("hello world") == [15339, 1917]
 
 
 def test_rate_limiter_paces_requests_and_holds_every_window() -> None:

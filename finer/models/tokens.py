@@ -1,9 +1,11 @@
 """The tokens a chat request will cost, counted before it is sent (`--dry-run`, `--max-cost`, `--tpm`).
 
-Text: `tiktoken`'s encoding for OpenAI models when it is installed and its encoding files are at hand
-(they download once from the network); otherwise an *estimate* of one token per 4 characters, OpenAI's
-rule of thumb for English, and the count says it is one. Each message adds 3 tokens of chat framing and
-the reply 3 more (OpenAI's published accounting for the gpt-4o family).
+Text: `tiktoken`'s encoding for OpenAI models (`tiktoken.encoding_name_for_model`), built from the rank file
+the `bpe-openai` package ships (byte-identical to the one tiktoken downloads: the tests check tiktoken's
+own sha256), so counting needs no network; an encoding bpe-openai lacks is loaded by tiktoken itself
+(downloaded once). Any other model is *estimated* at one token per 4 characters, OpenAI's rule of thumb
+for English, and the count says it is one. Each message adds 3 tokens of chat framing and the reply 3 more
+(OpenAI's published accounting for the gpt-4o family).
 
 Images: OpenAI's published tile rule, on the image sizes actually sent (read from the data URLs).
 `detail: low` costs the base tokens; `high` (and `auto`, which finer sends: counted as high, the upper
@@ -19,6 +21,8 @@ import base64
 import binascii
 import io
 import math
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -26,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["CHARS_PER_TOKEN", "TokenCount", "count_request", "image_tokens", "text_counter"]
+__all__ = ["CHARS_PER_TOKEN", "TokenCount", "count_request", "encoding", "image_tokens", "text_counter"]
 
 CHARS_PER_TOKEN = 4
 MESSAGE_TOKENS = 3
@@ -44,6 +48,7 @@ TILE_TOKENS: dict[str, tuple[int, int]] = {
 _DEFAULT_TILES = TILE_TOKENS["gpt-4o"]
 #: Families OpenAI prices by 32-px patches instead; counted by the default tile rule, as an estimate.
 _PATCH_PRICED = ("gpt-4.1-mini", "gpt-4.1-nano", "gpt-5-mini", "gpt-5-nano", "o4-mini")
+_LOADING = threading.Lock()
 
 
 @dataclass
@@ -98,15 +103,37 @@ def image_size(url: str) -> tuple[int, int] | None:
 
 
 @cache
+def encoding(name: str) -> Any:
+    """tiktoken's encoding `name` (e.g. "o200k_base"), from bpe-openai's copy of its rank file when there
+    is one, else as tiktoken loads it (which may download it); None when neither can."""
+    import tiktoken
+
+    try:
+        # bpe-openai reads its files (on import too) through a deprecated importlib call; the lock keeps
+        # two threads' catch_warnings from restoring each other's filters
+        with _LOADING, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from bpe_openai import registry
+
+            spec = getattr(registry, name, None)
+            return tiktoken.Encoding(**spec()) if callable(spec) else tiktoken.get_encoding(name)
+    except Exception:  # an encoding bpe-openai lacks, and tiktoken cannot download it here
+        return None
+
+
+@cache
 def text_counter(model: str) -> tuple[Callable[[str], int], bool]:
     """A function counting `model`'s text tokens, and whether it is the model's own tokenizer."""
-    try:
-        import tiktoken
+    import tiktoken
 
-        encoding = tiktoken.encoding_for_model(model.rpartition("/")[2])
-    except Exception:  # not installed, not an OpenAI model, or its encoding file cannot be downloaded
+    try:
+        name = tiktoken.encoding_name_for_model(model.rpartition("/")[2])
+    except KeyError:  # not an OpenAI model
+        name = None
+    tokenizer = encoding(name) if name else None
+    if tokenizer is None:
         return (lambda text: math.ceil(len(text) / CHARS_PER_TOKEN)), False
-    return (lambda text: len(encoding.encode(text, disallowed_special=()))), True
+    return (lambda text: len(tokenizer.encode(text, disallowed_special=()))), True
 
 
 def count_request(model: str, messages: Sequence[dict[str, Any]]) -> TokenCount:

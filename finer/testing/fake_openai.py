@@ -74,13 +74,11 @@ def _text_of(request: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def pretokens(text: str) -> int:
-    """The pieces GPT's BPE pre-tokenizer splits `text` into (words with their leading space, runs of
-    punctuation, spaces): a tokenizer-like count, close to the BPE token count for English text."""
-    return len(_PRETOKEN.findall(text))
+def billed_tokens(text: str) -> int:
+    """Text tokens as OpenAI bills the gpt-4o family: tiktoken's o200k_base encoding (no chat framing)."""
+    from finer.models.tokens import encoding
 
-
-_PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\w+| ?[^\s\w]+|\s+(?!\S)|\s+")
+    return len(encoding("o200k_base").encode(text, disallowed_special=()))
 
 
 def _image_urls(request: dict[str, Any]) -> list[dict[str, Any]]:
@@ -112,8 +110,8 @@ class FakeOpenAI:
     It records every request (`requests`: path, lower-cased headers, body), counts them, and tracks the most
     requests it held at once (`max_in_flight`) so tests can check a concurrency bound.
 
-    Usage counts a word of text as a token, unless `count_tokens` says otherwise (`pretokens` is closer to
-    a real tokenizer); `bill_images=True` adds each image's tokens by OpenAI's tile rule, as OpenAI does.
+    Usage counts a word of text as a token, unless `count_tokens` says otherwise (`billed_tokens` is
+    OpenAI's tokenizer); `bill_images=True` adds each image's tokens by OpenAI's tile rule, as OpenAI does.
     Each logged request carries its arrival time (`time.monotonic()`) for rate-limit checks.
     """
 
