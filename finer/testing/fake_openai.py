@@ -110,8 +110,9 @@ class FakeOpenAI:
     It records every request (`requests`: path, lower-cased headers, body), counts them, and tracks the most
     requests it held at once (`max_in_flight`) so tests can check a concurrency bound.
 
-    Usage counts a word of text as a token, unless `count_tokens` says otherwise (`billed_tokens` is
-    OpenAI's tokenizer); `bill_images=True` adds each image's tokens by OpenAI's tile rule, as OpenAI does.
+    Usage counts a word of text (prompt and reply) as a token, unless `count_tokens` says otherwise
+    (`billed_tokens` is OpenAI's tokenizer); `bill_images=True` adds each image's tokens by OpenAI's tile
+    rule, as OpenAI does.
     Each logged request carries its arrival time (`time.monotonic()`) for rate-limit checks.
     """
 
@@ -205,7 +206,7 @@ class FakeOpenAI:
         if limit is not None and len(content.split()) > limit:  # a "token" is a word here
             content, finish = " ".join(content.split()[:limit]), "length"
         prompt_tokens = self.count_tokens(_text_of(request)) + self._image_tokens(request)
-        completion_tokens = len(content.split())
+        completion_tokens = self.count_tokens(content)
         body = {
             "id": f"chatcmpl-fake-{len(self.requests)}",
             "object": "chat.completion",
