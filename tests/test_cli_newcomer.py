@@ -49,8 +49,16 @@ def _one_error_line(result: subprocess.CompletedProcess[str], message: str) -> N
     assert "torch loaded: False" in result.stdout
 
 
-def test_bare_finetune_says_no_output_folder_in_seconds(tmp_path: Path) -> None:
-    _one_error_line(_finer(["finetune"], tmp_path), "no output folder")
+@pytest.mark.parametrize("command", ["finetune", "grpo"])
+def test_bare_training_command_says_no_output_folder_in_seconds(command: str, tmp_path: Path) -> None:
+    _one_error_line(_finer([command], tmp_path), "no output folder: pass --out DIR")
+
+
+def test_grpo_unknown_local_family_is_one_line_in_seconds(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    args = ["grpo", "--out", "o", "--model", "m", "--dataset", "d"]
+    _one_error_line(_finer(args, tmp_path), "model_type 'bert', which is not in finer's family registry")
 
 
 def test_uncached_hub_id_offline_is_one_line_in_seconds(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from .runtime import (
     base_model,
     load_planned,
     prepare_output_dir,
+    require_output_dir,
     trainer_arguments,
     training_folder,
     versions,
@@ -193,24 +194,26 @@ def run_grpo(config: GrpoConfig) -> dict[str, Any]:
     """Train with GRPO, save the adapter and processor, write `finer_run.json`; returns the run summary.
 
     `output_dir` is replaced only when the run is complete (`training_folder`)."""
-    with training_folder(config):
-        return _run_grpo(config)
-
-
-def _run_grpo(config: GrpoConfig) -> dict[str, Any]:
-    from transformers import AutoProcessor
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import GRPOConfig, GRPOTrainer
-
     started = time.perf_counter()
-    if not config.output_dir:
-        raise FinerError("no output folder: pass --output-dir DIR")
-    weights = check_reward_weights(config.reward_weights)
+    # the cheap checks before torch and TRL load: a mistake is told in seconds
+    require_output_dir(config)
+    check_reward_weights(config.reward_weights)
     if config.batch_size * config.grad_accum % config.num_generations:
         raise FinerError(
             f"--batch-size × --grad-accum ({config.batch_size * config.grad_accum}) must be a multiple of "
             f"--num-generations ({config.num_generations})"
         )
+    base_model(config)
+    with training_folder(config):
+        return _run_grpo(config, started)
+
+
+def _run_grpo(config: GrpoConfig, started: float) -> dict[str, Any]:
+    from transformers import AutoProcessor
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import GRPOConfig, GRPOTrainer
+
+    weights = check_reward_weights(config.reward_weights)
     model_id, family = base_model(config)
     dataset, samples = grpo_dataset(
         config.datasets,

@@ -287,7 +287,7 @@ def versions() -> dict[str, str]:
 
 def require_output_dir(config: TrainerConfig) -> None:
     if not config.output_dir:
-        raise FinerError("no output folder: pass --output-dir DIR or a --config recipe that sets one")
+        raise FinerError("no output folder: pass --out DIR or a --config recipe that sets one")
 
 
 def write_run_file(output_dir: str | Path | None, summary: RunRecord) -> None:
