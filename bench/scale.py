@@ -7,7 +7,8 @@
    log): requests per minute over the run, and the most in any sliding 60-s window (goal: within 5 % of
    --rpm, never above).
 3. Projection: `--dry-run` of `ground` over 200 images, then the real run against a server that bills
-   tokenizer-like text and tile-rule images: projected versus billed tokens and USD at gpt-4o prices.
+   text by gpt-4o's tokenizer and images by the tile rule: projected versus billed tokens and USD at
+   gpt-4o prices.
 
     .venv/bin/python bench/scale.py [--images N] [--concurrency N ...] [--rpm R] [--rpm-images N]
 """
@@ -111,9 +112,7 @@ def projection(data: Path, work: Path, images: int) -> None:
         _, rest = timed(
             config(data, work / "rest", server.url, 16, limit=images, model="gpt-4o", cache=cache)
         )
-    print(
-        "3. ground at gpt-4o prices (built-in table), text billed by a tokenizer-like count, images by tiles:"
-    )
+    print("3. ground at gpt-4o prices (built-in table), text billed by its tokenizer, images by tiles:")
     for name, step, real in (("cold", cold, None), ("half", None, half), ("warm", warm, rest)):
         if step is not None:
             tokens_in = step["input_text_tokens"] + step["input_image_tokens"]
