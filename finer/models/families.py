@@ -167,6 +167,7 @@ class TrainPlan:
     policies: dict[Part, str]
     target_modules: str | None
     modules_to_save: tuple[str, ...]
+    #: The output head shares the input embeddings' weight and both are trained in full (kept tied).
     tied_embeddings: bool = False
 
     def lora_config(self, r: int, alpha: int, dropout: float) -> LoraConfig:
@@ -275,7 +276,8 @@ def plan_training(
         policies=policies,
         target_modules="|".join(f"(?:{r})" for r in lora) or None,
         modules_to_save=tuple(full),
-        tied_embeddings=head is not None and head.weight is embeddings.weight,
+        # PEFT ties the trained copies only of modules it saves in full; a LoRA-trained LM leaves both alone
+        tied_embeddings=llm == "full" and head is not None and head.weight is embeddings.weight,
     )
 
 
