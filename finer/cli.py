@@ -29,7 +29,7 @@ from finer.data.grounding import GroundConfig
 from finer.data.knowledge import EXTRACTORS, KnowledgeOptions
 from finer.errors import FinerError
 from finer.eval.distractors import SPACES
-from finer.eval.engine import BACKENDS, EvalConfig
+from finer.eval.engine import BACKENDS, BATCH_CACHE, EvalConfig
 from finer.eval.lmms_eval import ExportConfig
 from finer.eval.predict import PredictConfig
 from finer.eval.probes import ProbeConfig
@@ -172,7 +172,7 @@ ENDPOINT_OPTIONS: dict[str, tuple[Any, Any]] = {
     "rpm": (Rpm, None),
     "tpm": (Tpm, None),
 }
-#: `--batch` and its retry rule (build, ground).
+#: `--batch` and its retry rule (build, ground, eval).
 BATCH_OPTIONS: dict[str, tuple[Any, Any]] = {
     "batch": (Batch, False),
     "batch_retry": (BatchRetries, BatchRetry.sync),
@@ -262,9 +262,12 @@ def _print_projection(projected: dict[str, Any]) -> None:
 
 
 def _endpoint_only(options: dict[str, Any]) -> None:
-    """`--dry-run` and `--max-cost` price endpoint calls: a local model (--backend hf) makes none."""
+    """`--dry-run`, `--max-cost` and `--batch` are about endpoint calls: a local model (--backend hf) makes
+    none."""
     if options["backend"] != BackendName.openai and (options["dry_run"] or options["max_cost"] is not None):
         raise FinerError("--dry-run and --max-cost price endpoint calls; they need --backend openai")
+    if options["backend"] != BackendName.openai and options.get("batch"):
+        raise FinerError("--batch sends endpoint calls to the OpenAI Batch API; it needs --backend openai")
 
 
 def _batched(policy: Any, options: dict[str, Any], run: Any, config: Any) -> Any:
@@ -641,7 +644,7 @@ def finetune(
 
 
 @app.command("eval")
-@_shared_options(ENDPOINT_OPTIONS)
+@_shared_options(ENDPOINT_OPTIONS, BATCH_OPTIONS)
 def evaluate(
     dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Folder for predictions, metrics and the report.")],
@@ -677,6 +680,12 @@ def evaluate(
     distractors: DistractorsOption = EVAL.distractors,
     distractor_model: DistractorModel = EVAL.distractor_model,
     distractor_space: DistractorSpaceOption = EVAL.distractor_space,
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"Keep the endpoint's replies here, a folder per run (--batch: else OUT/{BATCH_CACHE})."
+        ),
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -690,8 +699,9 @@ def evaluate(
     from finer.eval.engine import evaluate as run_eval
 
     _endpoint_only(options)
+    replies = cache or (out / BATCH_CACHE if options["batch"] else None)
     with _paid_run(options) as (folder, policy):
-        result = run_eval(_config(EvalConfig, options, out=folder))
+        result = _batched(policy, options, run_eval, _config(EvalConfig, options, out=folder, cache=replies))
     for run in result["runs"]:
         levels = " · ".join(f"{lv} {v['em']:.3f} (n={v['count']})" for lv, v in run["levels"].items())
         this = "  <- this run" if run["label"] == result["current"] and len(result["runs"]) > 1 else ""

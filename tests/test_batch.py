@@ -89,19 +89,25 @@ with use_policy(policy):
 """
 
 
+def kill_once_pending(argv: list[str], out: Path) -> None:
+    """Run `argv` and SIGKILL it as soon as it has recorded a pending batch for `out`."""
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record = batch_record_path(out)
+    deadline = time.monotonic() + 60
+    while not (record.is_file() and json.loads(record.read_text())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
 def test_a_run_killed_while_its_batch_is_pending_reattaches(built: Path, tmp_path: Path) -> None:  # noqa: F811
     batches = FakeBatches(delay=3.0)
     out = tmp_path / "g"
     with FakeOpenAI(grounder, batches=batches) as server:
         cfg = config(built, out, server)
-        argv = [sys.executable, "-c", SCRIPT, str(built), str(out), server.url, str(cfg.cache), cfg.model]
-        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        record = batch_record_path(out)
-        deadline = time.monotonic() + 60
-        while not (record.is_file() and json.loads(record.read_text())) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        kill_once_pending(
+            [sys.executable, "-c", SCRIPT, str(built), str(out), server.url, str(cfg.cache), cfg.model], out
+        )
         assert batches.created == ["batch_0"] and not out.exists()
         summary, report = batched_ground(cfg, retry="sync")
         assert server.count == 0

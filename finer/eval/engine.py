@@ -8,7 +8,9 @@ a `--limit` raised later, or a second mode evaluated into the same folder all en
 A retrained adapter saved at the same path is asked again (both runs stay in the report); a folder that
 holds answers about another dataset (or another build of it) is refused unless ``--overwrite`` empties it.
 An image that cannot be read is skipped, recorded and counted (`finer.models.backends`), never the end of
-the run; replies are stored up to `MAX_STORED_CHARS` characters.
+the run; replies are stored up to `MAX_STORED_CHARS` characters. With `--batch` (`finer.models.batch`) an
+endpoint's answers come through the Batch API and reach the run through a reply cache of its own
+(`_reply_cache`).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from finer.prompts import template_sha256
 from finer.records import EvalRun, PredictionRecord
 from finer.run_folder import OutputLock
 
-__all__ = ["BACKENDS", "EvalConfig", "PredictionLog", "evaluate", "load_split"]
+__all__ = ["BACKENDS", "BATCH_CACHE", "EvalConfig", "PredictionLog", "evaluate", "load_split"]
 
 BACKENDS: tuple[str, ...] = ("hf", "openai")
+#: The reply cache of `finer eval --batch` without `--cache`: inside the eval folder, beside its answers.
+BATCH_CACHE = ".replies"
 #: Columns every mode reads; `image` and `attributes_required` are needed per mode.
 LABEL_COLUMNS: tuple[str, ...] = ("image_id", "superordinate", "coarse", "fine")
 #: A reply is stored up to this many characters (its answer part kept, `stored_truncated` set): a model
@@ -65,6 +69,9 @@ class EvalConfig:
     #: --backend openai: seconds per request and retries (None: the shared client's defaults).
     timeout: float | None = None
     max_retries: int | None = None
+    #: --backend openai: a folder to keep replies in and read them from (`--cache`; `--batch` leaves its
+    #: answers there for the run). None keeps none: predictions.jsonl is the record.
+    cache: Path | None = None
     limit: int | None = None
     gold_parent: bool = False
     choices: int = 5
@@ -203,7 +210,7 @@ class PredictionLog:
         self.log.close()
 
 
-def _make_backend(config: EvalConfig, template_hash: str) -> Backend:
+def _make_backend(config: EvalConfig, run: EvalRun) -> Backend:
     if config.backend == "openai":
         return OpenAIBackend(
             config.model,
@@ -211,9 +218,10 @@ def _make_backend(config: EvalConfig, template_hash: str) -> Backend:
             concurrency=config.concurrency,
             temperature=config.temperature,
             max_new_tokens=config.max_new_tokens,
-            template_sha256=template_hash,
+            template_sha256=run["template_sha256"],
             timeout=config.timeout,
             max_retries=config.max_retries,
+            cache=_reply_cache(config.cache, run),
         )
     return HFBackend(
         config.model,
@@ -223,6 +231,13 @@ def _make_backend(config: EvalConfig, template_hash: str) -> Backend:
         temperature=config.temperature,
         seed=config.seed,
     )
+
+
+def _reply_cache(cache: Path | None, run: EvalRun) -> Path | None:
+    """The run's own part of the reply cache (`--cache`, `--batch`): one folder per run identity, so a reply
+    is reused only by the run that asked for it (another `--seed` at a `--temperature` above 0 samples
+    anew, as the identity's seed says), whatever other runs share the cache."""
+    return None if cache is None else Path(cache).expanduser() / f"eval-{cache_key(run)[:16]}"
 
 
 def _run_identity(config: EvalConfig, template_hash: str, dataset_fingerprint: str) -> EvalRun:
@@ -369,7 +384,7 @@ def _evaluate(config: EvalConfig, backend: Backend | None) -> dict[str, Any]:
             if plan.askable(row, level) and (key := plan.key(row, level)) not in done:
                 pending.setdefault(key, (index, level))
     if pending and backend is None:
-        backend = _make_backend(config, template_hash)  # loads the model: only when there is work
+        backend = _make_backend(config, plan.run)  # loads the model: only when there is work
     out.mkdir(parents=True, exist_ok=True)
     log = PredictionLog(answers, recorded_skips)
     try:

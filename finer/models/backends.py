@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from PIL import Image
@@ -344,8 +345,8 @@ class _Shared:
 
 
 class _NoCache(Cache):
-    """Evaluation keeps its own record (predictions.jsonl); caching each reply again would only cost disk
-    and would replay old samples when `--temperature` asks for new ones."""
+    """Evaluation keeps its own record (predictions.jsonl); without a reply folder (`--cache`, `--batch`)
+    caching each reply again would only cost disk."""
 
     def get(self, namespace: str, key: str) -> Any | None:
         return None
@@ -368,10 +369,12 @@ class OpenAIBackend:
         template_sha256: str = "",
         max_retries: int | None = None,
         timeout: float | None = None,
+        cache: Path | None = None,
     ) -> None:
         """``max_new_tokens`` goes out as ``max_tokens`` (dropped for the run if the endpoint refuses it); a
         reply cut at a limit is flagged either way. ``max_retries`` and ``timeout`` (seconds per request)
-        override the shared client's defaults."""
+        override the shared client's defaults. ``cache``: a folder where replies are read before asking and
+        stored when they arrive (where `--batch` leaves its answers for the run); None keeps none."""
         from finer.models.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, Usage, endpoint_configured
 
         if not endpoint_configured(base_url):
@@ -386,6 +389,7 @@ class OpenAIBackend:
         self.template_sha256 = template_sha256
         self.max_retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
         self.timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        self.cache = cache
         self.usage: Usage = Usage()
 
     def run(self, tasks: Iterable[Task], sink: Sink) -> None:
@@ -399,7 +403,7 @@ class OpenAIBackend:
         async with ChatClient(
             self.model,
             self.base_url,
-            cache=_NoCache(),
+            cache=_NoCache() if self.cache is None else Cache(self.cache),
             usage=self.usage,
             concurrency=self.concurrency,
             temperature=self.temperature,

@@ -5,8 +5,10 @@ A step cannot wait a day inside one call, so a batch run is done in passes of th
 `Collector`, like `--dry-run`); the misses go in one batch per endpoint and model, as JSONL whose `custom_id`
 is the call's cache key; the batch is uploaded through the files API, created with the 24 h window, and
 polled with a progress bar; every answer is stored in the cache exactly as a synchronous reply would be.
-Passes repeat while new calls appear (a step whose prompts depend on earlier replies), then the ordinary
-run reads every reply from the cache: the same parsing, validation, repair turns and resume as ever.
+Passes repeat while new calls appear (a step whose prompts depend on earlier replies: repair turns, eval's
+multi-turn modes), then the ordinary run reads every reply from the cache: the same parsing, validation,
+repair turns and resume as ever. A pass starts from a copy of what the run resumes from in its own folder
+(eval's predictions.jsonl), so it collects only the calls the run itself would still make.
 Items that failed or expired are retried synchronously by that last run (`--batch-retry sync`) or in a
 new batch first (`--batch-retry batch`), and counted.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -47,8 +50,10 @@ __all__ = [
 CACHE_NAMESPACE = "llm"
 COMPLETION_WINDOW = "24h"
 ENDPOINT = "/v1/chat/completions"
-#: Collecting passes at most: each one batches what the previous answers made possible (or retried).
-MAX_PASSES = 4
+#: Collecting passes at most: each one batches what the previous answers made possible (or retried). Eval's
+#: `finer` replay has three turns, each built from the replies before it; each turn retried once in a
+#: batch (`--batch-retry batch`) makes six.
+MAX_PASSES = 6
 POLL_S = 10.0
 DONE = ("completed", "failed", "expired", "cancelled")
 
@@ -82,7 +87,8 @@ class Collector:
 
 @dataclass
 class BatchReport:
-    """What the batches of a run did, for its summary (build.json or grounding.json, under "batch")."""
+    """What the batches of a run did, for its summary (build.json, grounding.json or metrics.json, under
+    "batch")."""
 
     batches: list[dict[str, Any]] = field(default_factory=list)
     requests: int = 0
@@ -249,21 +255,31 @@ def run_batched(
 
 
 #: The run summaries a batched run records its batches in (under "batch").
-SUMMARY_FILES = ("build.json", "grounding.json")
+SUMMARY_FILES = ("build.json", "grounding.json", "metrics.json")
+#: What a run resumes from in its own folder (eval's answers; build and ground resume from the cache alone).
+RESUME_FILES = ("predictions.jsonl",)
 
 
 def run_config_batched(
-    run: Callable[[Any], Any], config: Any, policy: Any, *, retry: str = "sync"
+    run: Callable[[Any], Any], config: Any, policy: Any, *, retry: str = "sync", poll_s: float = POLL_S
 ) -> tuple[Any, BatchReport]:
     """`run(config)` after every call it would make was answered through batches (`run_batched`); the
-    batches' ids, counts and batch-price cost go into the run's summary (build.json or grounding.json)."""
+    batches' ids, counts and batch-price cost go into the run's summary (build.json, grounding.json or
+    metrics.json)."""
     if policy.projection is not None:
         raise FinerError(
             "--batch and --dry-run: run the dry run alone (its USD at batch price: x (1 - discount))"
         )
     scratch = {"export_finer": None} if hasattr(config, "export_finer") else {}  # a pass writes nothing else
-    passes = lambda where: run(dataclasses.replace(config, out=where, **scratch))  # noqa: E731
-    report = run_batched(passes, config.out, policy, retry=retry)
+
+    def passes(where: Path) -> Any:
+        for name in RESUME_FILES:
+            if (done := config.out / name).is_file():
+                where.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(done, where / name)
+        return run(dataclasses.replace(config, out=where, **scratch))
+
+    report = run_batched(passes, config.out, policy, retry=retry, poll_s=poll_s)
     result = run(config)
     for name in SUMMARY_FILES:
         if (summary := config.out / name).is_file():
