@@ -216,6 +216,7 @@ def _paid_run(options: dict[str, Any]) -> Iterator[tuple[Path, Any]]:
     the folder it writes. `--dry-run` writes into a scratch folder, prints the projection and exits 0;
     a step that stops because no call was answered (every one was counted instead) ends the dry run there."""
     from finer.models.policy import RunPolicy, use_policy
+    from finer.run_folder import carry_progress
 
     out = options["out"]
     limits = {name: options[name] for name in _POLICY_OPTIONS}
@@ -230,6 +231,7 @@ def _paid_run(options: dict[str, Any]) -> Iterator[tuple[Path, Any]]:
                 raise
             return
         with tempfile.TemporaryDirectory(prefix="finer-dry-run-") as scratch:
+            carry_progress(out, Path(scratch) / "out")  # what --out has answered is not projected again
             try:
                 yield Path(scratch) / "out", policy
             except FinerError as err:

@@ -33,6 +33,7 @@ __all__ = [
     "RUN_FILE",
     "OutputLock",
     "Staged",
+    "carry_progress",
     "check_out",
     "lock_path",
     "old_path",
@@ -47,6 +48,17 @@ __all__ = [
 
 #: Written last into a training run's folder (`finer finetune`, `finer grpo`): what makes a run finished.
 RUN_FILE = "finer_run.json"
+#: What a run resumes from in its own folder (eval's answers; build and ground resume from the cache alone).
+RESUME_FILES = ("predictions.jsonl",)
+
+
+def carry_progress(out: Path, scratch: Path) -> None:
+    """Copy what `out` has already answered into a scratch run folder (a dry run, a batch's collecting
+    pass), so that those questions are neither projected nor collected again."""
+    for name in RESUME_FILES:
+        if (done := out / name).is_file():
+            scratch.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(done, scratch / name)
 
 
 def _sibling(out: Path, suffix: str) -> Path:

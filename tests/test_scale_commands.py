@@ -83,6 +83,27 @@ def test_eval_dry_run_counts_the_questions_the_real_run_asks(
         assert server.count == calls == 3 * ROWS
 
 
+def test_eval_dry_run_of_a_resumed_run_projects_only_the_unanswered(
+    demo: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The answers already in --out's predictions.jsonl are neither projected nor asked again."""
+    with FakeOpenAI(Scripted(demo)) as server:
+        argv = [
+            *("eval", "--dataset", str(demo), "--out", str(tmp_path / "e"), "--backend", "openai"),
+            *("--model", "gpt-4o-mini", "--base-url", server.url),
+        ]
+        assert run_main([*argv, "--limit", "4"]) == 0
+        asked = server.count
+        capsys.readouterr()
+        assert run_main([*argv, "--dry-run"]) == 0
+        assert server.count == asked
+        calls, _ = projected(capsys.readouterr().out, "direct")
+        assert run_main(argv) == 0
+        assert calls == server.count - asked == 3 * ROWS - asked > 0
+
+
 def test_dry_run_refuses_a_local_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A local model (--backend hf) makes no endpoint call to project or price: one line, nothing run."""
     argv = ["build", "demo", "--out", str(tmp_path / "out"), "--extractor", "vlm", "--backend", "hf"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import tempfile
 import threading
 import time
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from finer.cache import Cache, cache_key
 from finer.errors import FinerError
 from finer.models.client import NO_KEY
-from finer.run_folder import write_json
+from finer.run_folder import carry_progress, write_json
 
 __all__ = [
     "BatchReport",
@@ -256,8 +255,6 @@ def run_batched(
 
 #: The run summaries a batched run records its batches in (under "batch").
 SUMMARY_FILES = ("build.json", "grounding.json", "metrics.json")
-#: What a run resumes from in its own folder (eval's answers; build and ground resume from the cache alone).
-RESUME_FILES = ("predictions.jsonl",)
 
 
 def run_config_batched(
@@ -273,10 +270,7 @@ def run_config_batched(
     scratch = {"export_finer": None} if hasattr(config, "export_finer") else {}  # a pass writes nothing else
 
     def passes(where: Path) -> Any:
-        for name in RESUME_FILES:
-            if (done := config.out / name).is_file():
-                where.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(done, where / name)
+        carry_progress(config.out, where)
         return run(dataclasses.replace(config, out=where, **scratch))
 
     report = run_batched(passes, config.out, policy, retry=retry, poll_s=poll_s)
