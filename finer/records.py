@@ -1,30 +1,127 @@
 """The result files finer writes, typed once: each record's keys are declared here, and the code that
-writes a file and the code that reads it both go through these types.
+writes a file and the code that reads it both go through these types (docs/design.md §7.1).
 
 They are `TypedDict`s: a record is a JSON document passed around as a dict, so the on-disk JSON is the
 dict itself, unchanged, and a file written by an older finer (an optional key missing, or one more key)
 still loads. Optional keys are `NotRequired` (no `from __future__ import annotations` here: it would hide
 `NotRequired` from `__optional_keys__`).
+
+A file is read through its `read_*` function (`read_record`): one that cannot be read, is not JSON or
+lacks a key its record requires is a one-line `FinerError` naming the file and the fix, not a `KeyError`
+far from it.
 """
 
 import json
+import types
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict
+from typing import (
+    Any,
+    NotRequired,
+    TypedDict,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+    is_typeddict,
+)
 
-from finer.errors import FinerError
+from finer.appendlog import AppendLog
+from finer.errors import FinerError, one_line
 from finer.run_folder import RUN_FILE
 
 __all__ = [
+    "BUILD_FILE",
+    "CELL_FILE",
+    "METRICS_FILE",
+    "STAGE_FILE",
     "BuildKnowledge",
     "BuildRecord",
+    "CellRecord",
+    "ClassMetrics",
     "EvalRun",
     "GroundedImages",
     "GroundingRecord",
+    "GroundingResult",
+    "GroundingSkip",
+    "GroundingVerdicts",
+    "LevelMetrics",
+    "MetricsRecord",
     "PredictionRecord",
+    "RunMetrics",
     "RunRecord",
+    "StageRecord",
     "UsageCounts",
+    "read_build_file",
+    "read_cell_file",
+    "read_grounding_results",
+    "read_metrics_file",
+    "read_record",
     "read_run_file",
+    "read_stage_file",
+    "record_problem",
 ]
+
+BUILD_FILE = "build.json"
+METRICS_FILE = "metrics.json"
+CELL_FILE = "cell.json"
+STAGE_FILE = "stage.json"
+
+Record = TypeVar("Record")
+
+
+def record_problem(value: Any, kind: Any, where: str = "") -> str | None:
+    """What keeps the JSON ``value`` from being a ``kind`` (a record type, or a list, mapping or union
+    of them): the keys a record in it requires and lacks, or a record, list or mapping in it of another
+    JSON type, named by its path (``runs[0].levels``); None when there is nothing. Scalars are left to
+    their readers."""
+    origin, args = get_origin(kind), get_args(kind)
+    if is_typeddict(kind):
+        if not isinstance(value, dict):
+            return f"`{where}` is not a JSON object" if where else "not a JSON object"
+        hints = get_type_hints(kind)
+        missing = [key for key in hints if key in kind.__required_keys__ and key not in value]
+        if missing:
+            return "lacks " + ", ".join(f"`{_member(where, key)}`" for key in missing)
+        for key, hint in hints.items():
+            if key in value and (problem := record_problem(value[key], hint, _member(where, key))):
+                return problem
+    elif origin is list:
+        if not isinstance(value, list):
+            return f"`{where}` is not a list"
+        for index, item in enumerate(value):
+            if problem := record_problem(item, args[0], f"{where}[{index}]"):
+                return problem
+    elif origin is dict:
+        if not isinstance(value, dict):
+            return f"`{where}` is not a JSON object"
+        for key, item in value.items():
+            if problem := record_problem(item, args[1], _member(where, key)):
+                return problem
+    elif origin in (Union, types.UnionType) and value is not None:
+        arms = [arm for arm in args if arm is not type(None)]
+        if len(arms) == 1:
+            return record_problem(value, arms[0], where)
+    return None
+
+
+def _member(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def read_record(path: Path, kind: type[Record], fix: str) -> Record:
+    """The ``kind`` record the JSON file ``path`` holds, with any key it does not declare kept (a newer
+    finer may add some); a one-line `FinerError` naming the file, what is wrong and ``fix`` when it
+    cannot be read, is not JSON, or lacks what ``kind`` requires (`record_problem`)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise FinerError(f"{path}: cannot be read ({err.strerror or one_line(err)}); {fix}") from None
+    except ValueError as err:
+        raise FinerError(f"{path}: not valid JSON ({one_line(err)}); {fix}") from None
+    if problem := record_problem(value, kind):
+        raise FinerError(f"{path}: {problem}; {fix}")
+    return value
 
 
 class EvalRun(TypedDict):
@@ -86,6 +183,65 @@ class PredictionRecord(TypedDict):
     turns: NotRequired[list[str]]
     #: Why the image could not be read; such a record has no prediction and is counted, not scored.
     skipped: NotRequired[str]
+
+
+class ClassMetrics(TypedDict):
+    """The scores of a set of answers (`finer.eval.report`): modified EM, strict EM and F1, each a mean
+    over ``count`` answers."""
+
+    count: int
+    em: float
+    strict_em: float
+    f1: float
+
+
+class LevelMetrics(ClassMetrics):
+    """One run's scores at one level, with what its answers were and the same scores per class."""
+
+    #: Answers cut at the token limit.
+    truncated: int
+    #: Per class (its fine label): its scores.
+    per_class: dict[str, ClassMetrics]
+    #: Empty answers (scored as wrong), replies stored cut, questions whose image could not be read (not
+    #: scored); a metrics.json of an older finer lacks them.
+    empty: NotRequired[int]
+    stored_truncated: NotRequired[int]
+    skipped: NotRequired[int]
+    #: --mode choice: per kind of distractor, {"offered": n, "chosen": n} (`finer.eval.distractors`).
+    distractor_kinds: NotRequired[dict[str, dict[str, int]]]
+
+
+class RunMetrics(TypedDict):
+    """One run of an evaluation folder: its short label (`finer compare`'s column), identity and scores."""
+
+    label: str
+    #: The run's `EvalRun`; a dict, as older files may hold other fields.
+    run: dict[str, Any]
+    #: Per level asked (superordinate, coarse, fine).
+    levels: dict[str, LevelMetrics]
+
+
+class MetricsRecord(TypedDict):
+    """``metrics.json``: the scores of every run in an evaluation folder, recomputed from its
+    ``predictions.jsonl`` by `finer.eval.report.write_report` (``finer eval``), read by ``finer
+    compare``; `finer.eval.engine.evaluate` returns it with what the call did."""
+
+    #: "ours" or "finer-original" (``--finer-original``).
+    rules: str
+    #: Answers scored (questions with an unreadable image are not).
+    predictions: int
+    runs: list[RunMetrics]
+    #: --batch: what the batches did (`finer.models.batch`), added after the run.
+    batch: NotRequired[dict[str, Any]]
+
+
+def read_metrics_file(folder: Path) -> MetricsRecord:
+    """``folder``'s `MetricsRecord` (`read_record`)."""
+    return read_record(
+        folder / METRICS_FILE,
+        MetricsRecord,
+        f"run the same `finer eval --out {folder}` again to recompute it from predictions.jsonl",
+    )
 
 
 class RunRecord(TypedDict):
@@ -197,6 +353,56 @@ class GroundingRecord(UsageCounts):
     batch: NotRequired[dict[str, Any]]
 
 
+class GroundingResult(TypedDict):
+    """One line of ``grounding.jsonl``, `finer ground`'s results log (`finer.data.grounding`): what became
+    of one image, keyed by all its verdicts depend on. ``status`` says which it is: "ok"
+    (`GroundingVerdicts`) or "skipped" (`GroundingSkip`). A failed call writes no line: it is asked again."""
+
+    key: str
+    split: str
+    image_id: str
+    status: str
+
+
+class GroundingVerdicts(GroundingResult):
+    """An image the model answered about (``status`` "ok")."""
+
+    #: Per attribute listed and answered: "visible", "not visible" or "unsure".
+    answers: dict[str, str]
+    #: The attributes answered "visible", in the order they were listed.
+    visible: list[str]
+    #: How many answered names were not in the list.
+    dropped: int
+
+
+class GroundingSkip(GroundingResult):
+    """An image that could not be read (``status`` "skipped")."""
+
+    reason: str
+
+
+_GROUNDING_RESULTS: dict[str, type[GroundingResult]] = {"ok": GroundingVerdicts, "skipped": GroundingSkip}
+
+
+def read_grounding_results(path: Path) -> dict[str, GroundingResult]:
+    """The records of a ``grounding.jsonl`` by key. A line torn by a kill is no record (its image is asked
+    again, `AppendLog`); a whole line that is not a record of its status is a one-line `FinerError`."""
+    results: dict[str, GroundingResult] = {}
+    for record in AppendLog(path).records():
+        problem = record_problem(record, GroundingResult)
+        if problem is None:
+            status = record["status"]
+            kind = _GROUNDING_RESULTS.get(status) if isinstance(status, str) else None
+            problem = record_problem(record, kind) if kind else f"has status {status!r}, not ok or skipped"
+        if problem is not None:
+            raise FinerError(
+                f"{path}: the record of image {record.get('image_id')!r} {problem}; delete the file to "
+                "ground those images again (cached replies cost no calls)"
+            )
+        results[record["key"]] = record
+    return results
+
+
 class BuildKnowledge(TypedDict):
     """build.json's ``knowledge``: where descriptions, attributes and coarse labels came from, and the
     calls that took (`finer.data.knowledge`); without knowledge only the tallies."""
@@ -240,3 +446,58 @@ class BuildRecord(TypedDict):
     warnings: list[str]
     #: --batch: what the batches did (`finer.models.batch`), added after the build.
     batch: NotRequired[dict[str, Any]]
+
+
+def read_build_file(folder: Path) -> BuildRecord:
+    """``folder``'s `BuildRecord` (`read_record`)."""
+    return read_record(folder / BUILD_FILE, BuildRecord, "run its `finer build` again with --overwrite")
+
+
+class CellRecord(TypedDict):
+    """``cell.json``: one cell of `finer ablate`'s grid and its result (``train/ablate.py``), written with
+    ``status`` "running" before the cell makes anything (so the folder records the model ids it is made
+    from) and again when it is done or failed; a done cell is not run again."""
+
+    #: The cell's axes: the full vision and language model ids, pretraining policy and training format.
+    vision: str
+    llm: str
+    pretrain: str
+    format: str
+    #: Its folder's name under cells/.
+    name: str
+    #: "running", "done" or "failed".
+    status: str
+    #: A failed cell: the step that failed (compose, pretrain, finetune, eval) and its one-line error.
+    stage: str | None
+    error: str | None
+    #: The evaluation's mode and modified EM per level (coarse, fine), and how many images it asked.
+    mode: str | None
+    scores: dict[str, float]
+    images: int
+    #: Written when the cell is over.
+    duration_s: NotRequired[float]
+
+
+def read_cell_file(folder: Path) -> CellRecord:
+    """The `CellRecord` in the cell folder ``folder`` (`read_record`)."""
+    return read_record(folder / CELL_FILE, CellRecord, f"delete {folder} to run the cell again")
+
+
+class StageRecord(TypedDict):
+    """``stage.json``: one stage of `finer curriculum` (``train/curriculum.py``), written before it
+    trains; its hash tells a stage run under other settings (then refused unless --overwrite)."""
+
+    name: str
+    #: "sft" or "grpo".
+    trainer: str
+    #: Of the trainer, the stage's config (but its logging cadence) and the previous stage's hash.
+    hash: str
+    #: The trainer's config dataclass as a dict (`dataclasses.asdict`), model and output folder filled in.
+    config: dict[str, Any]
+
+
+def read_stage_file(folder: Path) -> StageRecord:
+    """The `StageRecord` in the stage folder ``folder`` (`read_record`)."""
+    return read_record(
+        folder / STAGE_FILE, StageRecord, "pass --overwrite to re-run the stage and those after it"
+    )

@@ -4,6 +4,7 @@ one-line errors for bad input. Only the far end of the wire is fake."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,15 +21,17 @@ import pytest
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.eval.engine import EvalConfig, evaluate
+from finer.eval.report import compare
 from finer.eval.tasks import EvalPlan, choice_options
 from finer.models.backends import Generation, HFBackend, OpenAIBackend
 from finer.models.images import image_data_url
 from finer.prompts import render
+from finer.records import ClassMetrics, LevelMetrics, MetricsRecord, RunMetrics, read_metrics_file
 from finer.run_folder import OutputLock
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.testing.fake_openai import FakeOpenAI, Fault
 from tests.cli_helpers import run_cli
-from tests.records_check import checked_predictions
+from tests.records_check import checked_predictions, declared
 
 ROWS = 16  # the demo's test split at two images per class: eight species in four look-alike pairs
 
@@ -490,6 +493,77 @@ def test_compare(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "| coarse | count | 16 | 16 | – |" in lines
     code, _, err = run_cli(["compare", str(tmp_path)], capsys)
     assert code == 2 and "no readable metrics.json" in err
+
+
+def test_metrics_file_round_trips_and_older_and_newer_files_compare_alike(demo: Path, tmp_path: Path) -> None:
+    """metrics.json holds what the run returned, each part as `finer.records` declares it; a file of an
+    older finer (without the empty, stored_truncated and skipped counts) and one with more keys (--batch's
+    `batch`, a newer finer's) load with every key kept and compare as the same scores."""
+    folder = tmp_path / "eval"
+    with FakeOpenAI(Scripted(demo)) as server:
+        config = EvalConfig(dataset=str(demo), out=folder, model="m", backend="openai", base_url=server.url)
+        result = evaluate(dataclasses.replace(config, limit=4))
+    metrics = read_metrics_file(folder)
+    assert metrics == {key: result[key] for key in ("rules", "predictions", "runs")}
+    declared(metrics, MetricsRecord)
+    for run in metrics["runs"]:
+        declared(run, RunMetrics)
+        for level in run["levels"].values():
+            declared(level, LevelMetrics)
+            assert level["per_class"]
+            for scores in level["per_class"].values():
+                declared(scores, ClassMetrics)
+    table = compare([folder])
+    older = json.loads(json.dumps(metrics))
+    for level in older["runs"][0]["levels"].values():
+        for count in ("empty", "stored_truncated", "skipped"):
+            del level[count]
+    newer = {**metrics, "batch": {"batches": ["batch_1"]}, "from_a_newer_finer": 1}
+    for name, written in (("older", older), ("newer", newer)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(written))
+        assert read_metrics_file(tmp_path / name) == written
+        assert compare([tmp_path / name]) == table.replace(str(folder), str(tmp_path / name))
+
+
+WRITTEN_METRICS = {
+    "rules": "ours",
+    "predictions": 1,
+    "runs": [
+        {
+            "label": "direct",
+            "run": {"model": "m", "mode": "direct"},
+            "levels": {
+                "fine": {"count": 1, "em": 1.0, "strict_em": 1.0, "f1": 1.0, "truncated": 0, "per_class": {}}
+            },
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"rules": "ours", "runs": [', "not valid JSON (Expecting value: line 1 column 28"),
+        (json.dumps({"rules": "ours", "predictions": 1}), "lacks `runs`"),
+        (json.dumps({**WRITTEN_METRICS, "runs": [{"label": "x", "run": {}}]}), "lacks `runs[0].levels`"),
+        (json.dumps({**WRITTEN_METRICS, "runs": {}}), "`runs` is not a list"),
+    ],
+)
+def test_compare_names_a_damaged_metrics_file_and_the_fix(
+    text: str, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "metrics.json").write_text(json.dumps(WRITTEN_METRICS))
+    code, stdout, _ = run_cli(["compare", str(tmp_path)], capsys)
+    assert code == 0 and "| fine | modified EM | 1.000 |" in stdout
+    (tmp_path / "metrics.json").write_text(text)
+    code, _, err = run_cli(["compare", str(tmp_path)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {tmp_path / 'metrics.json'}: {problem}")
+    assert lines[0].endswith(
+        f"; run the same `finer eval --out {tmp_path}` again to recompute it from predictions.jsonl"
+    )
 
 
 # --- bad input ----------------------------------------------------------------------------------------

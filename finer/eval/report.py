@@ -20,7 +20,14 @@ from typing import Any
 from finer.errors import FinerError
 from finer.eval.distractors import kind_accuracy, kind_section, option_kind_counts
 from finer.eval.scoring import LEVELS, extract_answer, score, score_choice
-from finer.records import PredictionRecord
+from finer.records import (
+    METRICS_FILE,
+    LevelMetrics,
+    MetricsRecord,
+    PredictionRecord,
+    RunMetrics,
+    read_metrics_file,
+)
 
 __all__ = [
     "CLIFF_FILE",
@@ -35,7 +42,6 @@ __all__ = [
 ]
 
 PREDICTIONS_FILE = "predictions.jsonl"
-METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 CLIFF_FILE = "cliff.png"
 #: What `write_report` derives from the predictions.
@@ -125,7 +131,7 @@ def _labels(runs: list[dict[str, Any]]) -> list[str]:
     return labels
 
 
-def compute_metrics(records: Iterable[PredictionRecord], *, finer_original: bool = False) -> dict[str, Any]:
+def compute_metrics(records: Iterable[PredictionRecord], *, finer_original: bool = False) -> MetricsRecord:
     """Per run and level: modified EM, strict EM, F1, count, and the same per class; also how many answers
     were cut at the token limit (``truncated``), were empty, were stored cut (``stored_truncated``), and how
     many questions were ``skipped`` because their image could not be read."""
@@ -135,9 +141,9 @@ def compute_metrics(records: Iterable[PredictionRecord], *, finer_original: bool
         run_key = json.dumps(record["run"], sort_keys=True)
         runs.setdefault(run_key, record["run"])
         by_run[run_key].append(record)
-    results = []
+    results: list[RunMetrics] = []
     for (run_key, run), label in zip(runs.items(), _labels(list(runs.values())), strict=True):
-        levels: dict[str, Any] = {}
+        levels: dict[str, LevelMetrics] = {}
         for level in LEVELS:
             at_level = [r for r in by_run[run_key] if r["level"] == level]
             chosen = [r for r in at_level if "skipped" not in r]
@@ -175,7 +181,7 @@ def _cell(levels: dict[str, Any], level: str, metric: str = "em") -> str:
     return f"{levels[level][metric]:.3f}" if level in levels else "–"
 
 
-def report_markdown(metrics: dict[str, Any]) -> str:
+def report_markdown(metrics: MetricsRecord) -> str:
     """The report: the runs, the cliff, a table per level, and the fine level per class."""
     runs = metrics["runs"]
     rules = (
@@ -253,7 +259,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_cliff(metrics: dict[str, Any], path: Path) -> None:
+def plot_cliff(metrics: MetricsRecord, path: Path) -> None:
     """Modified EM per level, one line per run (the Agg canvas: no display, no global pyplot state)."""
     from matplotlib.figure import Figure
 
@@ -273,7 +279,7 @@ def plot_cliff(metrics: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def write_report(out: Path, *, finer_original: bool = False) -> dict[str, Any]:
+def write_report(out: Path, *, finer_original: bool = False) -> MetricsRecord:
     """Recompute metrics.json, report.md and cliff.png from ``out``/predictions.jsonl; returns the metrics."""
     metrics = compute_metrics(read_predictions(out / PREDICTIONS_FILE), finer_original=finer_original)
     (out / METRICS_FILE).write_text(
@@ -290,14 +296,10 @@ def compare(dirs: list[Path]) -> str:
     compared: list[tuple[dict[str, Any], dict[str, Any]]] = []
     rules = set()
     for folder in dirs:
-        path = Path(folder) / METRICS_FILE
-        try:
-            metrics = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raise FinerError(
-                f"{folder}: no readable {METRICS_FILE}; run `finer eval --out {folder}` first"
-            ) from None
-        rules.add(metrics.get("rules", "ours"))
+        if not (Path(folder) / METRICS_FILE).is_file():
+            raise FinerError(f"{folder}: no readable {METRICS_FILE}; run `finer eval --out {folder}` first")
+        metrics = read_metrics_file(Path(folder))
+        rules.add(metrics["rules"])
         for run in metrics["runs"]:
             name = str(folder) if len(metrics["runs"]) == 1 else f"{folder}: {run['label']}"
             columns.append((name, run["levels"]))
