@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import inspect
-import json
 import os
 import shutil
 import sys
@@ -444,13 +443,14 @@ def info(
     from rich.console import Console
     from rich.table import Table
 
-    from finer.data.build import BUILD_FILE, CONCEPTS_FILE, iter_concepts
+    from finer.data.build import CONCEPTS_FILE, iter_concepts
+    from finer.records import BUILD_FILE, read_build_file
 
     if not (dataset / BUILD_FILE).is_file() or not (dataset / CONCEPTS_FILE).is_file():
         raise FinerError(
             f"{dataset} is not a finished `finer build` output (no {BUILD_FILE} / {CONCEPTS_FILE})"
         )
-    summary = json.loads((dataset / BUILD_FILE).read_text())
+    summary = read_build_file(dataset)
     table = Table(title=f"{summary['source']}: {summary['concepts']} concepts, rows {summary['counts']}")
     for column in ("concept", "superordinate", "coarse", "fine", "attributes (required)"):
         table.add_column(column)

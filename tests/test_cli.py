@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
 
 import finer
 from finer.cli import main
+from finer.records import read_build_file
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -64,12 +66,44 @@ def test_build_demo_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert code == 0 and "wrote" in stdout
     ds = datasets.load_from_disk(str(out))
     assert {"train", "test"} <= set(ds) and ds["test"].num_rows == 16
-    summary = json.loads((out / "build.json").read_text())
+    summary = read_build_file(out)
+    assert summary == json.loads((out / "build.json").read_text())
     assert summary["knowledge"]["status"] == {"bundled": 8}
     code, stdout, _ = run(["info", str(out)], capsys)
     assert code == 0 and "Warbler" in stdout
     code, _, err = run(["info", str(tmp_path)], capsys)
     assert code == 2 and "not a finished `finer build` output" in err
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda text: text[: len(text) // 2], "not valid JSON"),
+        (
+            lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "concepts"}),
+            "lacks `concepts`",
+        ),
+        (
+            lambda text: json.dumps({**json.loads(text), "knowledge": {"enabled": False}}),
+            "lacks `knowledge.status`, `knowledge.extractors`, `knowledge.calls`, `knowledge.cache_hits`",
+        ),
+    ],
+)
+def test_info_names_a_damaged_build_file_and_the_fix(
+    damage: Any, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    assert (
+        run(["build", "demo", "--out", str(out), "--limit-per-class", "1", "--splits", "test"], capsys)[0]
+        == 0
+    )
+    path = out / "build.json"
+    path.write_text(damage(path.read_text()))
+    code, _, err = run(["info", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {path}: {problem}")
+    assert lines[0].endswith("; run its `finer build` again with --overwrite")
 
 
 def test_no_top_level_builders_or_train_module(tmp_path: Path) -> None:

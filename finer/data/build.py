@@ -35,7 +35,7 @@ from finer.data.knowledge import coarse_labeller as knowledge_coarse_labeller
 from finer.errors import FinerError
 from finer.models.client import public_url
 from finer.models.images import unreadable_reason
-from finer.records import BuildRecord
+from finer.records import BUILD_FILE, BuildRecord
 from finer.run_folder import staged_output, write_split_state
 from finer.schema import Concept, image_features
 
@@ -43,7 +43,6 @@ CONCEPTS_FILE = "concepts.jsonl"
 #: Rows are written in Arrow batches (per-row writes cost ~10x more); bytes cap the batch for embedded images.
 WRITE_BATCH_ROWS = 2000
 WRITE_BATCH_BYTES = 64 * 2**20
-BUILD_FILE = "build.json"
 
 
 @dataclass

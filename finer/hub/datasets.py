@@ -12,7 +12,6 @@ any token-like text masked and no chained traceback that could carry a server's 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from finer.data.build import BUILD_FILE, CONCEPTS_FILE, iter_concepts
 from finer.errors import FinerError
 from finer.hub.cards import CONCEPTS_CONFIG, CONCEPTS_SPLIT, dataset_card, terms_for
-from finer.records import BuildRecord
+from finer.records import BuildRecord, read_build_file
 from finer.schema import Concept
 
 __all__ = ["concept_dataset", "push_dataset"]
@@ -161,10 +160,7 @@ def _read_build(folder: Path) -> BuildRecord:
     for name in (BUILD_FILE, CONCEPTS_FILE, "dataset_dict.json"):
         if not (folder / name).is_file():
             raise FinerError(f"{folder} is not a finished `finer build` output (no {name}); build it first")
-    try:
-        return json.loads((folder / BUILD_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise FinerError(f"{folder / BUILD_FILE} is unreadable ({type(err).__name__}); rebuild") from None
+    return read_build_file(folder)
 
 
 def _first_missing_image(images: datasets.DatasetDict) -> str | None:
