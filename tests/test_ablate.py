@@ -16,10 +16,12 @@ from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.models.backends import HFBackend
+from finer.records import CellRecord, read_cell_file
 from finer.run_folder import OutputLock
 from finer.testing import tiny_part_path
 from finer.train.ablate import CELL_FILE, GRID_FILE, SOURCE_FILE, Cell, _Runner, load_grid, run_grid
 from finer.train.sft import RUN_FILE
+from tests.records_check import declared
 
 #: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
 pytestmark = pytest.mark.slow
@@ -85,6 +87,9 @@ def test_a_two_by_two_grid_completes_and_writes_its_table_and_chart(
         rows = list(csv.DictReader(fh))
     assert [row["status"] for row in rows].count("done") == 4 and {"coarse", "fine"} <= set(rows[0])
     assert json.loads((out / "results.json").read_text()) == result["cells"]
+    for record in result["cells"]:  # cell.json holds the record, as `finer.records` declares it
+        declared(record, CellRecord)
+        assert read_cell_file(out / "cells" / record["name"]) == record
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -266,3 +271,31 @@ def test_a_second_grid_into_the_same_folder_is_refused(tmp_path: Path) -> None:
     with OutputLock(out), pytest.raises(FinerError, match="being written by another run"):
         run_grid(load_grid(path, out))
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"vision": "v", "llm": ', "not valid JSON"),
+        (
+            json.dumps({"vision": "v", "llm": "l", "pretrain": "frozen", "format": "direct"}),
+            "lacks `name`, `status`",
+        ),
+    ],
+)
+def test_a_damaged_cell_file_is_one_line_naming_it_and_the_fix(
+    text: str, problem: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"vision": ["v"], "llm": ["l"], "datasets": ["d"]}))
+    grid = load_grid(path, tmp_path / "out")
+    folder = tmp_path / "out" / "cells" / grid.cells()[0].name
+    folder.mkdir(parents=True)
+    (tmp_path / "out" / GRID_FILE).write_text(json.dumps(grid.settings()))
+    (folder / CELL_FILE).write_text(text)
+    with pytest.raises(FinerError) as info:
+        run_grid(grid)
+    message = str(info.value)
+    assert message.startswith(f"{folder / CELL_FILE}: {problem}") and "\n" not in message
+    assert message.endswith(f"; delete {folder} to run the cell again")
+    assert sorted(p.name for p in folder.iterdir()) == [CELL_FILE]  # nothing ran

@@ -17,9 +17,10 @@ Folders are named by the last component of each model id, so every one records t
 from (compose.json, source.json, cell.json), and a run refuses a folder made from other ids under the same
 names (`openai/x` and `me/x`) before anything runs.
 
-A cell whose cell.json says done is not run again, so growing an axis runs only the new cells. A failed cell
-is reported (stage and one-line error in the table, traceback in its error.log), the grid goes on, and the
-next run tries it again; an unfinished training run resumes from its last checkpoint.
+A cell whose cell.json (`finer.records.CellRecord`) says done is not run again, so growing an axis runs only
+the new cells. A failed cell is reported (stage and one-line error in the table, traceback in its
+error.log), the grid goes on, and the next run tries it again; an unfinished training run resumes from its
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import yaml
 
 from finer.errors import FinerError, one_line
 from finer.eval.tasks import FINER_LEVELS
+from finer.records import CELL_FILE, CellRecord, read_cell_file
 from finer.run_folder import OutputLock, staged_subfolder, write_json
 
 from .compose import COMPOSE_FILE, DTYPES, ComposeConfig, compose
@@ -54,7 +56,6 @@ __all__ = ["CELL_FILE", "GRID_FILE", "Cell", "GridConfig", "load_grid", "run_gri
 logger = logging.getLogger(__name__)
 
 GRID_FILE = "grid.json"
-CELL_FILE = "cell.json"
 #: In a pretraining folder: the vision and language model ids it pretrains (written before training).
 SOURCE_FILE = "source.json"
 RESULTS = "results"  # .md, .csv, .json, .png
@@ -219,7 +220,10 @@ def _check_sources(out: Path, cells: list[Cell]) -> None:
         ):
             if not path.is_file():
                 continue
-            recorded = json.loads(path.read_text(encoding="utf-8"))
+            is_cell = path.name == CELL_FILE
+            recorded = (
+                read_cell_file(path.parent) if is_cell else json.loads(path.read_text(encoding="utf-8"))
+            )
             made = (recorded.get("vision"), recorded.get("llm"))
             if made != (cell.vision, cell.llm):
                 raise FinerError(
@@ -343,13 +347,21 @@ class _Runner:
             "images": max((levels[lv]["count"] for lv in levels), default=0),
         }
 
-    def cell(self, cell: Cell) -> dict[str, Any]:
+    def cell(self, cell: Cell) -> CellRecord:
         """Run one cell through its stages; its record, done or failed (never raises but on interrupt)."""
         folder = self.out / "cells" / cell.name
         folder.mkdir(parents=True, exist_ok=True)
         began = time.perf_counter()
-        record: dict[str, Any] = {**dataclasses.asdict(cell), "name": cell.name, "status": "done"}
-        record.update(stage=None, error=None, mode=None, scores={}, images=0)
+        record: CellRecord = {
+            **dataclasses.asdict(cell),
+            "name": cell.name,
+            "status": "done",
+            "stage": None,
+            "error": None,
+            "mode": None,
+            "scores": {},
+            "images": 0,
+        }
         write_json(folder / CELL_FILE, {**record, "status": "running"})  # the ids, before anything is made
         stage = "compose"
         try:
@@ -388,10 +400,10 @@ def _run_grid(grid: GridConfig, out: Path) -> dict[str, Any]:
     cells = grid.cells()
     _check_sources(out, cells)
     runner = _Runner(grid, out)
-    records: list[dict[str, Any]] = []
+    records: list[CellRecord] = []
     for index, cell in enumerate(cells, 1):
-        path = out / "cells" / cell.name / CELL_FILE
-        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        folder = out / "cells" / cell.name
+        record = read_cell_file(folder) if (folder / CELL_FILE).is_file() else None
         if record is not None and record["status"] == "done":
             logger.info("cell %d/%d %s: done earlier; skipped", index, len(cells), cell.name)
         else:
