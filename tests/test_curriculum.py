@@ -20,11 +20,13 @@ from transformers import AutoModelForImageTextToText
 from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
+from finer.records import STAGE_FILE, StageRecord, read_stage_file
 from finer.run_folder import OutputLock
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.train import curriculum, evaluate, rewards
 from finer.train.curriculum import CURRICULA, CurriculumConfig, plan_stages, run_curriculum
 from finer.train.sft import RUN_FILE, load_recipe, recipe_names
+from tests.records_check import declared
 
 #: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
 pytestmark = pytest.mark.slow
@@ -127,6 +129,11 @@ def test_two_stages_carry_weights_forward_freeze_evaluate_and_resume(
     assert [s["global_step"] for s in summary["stages"]] == [2, 2]
     assert summary == json.loads((out / "curriculum.json").read_text())
     assert summary["final_model"] == str(second / "model")
+    for folder, row in zip((first, second), summary["stages"], strict=True):  # stage.json, as declared
+        stage = read_stage_file(folder)
+        declared(stage, StageRecord)
+        assert (stage["name"], stage["trainer"], stage["hash"]) == (row["name"], row["trainer"], row["hash"])
+        assert stage["config"]["output_dir"] == str(folder / "train")
     for stage in summary["stages"]:  # an evaluation after every stage, fine and coarse
         assert stage["eval"]["images"] == 8 and stage["eval"]["split"] == "test"
         assert 0 <= stage["eval"]["fine_accuracy"] <= 1 and 0 <= stage["eval"]["coarse_accuracy"] <= 1
@@ -372,6 +379,28 @@ def test_grpo_reads_a_recipe_and_the_command_line_overrides_it(
     with pytest.raises(SystemExit) as exit_info:
         main(["grpo", "--config", str(path), "--output-dir", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "unknown key 'lr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"name": "perception", ', "not valid JSON"),
+        ('{"name": "perception"}', "lacks `trainer`, `hash`, `config`"),
+    ],
+)
+def test_a_damaged_stage_file_is_one_line_naming_it_and_the_fix(
+    text: str, problem: str, demo: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "curriculum"
+    path = out / "01-perception" / STAGE_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(FinerError) as err:
+        run_curriculum(CurriculumConfig.from_sources(_recipe(demo, out)))
+    message = str(err.value)
+    assert message.startswith(f"{path}: {problem}") and "\n" not in message
+    assert message.endswith("; pass --overwrite to re-run the stage and those after it")
+    assert [p.name for p in path.parent.iterdir()] == [STAGE_FILE]  # nothing ran
 
 
 def test_a_second_curriculum_into_the_same_folder_is_refused(demo: Path, tmp_path: Path) -> None:

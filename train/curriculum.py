@@ -10,7 +10,7 @@ forward means merging: after a stage its adapter is folded into its starting wei
 saved as a plain transformers model, which the next stage's trainer loads and applies its own policy to.
 
     OUT/curriculum.json             the summary of the last invocation
-    OUT/01-perception/stage.json    trainer, resolved config and hash (written before training)
+    OUT/01-perception/stage.json    trainer, resolved config and hash (`StageRecord`, written before training)
     OUT/01-perception/train/        the trainer's output folder: adapter, checkpoints, finer_run.json last
     OUT/01-perception/model/        the merged model: what the next stage starts from
     OUT/01-perception/eval.json     its scores on the evaluation split
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from finer.errors import FinerError
-from finer.records import read_run_file
+from finer.records import STAGE_FILE, StageRecord, read_run_file, read_stage_file
 from finer.run_folder import OutputLock, staged_subfolder, write_json
 
 from .config import SourcedConfig
@@ -130,10 +130,10 @@ class Stage:
         return self.folder / "model"
 
     def recorded_hash(self) -> str | None:
-        """The hash this stage's folder was trained with, if it holds one."""
+        """The hash this stage's folder was trained with, if it holds a readable stage.json."""
         try:
-            return json.loads((self.folder / "stage.json").read_text(encoding="utf-8"))["hash"]
-        except (OSError, ValueError, KeyError):
+            return read_stage_file(self.folder)["hash"]
+        except FinerError:
             return None
 
     def changed(self) -> bool:
@@ -220,6 +220,8 @@ def run_curriculum(config: CurriculumConfig, where: str = "curriculum") -> dict[
     stages = plan_stages(config, where)
     for stage in stages:
         if stage.changed() and not config.overwrite:
+            if (stage.folder / STAGE_FILE).is_file():
+                read_stage_file(stage.folder)  # a damaged one: its own one-line error
             raise FinerError(
                 f"{stage.label} changed since it ran in {stage.folder} (settings {stage.recorded_hash()} -> "
                 f"{stage.hash}); pass --overwrite to re-run it and the stages after it"
@@ -268,8 +270,13 @@ def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> di
         status = "resumed" if resume else "trained"
         logger.info("%s: %s with %s from %s", stage.label, status, stage.trainer, stage.config.model)
         stage.folder.mkdir(parents=True, exist_ok=True)
-        state = {"name": stage.name, "trainer": stage.trainer, "hash": stage.hash}
-        write_json(stage.folder / "stage.json", {**state, "config": dataclasses.asdict(stage.config)})
+        state: StageRecord = {
+            "name": stage.name,
+            "trainer": stage.trainer,
+            "hash": stage.hash,
+            "config": dataclasses.asdict(stage.config),
+        }
+        write_json(stage.folder / STAGE_FILE, state)
         _, run = TRAINERS[stage.trainer]
         try:
             run(dataclasses.replace(stage.config, resume=resume))
