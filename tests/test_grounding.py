@@ -27,7 +27,14 @@ from finer.data.build import BuildConfig, build, iter_concepts
 from finer.data.grounding import GroundConfig, ground, parse_grounding_reply
 from finer.data.knowledge import Exemplars, KnowledgeOptions
 from finer.errors import FinerError
-from finer.records import BuildKnowledge, GroundedImages, GroundingRecord
+from finer.records import (
+    BuildKnowledge,
+    GroundedImages,
+    GroundingRecord,
+    GroundingSkip,
+    GroundingVerdicts,
+    read_grounding_results,
+)
 from finer.run_folder import OutputLock
 from finer.schema import Concept
 from finer.testing.fake_mediawiki import FakeMediaWiki, FakePage
@@ -286,8 +293,43 @@ def test_ground_writes_known_values_and_makes_no_calls_on_rerun(built: Path, tmp
     declared(on_disk, GroundingRecord)
     declared(on_disk["images"], GroundedImages)
     assert on_disk["concepts"] == again["concepts"] == summary["concepts"]
-    lines = (out / "grounding.jsonl").read_text().splitlines()
+    lines = [json.loads(line) for line in (out / "grounding.jsonl").read_text().splitlines()]
     assert len(lines) == len(asked) + 1  # one result per image asked, plus the skipped one
+    assert read_grounding_results(out / "grounding.jsonl") == {line["key"]: line for line in lines}
+    for line in lines:  # each line as `finer.records` declares it
+        declared(line, GroundingSkip if line["image_id"] == CORRUPT else GroundingVerdicts)
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda record: {k: v for k, v in record.items() if k != "visible"}, "lacks `visible`"),
+        (lambda record: {**record, "status": "maybe"}, "has status 'maybe', not ok or skipped"),
+        (lambda record: {**record, "answers": []}, "`answers` is not a JSON object"),
+    ],
+)
+def test_a_damaged_results_log_is_one_line_naming_it_and_the_fix(
+    damage: Any, problem: str, built: Path, tmp_path: Path
+) -> None:
+    """A whole line of grounding.jsonl that is not a record is refused before any call (a torn one is
+    asked again: test_ground_resumes_after_sigkill_without_duplicates)."""
+    with FakeOpenAI(grounder) as server:
+        ground(config(built, tmp_path / "first", server, splits=["test"]))
+        records = [
+            json.loads(line) for line in (tmp_path / "first" / "grounding.jsonl").read_text().splitlines()
+        ]
+        records[0] = damage(records[0])
+        log = tmp_path / ".again.partial" / "grounding.jsonl"
+        log.parent.mkdir()
+        log.write_text("".join(json.dumps(record) + "\n" for record in records))
+        before = server.count
+        with pytest.raises(FinerError) as err:
+            ground(config(built, tmp_path / "again", server, splits=["test"]))
+        assert server.count == before
+    message = str(err.value)
+    assert message.startswith(f"{log}: the record of image {records[0]['image_id']!r} {problem}")
+    assert message.endswith("; delete the file to ground those images again (cached replies cost no calls)")
+    assert "\n" not in message and not (tmp_path / "again").exists()
 
 
 def test_ground_without_json_schema_reads_lines(built: Path, tmp_path: Path) -> None:

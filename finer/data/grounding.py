@@ -67,7 +67,7 @@ from finer.models.images import (
 )
 from finer.models.vlm import HFChat
 from finer.prompts import render, template_sha256
-from finer.records import GroundingRecord
+from finer.records import GroundingRecord, read_grounding_results
 from finer.run_folder import check_out, staged_output, write_split_state
 
 __all__ = [
@@ -700,7 +700,7 @@ def _ground(config: GroundConfig, out: Path, partial: Path) -> GroundingRecord:
     _clear_partial(partial)
     results_path = partial / RESULTS_FILE
     log = AppendLog(results_path)
-    done = {record["key"]: record for record in log.records() if "key" in record}
+    done = read_grounding_results(results_path)
     pending = [item for item in items if item.key not in done]
     usage, run = Usage(), _Run()
     try:
@@ -713,7 +713,7 @@ def _ground(config: GroundConfig, out: Path, partial: Path) -> GroundingRecord:
         log.close()
     if pending and len(run.failed) == len(pending):
         raise FinerError(f"every request failed, e.g. {run.failed[0]['reason']}; nothing was written")
-    results = {record["key"]: record for record in log.records() if "key" in record}
+    results = read_grounding_results(results_path)
 
     counts: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
