@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import datasets
 from test_grounding import built, cub, grounder  # noqa: F401 - fixtures used by name
-from test_scale import ASKED, config, run_main
+from test_scale import ASKED, OVER_BUDGET_EXIT, config, run_main
 
 from finer.data.grounding import ground
 from finer.models.batch import batch_record_path, run_batched
@@ -128,3 +129,30 @@ def test_ground_batch_from_the_cli(built: Path, tmp_path: Path, capsys) -> None:
     assert isinstance(report["cost_usd_at_batch_price"], float) and batches.created == ["batch_0"]
     assert f"batch: {ASKED - 1} of {ASKED} calls answered" in capsys.readouterr().out
     all_grounded(out)
+
+
+def test_max_cost_holds_a_batch_to_the_budget_and_a_rerun_batches_the_rest(
+    built: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys,
+) -> None:
+    """`--batch --max-cost`: only the calls the budget holds (at batch price) are submitted, nothing is
+    asked synchronously, the run exits 3; a re-run with a larger budget batches exactly the rest."""
+    batches = FakeBatches()
+    out, cache = tmp_path / "g", tmp_path / "c"
+    with FakeOpenAI(grounder, batches=batches) as server:
+        argv = ["ground", str(built), "--out", str(out), "--model", "gpt-4o", "--base-url", server.url]
+        argv += ["--cache", str(cache)]
+        assert run_main([*argv, "--dry-run"]) == 0
+        projected = float(re.search(r"total: .* tokens, ([0-9.]+) USD", capsys.readouterr().out).group(1))
+        budget = 0.5 * projected * 0.5  # half of the run at batch price (half the list price)
+        assert run_main([*argv, "--batch", "--max-cost", f"{budget:.8f}"]) == OVER_BUDGET_EXIT
+        assert "stopped at --max-cost" in capsys.readouterr().err
+        assert server.count == 0, "a call refused by the budget went synchronously"
+        first = json.loads((out / "grounding.json").read_text())["batch"]
+        assert 0 < first["requests"] < ASKED and first["cost_usd_at_batch_price"] <= budget
+        assert run_main([*argv, "--batch", "--overwrite"]) == 0
+        assert server.count == 0
+    second = json.loads((out / "grounding.json").read_text())["batch"]
+    assert second["requests"] == ASKED - first["requests"], "a call was batched twice or left out"
+    assert batches.created == ["batch_0", "batch_1"]

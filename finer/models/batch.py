@@ -66,6 +66,8 @@ class _Group:
     model: str
     cache: Cache
     requests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Each call's projected cost at batch price (its counted input, `max_tokens` or this run's mean output).
+    costs: dict[str, float] = field(default_factory=dict)
 
 
 class Collector:
@@ -75,10 +77,13 @@ class Collector:
         self.groups: dict[tuple[str, str], _Group] = {}
         self._lock = threading.Lock()
 
-    def add(self, base_url: str, api_key: str, model: str, cache: Cache, key: str, request: dict) -> None:
+    def add(
+        self, base_url: str, api_key: str, model: str, cache: Cache, key: str, request: dict, cost: float
+    ) -> None:
         with self._lock:
             group = self.groups.setdefault((base_url, model), _Group(base_url, api_key, model, cache))
             group.requests[key] = request
+            group.costs[key] = cost
 
     def keys(self) -> set[str]:
         return {key for group in self.groups.values() for key in group.requests}
@@ -243,14 +248,34 @@ def run_batched(
             policy.collector = None
         for group in collector.groups.values():
             group.requests = {k: v for k, v in group.requests.items() if k not in given_up}
+        held = _within_budget(collector, policy.budget)
         if not collector.keys():
             break
+        spent = report.cost_usd or 0.0
         for key in submit_and_wait(collector, batch_record_path(out), report, price=price, poll_s=poll_s):
             tries[key] = tries.get(key, 0) + 1
             if retry == "sync" or tries[key] > 1:
                 given_up.add(key)
+        if policy.budget is not None:
+            policy.budget.settle(held, (report.cost_usd or 0.0) - spent)
     report.retried_sync = len(given_up)
     return report
+
+
+def _within_budget(collector: Collector, budget: Any) -> float:
+    """`--max-cost`: keep the calls whose projected cost the budget holds, in key order (the same calls on
+    a re-run, so a killed run still re-attaches to its batch), and drop the rest; once one is refused no
+    other starts, and the run's synchronous calls are refused too. Returns the cost held."""
+    if budget is None:
+        return 0.0
+    held = 0.0
+    for group in collector.groups.values():
+        kept = {
+            key: group.requests[key] for key in sorted(group.requests) if budget.reserve(group.costs[key])
+        }
+        held += sum(group.costs[key] for key in kept)
+        group.requests = kept
+    return held
 
 
 #: The run summaries a batched run records its batches in (under "batch").

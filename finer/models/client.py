@@ -501,10 +501,11 @@ class ChatClient:
         if projection is not None:
             projection.add(template_sha256, self.model, counted, max_tokens)
             raise DryRun("not sent (--dry-run)")
-        if self.policy.collector is not None:
-            self.policy.collector.add(self._url, self._key, self.model, self.cache, key, request)
-            raise DryRun("collected for the batch (--batch)")
         expected_in, expected_out = self._expected(counted.total, max_tokens)
+        if self.policy.collector is not None:
+            cost = self.policy.prices.cost(self.model, expected_in, expected_out, batch=True) or 0.0
+            self.policy.collector.add(self._url, self._key, self.model, self.cache, key, request, cost)
+            raise DryRun("collected for the batch (--batch)")
         held = self._reserve(expected_in, expected_out)
         expected = _EXPECTED.set(expected_in + (max_tokens or expected_out))  # OpenAI counts max_tokens
         spent = 0.0
