@@ -305,3 +305,90 @@ def test_two_endpoints_one_dies_halfway_nothing_lost_nothing_doubled(
     assert len(a.requests) > 20, "replica a was never put back in rotation"
     printed = capsys.readouterr().out
     assert "does not answer: out of rotation" in printed and "back in rotation" in printed
+
+
+# --- 5. the client's own cost per call (bench/scale.py: two endpoints vs one) -------------------------
+
+
+def test_a_call_sends_what_create_would_without_walking_the_typed_request(monkeypatch) -> None:
+    """The body and key a call sends are exactly what `chat.completions.create` would send (the `openai`
+    client's walk of the typed request leaves finer's plain-JSON requests unchanged), but that walk, a
+    third of the client's CPU at 32 calls in flight, is not made."""
+    from openai._utils._transform import async_maybe_transform
+    from openai.resources.chat.completions import completions
+    from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
+
+    walks = []
+    real_walk = completions.async_maybe_transform
+
+    async def counted_walk(*args: Any, **kwargs: Any) -> Any:
+        walks.append(args)
+        return await real_walk(*args, **kwargs)
+
+    monkeypatch.setattr(completions, "async_maybe_transform", counted_walk)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    image = "data:image/jpeg;base64,/9j/4AAQ"
+    messages = [
+        {"role": "system", "content": "look"},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "a?"}],
+        },
+    ]
+
+    async def run(url: str) -> None:
+        async with ChatClient(MODEL, url, cache=Cache(tempfile.mkdtemp())) as chat:
+            await chat.reply(messages, template_sha256="t", schema=schema, max_tokens=7)
+
+    with FakeOpenAI(lambda request: {"a": "b"}) as server:
+        asyncio.run(run(server.url))
+    (entry,) = server.requests
+    sent = entry["json"]
+    expected = {
+        "model": MODEL,
+        "messages": messages,
+        "temperature": 0.0,
+        "max_tokens": 7,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "reply", "schema": schema, "strict": True},
+        },
+    }
+    assert sent == expected
+    assert asyncio.run(async_maybe_transform(sent, CompletionCreateParamsNonStreaming)) == sent
+    assert entry["headers"]["authorization"] == "Bearer sk-test-key"
+    assert not walks
+
+
+def test_writing_a_cache_entry_holds_up_no_other_call() -> None:
+    """Creating an entry's file can take a millisecond or more (this machine's ext4): it happens off the
+    event loop, so the other calls go on meanwhile; a reply still returns only once its entry is written."""
+    import time
+
+    class SlowCache(Cache):
+        def put(self, namespace: str, key: str, value: Any) -> None:
+            time.sleep(0.25)
+            super().put(namespace, key, value)
+            written.append(key)
+
+    written: list[str] = []
+
+    cache = SlowCache(tempfile.mkdtemp())
+    returned = []
+
+    async def ask(chat: ChatClient, i: int) -> None:
+        await chat.reply([{"role": "user", "content": f"question {i}"}], template_sha256="t")
+        returned.append(len(written))  # entries written when the i-th reply came back
+
+    async def run(url: str) -> None:
+        async with ChatClient(MODEL, url, cache=cache, concurrency=4) as chat:
+            await asyncio.gather(*(ask(chat, i) for i in range(4)))
+
+    with FakeOpenAI(lambda request: "ok") as server:
+        started = time.perf_counter()
+        asyncio.run(run(server.url))
+        elapsed = time.perf_counter() - started
+    assert all(written >= n for n, written in enumerate(returned, 1)), returned
+    assert len(list((cache.root / "llm").rglob("*.json"))) == 4
+    assert elapsed < 0.75, f"4 entries of 0.25 s each took {elapsed:.2f} s: written one after another"

@@ -101,6 +101,29 @@ def test_count_request_reads_image_sizes_from_the_data_urls() -> None:
     assert other.text == 3 + (3 + 2 + 3) + (3 + 1 + 3)  # an estimate: 4 characters a token, rounded up
 
 
+def test_image_sizes_are_read_from_the_header_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request with an image is counted before it is sent: only the start of a large payload is
+    decoded, unless its header runs past it (a long ICC profile), when the whole is."""
+    from finer.models import tokens
+
+    decoded: list[int] = []
+    real_decode = base64.b64decode
+    monkeypatch.setattr(
+        tokens.base64, "b64decode", lambda data, **kw: decoded.append(len(data)) or real_decode(data, **kw)
+    )
+    noise = Image.effect_noise((768, 512), 64).convert("RGB")
+    plain, profiled = io.BytesIO(), io.BytesIO()
+    noise.save(plain, format="JPEG")
+    noise.save(profiled, format="JPEG", icc_profile=b"\0" * 8000)
+    for data in (plain, profiled):
+        decoded.clear()
+        url = "data:image/jpeg;base64," + base64.b64encode(data.getvalue()).decode()
+        assert len(url) > 100_000
+        assert tokens.image_size(url) == (768, 512)
+        assert decoded[0] <= 4096
+    assert decoded[-1] > 100_000  # the profiled one: decoded whole
+
+
 def test_the_bundled_rank_files_are_the_ones_tiktoken_checks() -> None:
     """Exact counts offline rest on bpe-openai shipping OpenAI's rank files unchanged: their sha256 must be
     the one tiktoken itself checks a download against."""

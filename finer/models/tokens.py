@@ -46,6 +46,9 @@ TILE_TOKENS: dict[str, tuple[int, int]] = {
     "o3": (75, 150),
 }
 _DEFAULT_TILES = TILE_TOKENS["gpt-4o"]
+#: Base64 characters of a data URL decoded first to read an image's size (3 KB: the headers of the JPEGs
+#: finer sends, and of PNG, GIF and WebP files, end well before).
+_HEADER_CHARS = 4096
 #: Families OpenAI prices by 32-px patches instead; counted by the default tile rule, as an estimate.
 _PATCH_PRICED = ("gpt-4.1-mini", "gpt-4.1-nano", "gpt-5-mini", "gpt-5-nano", "o4-mini")
 _LOADING = threading.Lock()
@@ -91,15 +94,22 @@ def image_tokens(width: int, height: int, detail: str = "high", model: str = "gp
 
 
 def image_size(url: str) -> tuple[int, int] | None:
-    """Width and height of a data-URL image (only its header is decoded); None for a remote URL."""
+    """Width and height of a data-URL image (only its header is decoded); None for a remote URL.
+
+    The first `_HEADER_CHARS` of the base64 payload usually hold the header; when they do not (a long
+    EXIF or ICC block), the whole payload is decoded. Every request with an image is counted here, before
+    it is sent, so decoding a 700 KB payload each time would cost milliseconds per call.
+    """
     if not url.startswith("data:") or "," not in url:
         return None
-    try:
-        data = base64.b64decode(url.partition(",")[2], validate=False)
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (binascii.Error, OSError, ValueError):
-        return None
+    payload = url.partition(",")[2]
+    for part in (payload[:_HEADER_CHARS], payload) if len(payload) > _HEADER_CHARS else (payload,):
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(part, validate=False))) as image:
+                return image.size
+        except (binascii.Error, OSError, ValueError):
+            continue
+    return None
 
 
 @cache
