@@ -221,6 +221,21 @@ class RunMetrics(TypedDict):
     levels: dict[str, LevelMetrics]
 
 
+class UsageCounts(TypedDict):
+    """An endpoint's calls and their cost in one run (`finer.models.client.Usage.usage_json`)."""
+
+    calls: int
+    cache_hits: int
+    failed_calls: int
+    retries: int
+    prompt_tokens: int
+    completion_tokens: int
+    #: USD, or "unknown" for a model without a known price.
+    estimated_cost_usd: float | str
+    #: Only when the calls were spread over more than one endpoint.
+    calls_per_endpoint: NotRequired[dict[str, int]]
+
+
 class MetricsRecord(TypedDict):
     """``metrics.json``: the scores of every run in an evaluation folder, recomputed from its
     ``predictions.jsonl`` by `finer.eval.report.write_report` (``finer eval``), read by ``finer
@@ -231,6 +246,8 @@ class MetricsRecord(TypedDict):
     #: Answers scored (questions with an unreadable image are not).
     predictions: int
     runs: list[RunMetrics]
+    #: --backend openai: the last `finer eval` call's endpoint calls, tokens and cost (per endpoint too).
+    usage: NotRequired[UsageCounts]
     #: --batch: what the batches did (`finer.models.batch`), added after the run.
     batch: NotRequired[dict[str, Any]]
 
@@ -295,21 +312,6 @@ def read_run_file(folder: Path) -> RunRecord:
         raise FinerError(f"{path}: not valid JSON ({err})") from None
 
 
-class UsageCounts(TypedDict):
-    """An endpoint's calls and their cost in one run (`finer.models.client.Usage.usage_json`)."""
-
-    calls: int
-    cache_hits: int
-    failed_calls: int
-    retries: int
-    prompt_tokens: int
-    completion_tokens: int
-    #: USD, or "unknown" for a model without a known price.
-    estimated_cost_usd: float | str
-    #: Only when the calls were spread over more than one endpoint.
-    calls_per_endpoint: NotRequired[dict[str, int]]
-
-
 class GroundedImages(TypedDict):
     """What became of the images `finer ground` was given."""
 
@@ -349,6 +351,8 @@ class GroundingRecord(UsageCounts):
     check_cub: dict[str, Any] | None
     durations: dict[str, float]
     warnings: list[str]
+    #: --backend openai: the last `finer eval` call's endpoint calls, tokens and cost (per endpoint too).
+    usage: NotRequired[UsageCounts]
     #: --batch: what the batches did (`finer.models.batch`), added after the run.
     batch: NotRequired[dict[str, Any]]
 

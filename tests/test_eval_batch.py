@@ -59,6 +59,8 @@ def test_eval_batch_makes_no_call_and_matches_the_synchronous_run(
     synchronous, batched = metrics_of(tmp_path / "sync"), metrics_of(tmp_path / "batch")
     report = batched.pop("batch")
     assert report["requests"] == report["completed"] == rest
+    # the final run reads every batch answer from its reply cache: no call of its own
+    assert batched.pop("usage")["calls"] == 0 and synchronous.pop("usage")["calls"] == 3 * ROWS
     assert isinstance(report["cost_usd_at_batch_price"], float) and report["cost_usd_at_batch_price"] > 0
     assert batched == synchronous
     by_key = lambda out: {r["key"]: r for r in checked_predictions(out)}  # noqa: E731

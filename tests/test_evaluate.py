@@ -26,7 +26,14 @@ from finer.eval.tasks import EvalPlan, choice_options
 from finer.models.backends import Generation, HFBackend, OpenAIBackend
 from finer.models.images import image_data_url
 from finer.prompts import render
-from finer.records import ClassMetrics, LevelMetrics, MetricsRecord, RunMetrics, read_metrics_file
+from finer.records import (
+    ClassMetrics,
+    LevelMetrics,
+    MetricsRecord,
+    RunMetrics,
+    UsageCounts,
+    read_metrics_file,
+)
 from finer.run_folder import OutputLock
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.testing.fake_openai import FakeOpenAI, Fault
@@ -504,8 +511,9 @@ def test_metrics_file_round_trips_and_older_and_newer_files_compare_alike(demo: 
         config = EvalConfig(dataset=str(demo), out=folder, model="m", backend="openai", base_url=server.url)
         result = evaluate(dataclasses.replace(config, limit=4))
     metrics = read_metrics_file(folder)
-    assert metrics == {key: result[key] for key in ("rules", "predictions", "runs")}
+    assert metrics == {key: result[key] for key in ("rules", "predictions", "runs", "usage")}
     declared(metrics, MetricsRecord)
+    declared(metrics["usage"], UsageCounts)
     for run in metrics["runs"]:
         declared(run, RunMetrics)
         for level in run["levels"].values():

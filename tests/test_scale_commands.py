@@ -11,6 +11,7 @@ from test_evaluate import ROWS, Scripted, demo  # noqa: F401 - fixtures used by 
 from test_knowledge_build import PAGES, SPECIES, birds, coarse_answer  # noqa: F401
 from test_scale import run_main
 
+from finer.records import read_metrics_file
 from finer.testing.fake_batches import FakeBatches
 from finer.testing.fake_mediawiki import FakeMediaWiki
 from finer.testing.fake_openai import FakeOpenAI, billed_tokens
@@ -81,6 +82,20 @@ def test_eval_dry_run_counts_the_questions_the_real_run_asks(
         calls, _ = projected(capsys.readouterr().out, "direct")
         assert run_main(argv) == 0
         assert server.count == calls == 3 * ROWS
+
+
+def test_eval_over_two_endpoints_records_its_calls_per_endpoint(demo: Path, tmp_path: Path) -> None:  # noqa: F811
+    """metrics.json holds the eval's endpoint usage: calls, tokens, cost, and calls per endpoint."""
+    with FakeOpenAI(Scripted(demo)) as a, FakeOpenAI(Scripted(demo)) as b:
+        argv = [
+            *("eval", "--dataset", str(demo), "--out", str(tmp_path / "e"), "--backend", "openai"),
+            *("--model", "gpt-4o-mini", "--base-url", f"{a.url},{b.url}", "--concurrency", "2"),
+        ]
+        assert run_main(argv) == 0
+        served = {a.url + "/": a.count, b.url + "/": b.count}
+    usage = read_metrics_file(tmp_path / "e")["usage"]
+    assert usage["calls"] == 3 * ROWS == sum(served.values()) and min(served.values()) > 0
+    assert usage["calls_per_endpoint"] == served and usage["prompt_tokens"] > 0
 
 
 def test_eval_dry_run_of_a_resumed_run_projects_only_the_unanswered(

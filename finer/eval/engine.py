@@ -407,7 +407,9 @@ def _evaluate(config: EvalConfig, backend: Backend | None) -> dict[str, Any]:
             f"{len(log.failures)} of {len(pending)} requests failed (e.g. {log.failures[0]}); "
             "run the same command again to retry them"
         )
-    metrics = write_report(out, finer_original=config.finer_original)
+    counted = getattr(backend, "usage", None)  # an endpoint's calls, tokens and cost (--backend openai)
+    usage = counted.usage_json() if counted is not None else None
+    metrics = write_report(out, finer_original=config.finer_original, usage=usage)
     identity = json.dumps(plan.run, sort_keys=True)
     current = next((r for r in metrics["runs"] if json.dumps(r["run"], sort_keys=True) == identity), None)
     if current is not None:
@@ -420,5 +422,5 @@ def _evaluate(config: EvalConfig, backend: Backend | None) -> dict[str, Any]:
         "failed": len(log.failures),
         "skipped": len(log.unreadable),
         "warnings": warnings,
-        "usage": usage.usage_json() if (usage := getattr(backend, "usage", None)) is not None else None,
+        "usage": usage,
     }

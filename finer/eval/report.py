@@ -26,6 +26,7 @@ from finer.records import (
     MetricsRecord,
     PredictionRecord,
     RunMetrics,
+    UsageCounts,
     read_metrics_file,
 )
 
@@ -279,9 +280,14 @@ def plot_cliff(metrics: MetricsRecord, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def write_report(out: Path, *, finer_original: bool = False) -> MetricsRecord:
-    """Recompute metrics.json, report.md and cliff.png from ``out``/predictions.jsonl; returns the metrics."""
+def write_report(
+    out: Path, *, finer_original: bool = False, usage: UsageCounts | None = None
+) -> MetricsRecord:
+    """Recompute metrics.json, report.md and cliff.png from ``out``/predictions.jsonl; returns the metrics
+    (with `usage`, the endpoint calls of the eval that wrote them, when it made any)."""
     metrics = compute_metrics(read_predictions(out / PREDICTIONS_FILE), finer_original=finer_original)
+    if usage is not None:
+        metrics["usage"] = usage
     (out / METRICS_FILE).write_text(
         json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
