@@ -392,3 +392,30 @@ def test_writing_a_cache_entry_holds_up_no_other_call() -> None:
     assert all(written >= n for n, written in enumerate(returned, 1)), returned
     assert len(list((cache.root / "llm").rglob("*.json"))) == 4
     assert elapsed < 0.75, f"4 entries of 0.25 s each took {elapsed:.2f} s: written one after another"
+
+
+def test_ground_keeps_its_endpoint_slots_busy_while_workers_prepare_images(
+    built: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker preparing its next image leaves its slot to one that is ready (two workers per slot):
+    at --concurrency 1, the calls follow one another with no gap for the image (0.3 s here), and never
+    overlap."""
+    import time
+
+    from finer.data import grounding
+
+    real_image_url = grounding._image_url
+
+    def slow_image_url(cell: dict[str, Any], max_side: int) -> str:
+        time.sleep(0.3)
+        return real_image_url(cell, max_side)
+
+    monkeypatch.setattr(grounding, "_image_url", slow_image_url)
+    with FakeOpenAI(grounder, delay=0.4) as server:
+        summary = ground(config(built, tmp_path / "g", server, concurrency=1))
+    times = sorted(entry["time"] for entry in server.requests)
+    assert summary["calls"] == len(times) == ASKED and server.max_in_flight == 1
+    # back to back: 6 gaps of 0.4 s (2.4 s); with the image between calls, 6 of 0.7 s (4.2 s)
+    assert times[-1] - times[0] < 3.3, [round(b - a, 2) for a, b in itertools.pairwise(times)]

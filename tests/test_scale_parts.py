@@ -263,3 +263,54 @@ def test_pool_spreads_takes_out_and_puts_back() -> None:
 
     asyncio.run(run())
     assert pool.calls() == {"a": 1, "b": 2}
+
+
+def test_a_freed_slot_wakes_one_waiter_not_all() -> None:
+    """Many workers may wait for a slot (ground runs two per slot): each release wakes one of them, not
+    every one to find the slot taken again."""
+    pool = EndpointPool([Endpoint("a", None, capacity=1)])
+    picks = []
+    real_pick = pool._pick
+    pool._pick = lambda now: picks.append(now) or real_pick(now)  # type: ignore[method-assign]
+
+    async def run() -> None:
+        async def call() -> None:
+            endpoint = await pool.acquire()
+            await asyncio.sleep(0)
+            await pool.release(endpoint, answered=True)
+
+        await asyncio.gather(*(call() for _ in range(20)))
+
+    asyncio.run(run())
+    assert pool.calls() == {"a": 20}
+    assert len(picks) <= 2 * 20, f"{len(picks)} looks for a slot for 20 calls"
+
+
+def test_a_slot_refused_or_cancelled_goes_to_the_next_waiter() -> None:
+    """`admit` (the budget) refusing the slot a waiter was woken for, or the waiter being cancelled, hands
+    the slot to the next waiter rather than leaving it free while others wait."""
+    pool = EndpointPool([Endpoint("a", None, capacity=1)])
+
+    def refuse() -> None:
+        raise RuntimeError("over budget")
+
+    async def run() -> None:
+        holder = await pool.acquire()
+        refused = asyncio.create_task(pool.acquire(admit=refuse))
+        waiting = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.01)
+        await pool.release(holder, answered=True)  # wakes `refused`, which is refused
+        with pytest.raises(RuntimeError):
+            await refused
+        holder = await asyncio.wait_for(waiting, timeout=1)
+
+        cancelled = asyncio.create_task(pool.acquire())
+        waiting = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.01)
+        await pool.release(holder, answered=True)  # wakes `cancelled`...
+        cancelled.cancel()  # ...which is cancelled before it can take the slot
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert (await asyncio.wait_for(waiting, timeout=1)).in_flight == 1
+
+    asyncio.run(run())

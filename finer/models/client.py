@@ -31,7 +31,7 @@ from openai.types.chat import ChatCompletion
 from finer.cache import Cache, cache_key
 from finer.errors import FinerError
 from finer.models.endpoints import Endpoint, EndpointPool, split_urls
-from finer.models.policy import DEFAULT_OUTPUT_TOKENS, RunPolicy, active_policy
+from finer.models.policy import DEFAULT_OUTPUT_TOKENS, Budget, RunPolicy, active_policy
 from finer.models.ratelimit import pause_seconds
 from finer.models.tokens import count_request
 from finer.prompts import to_openai
@@ -352,6 +352,30 @@ def _parsed(reply: Reply, parse: Callable[[str], T | None]) -> T | None:
         return None
 
 
+class _Hold:
+    """A call's projected cost, held in the run's budget (`--max-cost`) from when the call gets an
+    endpoint slot until it ends. A call still waiting for a slot holds nothing, so workers waiting
+    their turn do not stop a run short of its budget."""
+
+    def __init__(self, budget: Budget | None, cost: float | None) -> None:
+        self.budget = budget
+        self.cost = cost or 0.0
+        self.held = False
+
+    def take(self) -> None:
+        """Hold the cost, once per call (a retry or failover holds it already); raises `OverBudget`."""
+        if self.budget is None or self.held:
+            return
+        if not self.budget.reserve(self.cost):
+            raise OverBudget(f"not started: --max-cost {self.budget.max_cost:g} USD reached")
+        self.held = True
+
+    def settle(self, spent: float) -> None:
+        """The call ended: release what it held and count what it cost."""
+        if self.budget is not None and self.held:
+            self.budget.settle(self.cost, spent)
+
+
 class _Unanswered(Exception):
     """An endpoint sent no answer after its retries; `error` is what the run raises if no other is left."""
 
@@ -509,19 +533,20 @@ class ChatClient:
             cost = self.policy.prices.cost(self.model, expected_in, expected_out, batch=True) or 0.0
             self.policy.collector.add(self._url, self._key, self.model, self.cache, key, request, cost)
             raise DryRun("collected for the batch (--batch)")
-        held = self._reserve(expected_in, expected_out)
+        budget = self.policy.budget
+        cost = self.policy.prices.cost(self.model, expected_in, expected_out) if budget else None
+        hold = _Hold(budget, cost)
         expected = _EXPECTED.set(expected_in + (max_tokens or expected_out))  # OpenAI counts max_tokens
         spent = 0.0
         try:
-            response = await self._create(request)
+            response = await self._create(request, hold)
             usage = response.usage
             billed = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
             spent = self.policy.prices.cost(self.model, *billed)
             self._billed = (self._billed[0] + counted.total, self._billed[1] + billed[0], self._billed[2] + 1)
         finally:
             _EXPECTED.reset(expected)
-            if self.policy.budget is not None:
-                self.policy.budget.settle(held, spent or 0.0)
+            hold.settle(spent or 0.0)
         choice = response.choices[0] if response.choices else None
         text = (choice.message.content if choice else None) or ""
         finish_reason = str(choice.finish_reason) if choice and choice.finish_reason else "stop"
@@ -555,17 +580,7 @@ class ChatClient:
         mean_out = math.ceil(self.usage.completion_tokens / self.usage.calls)
         return expected_in, min(mean_out, max_tokens) if max_tokens else mean_out
 
-    def _reserve(self, input_tokens: int, output_tokens: int) -> float:
-        """Hold this call's projected cost in the run's budget (0 without one); raises `OverBudget`."""
-        budget = self.policy.budget
-        if budget is None:
-            return 0.0
-        cost = self.policy.prices.cost(self.model, input_tokens, output_tokens) or 0.0
-        if not budget.reserve(cost):
-            raise OverBudget(f"not started: --max-cost {budget.max_cost:g} USD reached")
-        return cost
-
-    async def _create(self, request: dict[str, Any]) -> Any:
+    async def _create(self, request: dict[str, Any], hold: _Hold) -> Any:
         """One chat completion (the client retries inside). A 400 that names an optional parameter
         drops it for the rest of the run, and the request goes again without it."""
         while True:
@@ -574,7 +589,9 @@ class ChatClient:
             if "max_tokens" in request and limits == {"max_tokens"}:  # the newer name, once
                 sent["max_completion_tokens"] = request["max_tokens"]
             try:
-                response = await self._call(sent)
+                response = await self._call(sent, hold)
+            except OverBudget:
+                raise  # not started: not a failed call
             except (CallFailed, EndpointError):
                 self.usage.failed_calls += 1
                 raise
@@ -592,11 +609,12 @@ class ChatClient:
             self._schema_accepted |= "response_format" in sent
             return response
 
-    async def _call(self, request: dict[str, Any]) -> Any:
-        """The call at the next free endpoint. One that does not answer after its retries is taken out
-        of rotation (`EndpointPool`) and the call goes to another; the run stops only when none is left."""
+    async def _call(self, request: dict[str, Any], hold: _Hold) -> Any:
+        """The call at the next free endpoint, its cost held in the budget once it has one. One that does
+        not answer after its retries is taken out of rotation (`EndpointPool`) and the call goes to
+        another; the run stops only when none is left."""
         while True:
-            endpoint = await self._pool.acquire()
+            endpoint = await self._pool.acquire(admit=hold.take)
             answered = True
             try:
                 return await self._call_at(endpoint, request)

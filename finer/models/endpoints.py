@@ -66,20 +66,27 @@ class EndpointPool:
         ready = [e for e in self.endpoints if e.healthy and e.in_flight < e.capacity]
         return min(ready, key=lambda e: (e.in_flight / e.capacity, e.calls)) if ready else None
 
-    async def acquire(self) -> Endpoint:
-        """Wait for a free slot (or a probe due) and take it."""
+    async def acquire(self, admit: Callable[[], None] | None = None) -> Endpoint:
+        """Wait for a free slot (or a probe due) and take it. `admit` runs once a slot is found, before it
+        is taken: what it raises (the budget refusing the call) leaves the slot free."""
         async with self._changed:
-            while True:
-                now = self._clock()
-                endpoint = self._pick(now)
-                if endpoint is not None:
-                    endpoint.in_flight += 1
-                    return endpoint
-                probes = [e.down_until - now for e in self.endpoints if not e.healthy and not e.in_flight]
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._changed.wait(), timeout=max(0.01, min(probes)) if probes else None
-                    )
+            try:
+                while True:
+                    now = self._clock()
+                    endpoint = self._pick(now)
+                    if endpoint is not None:
+                        if admit is not None:
+                            admit()
+                        endpoint.in_flight += 1
+                        return endpoint
+                    probes = [e.down_until - now for e in self.endpoints if not e.healthy and not e.in_flight]
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._changed.wait(), timeout=max(0.01, min(probes)) if probes else None
+                        )
+            except BaseException:  # cancelled, or refused by `admit`
+                self._changed.notify(1)  # a freed slot this waiter was woken for goes to the next
+                raise
 
     async def release(self, endpoint: Endpoint, *, answered: bool) -> None:
         """Free the slot. `answered`: the endpoint replied (any HTTP status) and is in rotation; else it is
@@ -88,9 +95,11 @@ class EndpointPool:
             endpoint.in_flight -= 1
             if answered:
                 endpoint.calls += 1
-                if not endpoint.healthy:
-                    endpoint.healthy = True
-                    tqdm.write(f"endpoint {endpoint.url} answers again: back in rotation")
+                if endpoint.healthy:  # one slot freed: one waiter, not all (a run may keep many waiting)
+                    self._changed.notify(1)
+                    return
+                endpoint.healthy = True
+                tqdm.write(f"endpoint {endpoint.url} answers again: back in rotation")
             elif len(self.endpoints) > 1:
                 now = self._clock()
                 if endpoint.healthy:
