@@ -50,6 +50,7 @@ __all__ = [
     "PredictionRecord",
     "RunMetrics",
     "RunRecord",
+    "SplitScores",
     "StageRecord",
     "UsageCounts",
     "read_build_file",
@@ -261,11 +262,29 @@ def read_metrics_file(folder: Path) -> MetricsRecord:
     )
 
 
+class SplitScores(TypedDict):
+    """The fine (and, in the finer format, coarse) accuracy of a model's generations on one split
+    (``train/evaluate.py``'s `evaluate_fine`): finer_run.json's ``eval`` and a curriculum stage's scores."""
+
+    split: str
+    images: int
+    fine_accuracy: float
+    #: One over the number of classes.
+    chance: float
+    #: Up to four fine-level answers: {"fine", "answers"}.
+    samples: list[dict[str, Any]]
+    #: Questions left without an answer (a failed generation, an unreadable image); finer_run.json files
+    #: of the first finer lack it.
+    failed: NotRequired[int]
+    #: The finer format only.
+    coarse_accuracy: NotRequired[float]
+
+
 class RunRecord(TypedDict):
     """``finer_run.json``: the summary of a finished training run, written last by `finer finetune` (SFT)
-    and `finer grpo` (``train/runtime.py``'s `write_run_file`), read by the model card, the curriculum
-    and the ablation grid. Keys only one trainer writes are `NotRequired`; a file of an older finer may
-    lack others, so readers `.get` what they can do without."""
+    and `finer grpo` (``train/runtime.py``'s `write_run_file`), read by the model card and the curriculum.
+    Its required keys are those every finer version wrote; keys only one trainer writes, or added later,
+    are `NotRequired`."""
 
     #: The trainer's config dataclass as a dict (`dataclasses.asdict`).
     config: dict[str, Any]
@@ -295,8 +314,8 @@ class RunRecord(TypedDict):
     train_loss_steps: NotRequired[list[int]]
     first_loss: NotRequired[float | None]
     last_loss: NotRequired[float | None]
-    #: --eval-split: the fine-level accuracy of generations after training ({"split", "fine_accuracy", ...}).
-    eval: NotRequired[dict[str, Any]]
+    #: --eval-split: the accuracy of generations after training.
+    eval: NotRequired[SplitScores]
     # GRPO only.
     reward_weights: NotRequired[dict[str, float]]
     rewards: NotRequired[list[float]]
@@ -304,12 +323,8 @@ class RunRecord(TypedDict):
 
 
 def read_run_file(folder: Path) -> RunRecord:
-    """``folder``'s `RunRecord`; a one-line `FinerError` when it is not valid JSON."""
-    path = folder / RUN_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise FinerError(f"{path}: not valid JSON ({err})") from None
+    """The `RunRecord` in the training output folder ``folder`` (`read_record`)."""
+    return read_record(folder / RUN_FILE, RunRecord, f"delete {folder} and train it again")
 
 
 class GroundedImages(TypedDict):

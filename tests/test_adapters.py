@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import httpx
 import huggingface_hub.constants
@@ -31,6 +32,7 @@ from finer.eval.scoring import extract_answer
 from finer.hub.model_cards import push_adapter
 from finer.models.loading import adapter_base, load_adapter, load_model
 from finer.prompts import render
+from finer.records import read_run_file
 from finer.testing import tiny_image, tiny_vlm_path
 
 #: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
@@ -236,6 +238,29 @@ class FakeModelHub:
             self.files[op.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
 
 
+#: finer_run.json as the first finer wrote it: without the later `train_loss_steps` and eval's `failed`.
+FIRST_RUN_FILE = {
+    "config": {"model": "ignored", "datasets": ["someone/finer-cub", "./data/demo"], "format": "direct"},
+    "family": "llava-1.5",
+    "chat_template": "ours:llava-1.5.jinja",
+    "lora_target_modules": _LM_LORA,
+    "modules_to_save": [],
+    "trainable_parameters": {"llm": {"trainable": 1024, "total": 100000}},
+    "samples": {"someone/finer-cub": {"rows": 8, "held_out": 0, "too_long": 0, "trained": 8}},
+    "attributes_column": None,
+    "resumed_from": None,
+    "global_step": 2,
+    "train_loss": 2.4,
+    "first_loss": 3.5,
+    "last_loss": 1.25,
+    "losses": [3.5, 1.25],
+    "train_runtime_s": 1.5,
+    "versions": {"transformers": "5.23.0", "peft": "0.21.0", "trl": "1.16.0"},
+    "eval": {"split": "test", "images": 4, "fine_accuracy": 0.5, "chance": 0.25, "samples": []},
+    "duration_s": 2.0,
+}
+
+
 @pytest.fixture
 def run_dir(adapter: tuple[Path, torch.Tensor, str], tmp_path: Path) -> Path:
     """A finished `finer finetune` output folder: the adapter, a checkpoint, training args, finer_run.json."""
@@ -244,19 +269,35 @@ def run_dir(adapter: tuple[Path, torch.Tensor, str], tmp_path: Path) -> Path:
     (out / "checkpoint-2").mkdir()
     (out / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"old")
     (out / "training_args.bin").write_bytes(b"pickle")
-    run = {
-        "config": {"model": "ignored", "datasets": ["someone/finer-cub", "./data/demo"], "format": "direct"},
-        "lora_target_modules": _LM_LORA,
-        "modules_to_save": [],
-        "trainable_parameters": {"llm": {"trainable": 1024, "total": 100000}},
-        "global_step": 2,
-        "first_loss": 3.5,
-        "last_loss": 1.25,
-        "versions": {"transformers": "5.23.0", "peft": "0.21.0", "trl": "1.16.0"},
-        "eval": {"split": "test", "fine_accuracy": 0.5, "images": 4, "chance": 0.25},
-    }
-    (out / "finer_run.json").write_text(json.dumps(run))
+    (out / "finer_run.json").write_text(json.dumps(FIRST_RUN_FILE))
     return out
+
+
+def test_a_run_file_of_the_first_finer_still_loads(run_dir: Path) -> None:
+    assert read_run_file(run_dir) == FIRST_RUN_FILE
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda run: json.dumps(run)[:40], "not valid JSON"),
+        (lambda run: json.dumps({k: v for k, v in run.items() if k != "global_step"}), "lacks `global_step`"),
+        (lambda run: json.dumps({**run, "eval": {"split": "test"}}), "lacks `eval.images`"),
+    ],
+)
+def test_a_damaged_run_file_is_one_line_naming_it_and_the_fix(
+    damage: Any, problem: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    hub = FakeModelHub(monkeypatch)
+    path = run_dir / "finer_run.json"
+    path.write_text(damage(FIRST_RUN_FILE))
+    with pytest.raises(FinerError) as err:
+        push_adapter(run_dir, "someone/tiny-adapter")
+    message = str(err.value)
+    assert message.startswith(f"{path}: {problem}") and "\n" not in message
+    assert message.endswith(f"; delete {run_dir} and train it again")
+    assert not hub.files  # nothing published
 
 
 def test_push_adapter_uploads_adapter_processor_and_card(
