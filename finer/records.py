@@ -33,13 +33,19 @@ from finer.run_folder import RUN_FILE
 __all__ = [
     "BUILD_FILE",
     "CELL_FILE",
+    "COMPOSE_FILE",
+    "GRID_FILE",
     "METRICS_FILE",
+    "RESULTS_FILE",
+    "SOURCE_FILE",
     "STAGE_FILE",
     "BuildKnowledge",
     "BuildRecord",
     "CellRecord",
     "ClassMetrics",
+    "ComposeRecord",
     "EvalRun",
+    "GridRecord",
     "GroundedImages",
     "GroundingRecord",
     "GroundingResult",
@@ -50,15 +56,19 @@ __all__ = [
     "PredictionRecord",
     "RunMetrics",
     "RunRecord",
+    "SourceRecord",
     "SplitScores",
     "StageRecord",
     "UsageCounts",
     "read_build_file",
     "read_cell_file",
+    "read_compose_file",
+    "read_grid_file",
     "read_grounding_results",
     "read_metrics_file",
     "read_record",
     "read_run_file",
+    "read_source_file",
     "read_stage_file",
     "record_problem",
 ]
@@ -67,6 +77,13 @@ BUILD_FILE = "build.json"
 METRICS_FILE = "metrics.json"
 CELL_FILE = "cell.json"
 STAGE_FILE = "stage.json"
+#: `finer ablate`: the grid's shared settings, a pretraining's models; its table as JSON: every cell's
+#: `CellRecord`, in grid order.
+GRID_FILE = "grid.json"
+SOURCE_FILE = "source.json"
+RESULTS_FILE = "results.json"
+#: Beside a composed model's weights (`finer compose`).
+COMPOSE_FILE = "compose.json"
 
 Record = TypeVar("Record")
 
@@ -520,3 +537,65 @@ def read_stage_file(folder: Path) -> StageRecord:
     return read_record(
         folder / STAGE_FILE, StageRecord, "pass --overwrite to re-run the stage and those after it"
     )
+
+
+class GridRecord(TypedDict):
+    """``grid.json``: what every cell of a `finer ablate` folder shares (``train/ablate.py``'s
+    `GridConfig.settings`: the grid file but its axes and ``out``), written when a run claims the folder; a
+    later run into it must share them."""
+
+    datasets: list[str]
+    pretrain_datasets: list[str] | None
+    #: `finer compose` options, the two training runs' FinetuneConfig keys, the evaluation's EvalConfig keys.
+    compose: dict[str, Any]
+    pretraining: dict[str, Any]
+    finetuning: dict[str, Any]
+    evaluation: dict[str, Any]
+
+
+def read_grid_file(out: Path) -> GridRecord:
+    """The `GridRecord` of the grid folder ``out`` (`read_record`)."""
+    return read_record(out / GRID_FILE, GridRecord, f"choose another --out (or delete {out} to start over)")
+
+
+class SourceRecord(TypedDict):
+    """``source.json``: the full model ids a `finer ablate` pretraining folder pretrains, and its policy,
+    written before it trains; a run with other ids under the same folder name is refused."""
+
+    vision: str
+    llm: str
+    pretrain: str
+
+
+def read_source_file(folder: Path) -> SourceRecord:
+    """The `SourceRecord` in the pretraining folder ``folder`` (`read_record`)."""
+    return read_record(folder / SOURCE_FILE, SourceRecord, f"delete {folder} to pretrain it again")
+
+
+class ComposeRecord(TypedDict):
+    """``compose.json``: what a composed model was made from and how (`finer compose`,
+    ``train/compose.py``), written beside its weights; `finer ablate` checks a reused model's ids in it."""
+
+    #: The `ComposeConfig`; ``out`` the folder written, ``dtype`` the weights' own.
+    vision: str
+    llm: str
+    out: str
+    overwrite: bool
+    vision_feature_layer: int
+    dtype: str
+    image_token: str
+    seed: int
+    #: The encoder family (clip, siglip, dinov2) and its token layout ("default" drops a CLS token).
+    encoder: str
+    vision_feature_select_strategy: str
+    #: Image tokens per image, and the processed image's [height, width].
+    image_tokens: int
+    image_size: list[int]
+    #: Per part (vision, projector, llm): its parameter count.
+    parameters: dict[str, int]
+    versions: dict[str, str]
+
+
+def read_compose_file(folder: Path) -> ComposeRecord:
+    """The `ComposeRecord` in the composed model's folder ``folder`` (`read_record`)."""
+    return read_record(folder / COMPOSE_FILE, ComposeRecord, f"delete {folder} to compose it again")

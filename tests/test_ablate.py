@@ -16,11 +16,24 @@ from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.models.backends import HFBackend
-from finer.records import CellRecord, read_cell_file
+from finer.records import (
+    COMPOSE_FILE,
+    RESULTS_FILE,
+    CellRecord,
+    ComposeRecord,
+    GridRecord,
+    SourceRecord,
+    read_cell_file,
+    read_compose_file,
+    read_grid_file,
+    read_record,
+    read_source_file,
+)
 from finer.run_folder import OutputLock
 from finer.testing import tiny_part_path
 from finer.train.ablate import CELL_FILE, GRID_FILE, SOURCE_FILE, Cell, _Runner, load_grid, run_grid
 from finer.train.sft import RUN_FILE
+from tests.cli_helpers import run_cli
 from tests.records_check import declared
 
 #: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
@@ -86,21 +99,27 @@ def test_a_two_by_two_grid_completes_and_writes_its_table_and_chart(
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [row["status"] for row in rows].count("done") == 4 and {"coarse", "fine"} <= set(rows[0])
-    assert json.loads((out / "results.json").read_text()) == result["cells"]
+    assert read_record(out / RESULTS_FILE, list[CellRecord], "") == result["cells"]
     for record in result["cells"]:  # cell.json holds the record, as `finer.records` declares it
         declared(record, CellRecord)
         assert read_cell_file(out / "cells" / record["name"]) == record
+    declared(read_grid_file(out), GridRecord)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cells_share_their_composed_and_pretrained_models(grid: tuple[Path, Path, dict[str, Any]]) -> None:
     """One composition per encoder x LLM, one pretraining per policy; frozen pretraining saves the projector
     alone."""
-    _, out, _ = grid
+    path, out, _ = grid
     assert sorted(p.name for p in (out / "models").iterdir()) == [
         "part-clip__part-llama",
         "part-siglip__part-llama",
     ]
+    spec = yaml.safe_load(path.read_text())
+    for vision in spec["vision"][:2]:  # what each model was composed from, as `finer.records` declares it
+        composed = read_compose_file(out / "models" / f"{Path(vision).name}__part-llama")
+        declared(composed, ComposeRecord)
+        assert (composed["vision"], composed["llm"]) == (vision, spec["llm"][0])
     pretrained = sorted((out / "pretrained").iterdir())
     assert [p.name for p in pretrained] == [
         "part-clip__part-llama__frozen",
@@ -190,7 +209,8 @@ def test_a_pretraining_records_its_models_and_is_not_reused_for_others(
     path, out, _ = grid
     spec = yaml.safe_load(path.read_text())
     name = "part-clip__part-llama__frozen"
-    source = json.loads((out / "pretrained" / name / SOURCE_FILE).read_text())
+    source = read_source_file(out / "pretrained" / name)
+    declared(source, SourceRecord)
     assert source == {"vision": spec["vision"][0], "llm": spec["llm"][0], "pretrain": "frozen"}
     # A folder holding that pretraining alone (its composed model deleted), made with another LLM.
     copy = tmp_path / "out"
@@ -299,3 +319,65 @@ def test_a_damaged_cell_file_is_one_line_naming_it_and_the_fix(
     assert message.startswith(f"{folder / CELL_FILE}: {problem}") and "\n" not in message
     assert message.endswith(f"; delete {folder} to run the cell again")
     assert sorted(p.name for p in folder.iterdir()) == [CELL_FILE]  # nothing ran
+
+
+def _damaged_grid_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """(grid file, its output folder) holding this grid's grid.json, before any cell ran."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"vision": ["v"], "llm": ["l"], "datasets": ["d"]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / GRID_FILE).write_text(json.dumps(load_grid(path, out).settings()))
+    return path, out
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"datasets": ["d"], ', "not valid JSON"),
+        ('{"datasets": ["d"]}', "lacks `pretrain_datasets`, `compose`"),
+    ],
+)
+def test_a_damaged_grid_file_is_one_line_naming_it_and_the_fix(
+    text: str, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid, out = _damaged_grid_folder(tmp_path)
+    (out / GRID_FILE).write_text(text)
+    code, _, err = run_cli(["ablate", str(grid), "--out", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {out / GRID_FILE}: {problem}")
+    assert lines[0].endswith(f"; choose another --out (or delete {out} to start over)")
+    assert sorted(p.name for p in out.iterdir()) == [GRID_FILE]  # nothing ran
+
+
+@pytest.mark.parametrize(
+    ("where", "name", "fix"),
+    [
+        ("models/v__l", COMPOSE_FILE, "compose it again"),
+        ("pretrained/v__l__frozen", SOURCE_FILE, "pretrain it again"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("text", "problem"), [('{"vision": "v", ', "not valid JSON"), ('{"vision": "v"}', "lacks `llm`")]
+)
+def test_a_damaged_compose_or_source_file_is_one_line_naming_it_and_the_fix(
+    where: str,
+    name: str,
+    fix: str,
+    text: str,
+    problem: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A folder a cell would reuse, whose record of the models it was made from is damaged."""
+    grid, out = _damaged_grid_folder(tmp_path)
+    folder = out / where
+    folder.mkdir(parents=True)
+    (folder / name).write_text(text)
+    code, _, err = run_cli(["ablate", str(grid), "--out", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {folder / name}: {problem}")
+    assert lines[0].endswith(f"; delete {folder} to {fix}")
+    assert sorted(p.name for p in out.iterdir()) == sorted([GRID_FILE, where.split("/")[0]])  # nothing ran

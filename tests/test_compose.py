@@ -16,10 +16,12 @@ from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
 from finer.models.families import detect_family, trainable_by_part
+from finer.records import ComposeRecord, read_compose_file
 from finer.testing import tiny_image, tiny_part_path
 from finer.train.compose import COMPOSE_FILE, ComposeConfig, compose
 from finer.train.data import load_mixture
 from finer.train.sft import FinetuneConfig, build_trainer, load_recipe
+from tests.records_check import declared
 
 #: Trains or generates with tiny models: seconds per test (`pytest -m 'not slow'` leaves them out).
 pytestmark = pytest.mark.slow
@@ -73,7 +75,8 @@ def test_composed_model_loads_with_auto_classes_and_generates_from_an_image(
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
-    summary = json.loads((folder / COMPOSE_FILE).read_text())
+    summary = read_compose_file(folder)  # compose.json, as `finer.records` declares it
+    declared(summary, ComposeRecord)
     assert summary["encoder"] == vision and summary["image_tokens"] == 16
 
 
@@ -96,7 +99,7 @@ def test_only_the_vision_half_is_loaded_and_the_language_model_keeps_its_weights
 def test_compose_writes_atomically_and_refuses_to_overwrite(tmp_path: Path) -> None:
     parts = {"vision": str(tiny_part_path("siglip")), "llm": str(tiny_part_path("llama"))}
     out = tmp_path / "model"
-    compose(ComposeConfig(**parts, out=str(out)))
+    assert compose(ComposeConfig(**parts, out=str(out))) == read_compose_file(out)
     with pytest.raises(FinerError, match="--overwrite"):
         compose(ComposeConfig(**parts, out=str(out)))
     compose(ComposeConfig(**parts, out=str(out), overwrite=True, vision_feature_layer=-1))

@@ -15,7 +15,7 @@ pair, one pretraining per pair x policy.
 
 Folders are named by the last component of each model id, so every one records the full ids it was made
 from (compose.json, source.json, cell.json), and a run refuses a folder made from other ids under the same
-names (`openai/x` and `me/x`) before anything runs.
+names (`openai/x` and `me/x`) before anything runs. Each JSON file is a record of `finer.records`.
 
 A cell whose cell.json (`finer.records.CellRecord`) says done is not run again, so growing an axis runs only
 the new cells. A failed cell is reported (stage and one-line error in the table, traceback in its
@@ -42,10 +42,23 @@ import yaml
 
 from finer.errors import FinerError, one_line
 from finer.eval.tasks import FINER_LEVELS
-from finer.records import CELL_FILE, CellRecord, read_cell_file
+from finer.records import (
+    CELL_FILE,
+    COMPOSE_FILE,
+    GRID_FILE,
+    RESULTS_FILE,
+    SOURCE_FILE,
+    CellRecord,
+    GridRecord,
+    SourceRecord,
+    read_cell_file,
+    read_compose_file,
+    read_grid_file,
+    read_source_file,
+)
 from finer.run_folder import OutputLock, staged_subfolder, write_json
 
-from .compose import COMPOSE_FILE, DTYPES, ComposeConfig, compose
+from .compose import DTYPES, ComposeConfig, compose
 from .config import SourcedConfig
 from .runs import release_memory
 from .runtime import RUN_FILE, unfinished_checkpoint
@@ -55,10 +68,7 @@ __all__ = ["CELL_FILE", "GRID_FILE", "Cell", "GridConfig", "load_grid", "run_gri
 
 logger = logging.getLogger(__name__)
 
-GRID_FILE = "grid.json"
-#: In a pretraining folder: the vision and language model ids it pretrains (written before training).
-SOURCE_FILE = "source.json"
-RESULTS = "results"  # .md, .csv, .json, .png
+RESULTS = Path(RESULTS_FILE).stem  # .md, .csv, .json, .png
 PretrainPolicy = Literal["none", "frozen", "lora", "full"]
 CellFormat = Literal["direct", "finer"]
 #: Pretraining learning rate per language-model policy (the projector alone takes LLaVA's 1e-3; a language
@@ -135,7 +145,7 @@ class GridConfig(SourcedConfig):
             for f in self.format
         ]
 
-    def settings(self) -> dict[str, Any]:
+    def settings(self) -> GridRecord:
         """What every cell shares, as JSON: a folder's cells are comparable only under one of these."""
         axes = ("vision", "llm", "pretrain", "format", "out")
         shared = {k: v for k, v in dataclasses.asdict(self).items() if k not in axes}
@@ -191,11 +201,11 @@ def load_grid(path: str | Path, out: str | Path | None = None) -> GridConfig:
     return grid
 
 
-def _claim(out: Path, settings: dict[str, Any]) -> None:
+def _claim(out: Path, settings: GridRecord) -> None:
     """Make `out` this grid's folder, or check it already is one run under the same shared settings."""
     path = out / GRID_FILE
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = read_grid_file(out)
         differ = sorted(k for k in {*stored, *settings} if stored.get(k) != settings.get(k))
         if differ:
             raise FinerError(
@@ -213,21 +223,18 @@ def _check_sources(out: Path, cells: list[Cell]) -> None:
     """Refuse, before anything runs, a folder that a cell would reuse but that was made from other full model
     ids with the same last component (its name): its model, pretraining and scores are not this cell's."""
     for cell in cells:
-        for path in (
-            out / "models" / cell.pair / COMPOSE_FILE,
-            out / "pretrained" / cell.pretrained / SOURCE_FILE,
-            out / "cells" / cell.name / CELL_FILE,
+        for folder, name, read in (
+            (out / "models" / cell.pair, COMPOSE_FILE, read_compose_file),
+            (out / "pretrained" / cell.pretrained, SOURCE_FILE, read_source_file),
+            (out / "cells" / cell.name, CELL_FILE, read_cell_file),
         ):
-            if not path.is_file():
+            if not (folder / name).is_file():
                 continue
-            is_cell = path.name == CELL_FILE
-            recorded = (
-                read_cell_file(path.parent) if is_cell else json.loads(path.read_text(encoding="utf-8"))
-            )
-            made = (recorded.get("vision"), recorded.get("llm"))
+            recorded = read(folder)
+            made = (recorded["vision"], recorded["llm"])
             if made != (cell.vision, cell.llm):
                 raise FinerError(
-                    f"{path.parent} was made from vision {made[0]} + llm {made[1]}, not {cell.vision} + "
+                    f"{folder} was made from vision {made[0]} + llm {made[1]}, not {cell.vision} + "
                     f"{cell.llm} (same folder name); choose another --out (or delete that folder)"
                 )
 
@@ -276,9 +283,8 @@ class _Runner:
             return str(merged)
         if not (folder / SOURCE_FILE).is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            write_json(
-                folder / SOURCE_FILE, {"vision": cell.vision, "llm": cell.llm, "pretrain": cell.pretrain}
-            )
+            source: SourceRecord = {"vision": cell.vision, "llm": cell.llm, "pretrain": cell.pretrain}
+            write_json(folder / SOURCE_FILE, source)
         run = {
             "model": base,
             "datasets": self.grid.pretrain_datasets or self.grid.datasets,
@@ -418,7 +424,7 @@ def _run_grid(grid: GridConfig, out: Path) -> dict[str, Any]:
 _COLUMNS = ("vision", "llm", "pretrain", "format", "status", "coarse", "fine", "images", "stage", "error")
 
 
-def _row(record: dict[str, Any]) -> dict[str, Any]:
+def _row(record: CellRecord) -> dict[str, Any]:
     """One table row: short model names, a score per level (None where the cell has none)."""
     row = {k: record.get(k) for k in _COLUMNS}
     row.update((lv, (record.get("scores") or {}).get(lv)) for lv in FINER_LEVELS)
@@ -426,7 +432,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _markdown(records: list[dict[str, Any]]) -> str:
+def _markdown(records: list[CellRecord]) -> str:
     def score(value: float | None) -> str:
         return "–" if value is None else f"{value:.3f}"
 
@@ -452,7 +458,7 @@ def _markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(records: list[dict[str, Any]], path: Path) -> None:
+def _plot(records: list[CellRecord], path: Path) -> None:
     """Coarse and fine modified EM side by side per cell (matplotlib's Agg canvas, no global pyplot)."""
     from matplotlib.figure import Figure
 
@@ -476,8 +482,9 @@ def _plot(records: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def write_results(out: Path, records: list[dict[str, Any]]) -> dict[str, Path]:
-    """The table (markdown, CSV, JSON) and the chart of `records` in `out`; returns the paths."""
+def write_results(out: Path, records: list[CellRecord]) -> dict[str, Path]:
+    """The table (markdown, CSV, JSON: `RESULTS_FILE`) and the chart of `records` in `out`; returns the
+    paths."""
     files = {ext: out / f"{RESULTS}.{ext}" for ext in ("md", "csv", "json", "png")}
     files["md"].write_text(_markdown(records), encoding="utf-8")
     with open(files["csv"], "w", newline="", encoding="utf-8") as fh:

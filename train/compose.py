@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from finer.errors import FinerError, one_line
+from finer.records import COMPOSE_FILE, ComposeRecord
 from finer.run_folder import staged_output
 
 from .config import SourcedConfig
@@ -35,8 +36,6 @@ __all__ = ["COMPOSE_FILE", "ENCODERS", "ComposeConfig", "Encoder", "compose"]
 
 logger = logging.getLogger(__name__)
 
-#: Written beside the weights: what the model was composed from, and how.
-COMPOSE_FILE = "compose.json"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -217,8 +216,9 @@ def _image_token_check(model: Any, processor: Any, image_token_id: int) -> tuple
     return expected, list(inputs["pixel_values"].shape[-2:])
 
 
-def compose(config: ComposeConfig) -> dict[str, Any]:
-    """Compose, check and save model and processor into `config.out` (atomically); returns compose.json."""
+def compose(config: ComposeConfig) -> ComposeRecord:
+    """Compose, check and save model and processor into `config.out` (atomically); returns what it writes
+    beside them (`COMPOSE_FILE`: what the model was composed from, and how)."""
     if config.dtype not in DTYPES:
         raise FinerError(f"--dtype {config.dtype}: choose one of {', '.join(DTYPES)}")
     with staged_output(config.out, overwrite=config.overwrite, check=_replaceable) as staged:
@@ -226,7 +226,7 @@ def compose(config: ComposeConfig) -> dict[str, Any]:
     return summary
 
 
-def _compose(config: ComposeConfig, out: Path, partial: Path) -> dict[str, Any]:
+def _compose(config: ComposeConfig, out: Path, partial: Path) -> ComposeRecord:
     """`compose`'s body: model, processor and compose.json saved into `partial`."""
     from transformers import LlavaConfig, LlavaProcessor
 
@@ -259,7 +259,7 @@ def _compose(config: ComposeConfig, out: Path, partial: Path) -> dict[str, Any]:
     model.eval()
     image_tokens, image_size = _image_token_check(model, processor, image_token_id)
     model.config.image_seq_length = image_tokens
-    summary = {
+    summary: ComposeRecord = {
         **asdict(config),
         "out": str(out),
         "encoder": encoder.name,
