@@ -996,6 +996,7 @@ def curriculum(
     ] = False,
 ) -> None:
     """Staged post-training: SFT / GRPO stages in order, each from the last one's weights, each evaluated."""
+    from finer.records import CURRICULUM_FILE
     from finer.train import curriculum as staged
     from finer.train.sft import load_recipe
 
@@ -1010,7 +1011,7 @@ def curriculum(
     summary = staged.run_curriculum(settings, where)
     typer.echo(staged.format_table(summary), nl=False)
     typer.echo(
-        f"wrote {Path(summary['output_dir']) / staged.SUMMARY_FILE}; final model: {summary['final_model']}"
+        f"wrote {Path(summary['output_dir']) / CURRICULUM_FILE}; final model: {summary['final_model']}"
     )
 
 

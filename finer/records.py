@@ -34,16 +34,19 @@ __all__ = [
     "BUILD_FILE",
     "CELL_FILE",
     "COMPOSE_FILE",
+    "CURRICULUM_FILE",
     "GRID_FILE",
     "METRICS_FILE",
     "RESULTS_FILE",
     "SOURCE_FILE",
+    "STAGE_EVAL_FILE",
     "STAGE_FILE",
     "BuildKnowledge",
     "BuildRecord",
     "CellRecord",
     "ClassMetrics",
     "ComposeRecord",
+    "CurriculumRecord",
     "EvalRun",
     "GridRecord",
     "GroundedImages",
@@ -58,7 +61,10 @@ __all__ = [
     "RunRecord",
     "SourceRecord",
     "SplitScores",
+    "StageEvalRecord",
+    "StageEvaluation",
     "StageRecord",
+    "StageSummary",
     "UsageCounts",
     "read_build_file",
     "read_cell_file",
@@ -69,6 +75,7 @@ __all__ = [
     "read_record",
     "read_run_file",
     "read_source_file",
+    "read_stage_eval_file",
     "read_stage_file",
     "record_problem",
 ]
@@ -84,6 +91,9 @@ SOURCE_FILE = "source.json"
 RESULTS_FILE = "results.json"
 #: Beside a composed model's weights (`finer compose`).
 COMPOSE_FILE = "compose.json"
+#: `finer curriculum`: a stage's scores, the whole run's summary.
+STAGE_EVAL_FILE = "eval.json"
+CURRICULUM_FILE = "curriculum.json"
 
 Record = TypeVar("Record")
 
@@ -537,6 +547,69 @@ def read_stage_file(folder: Path) -> StageRecord:
     return read_record(
         folder / STAGE_FILE, StageRecord, "pass --overwrite to re-run the stage and those after it"
     )
+
+
+class StageEvaluation(TypedDict):
+    """How `finer curriculum` scores every stage (curriculum.json's ``eval``); in a stage's eval.json, with
+    the stage's ``prompts_dir`` when it sets one."""
+
+    split: str
+    datasets: list[str]
+    #: The training format asked in: "finer" (coarse and fine) or "direct" (fine).
+    format: str
+    crop_to_bbox: bool
+    batch_size: int
+    max_new_tokens: int
+    prompts_dir: NotRequired[str]
+
+
+class StageEvalRecord(TypedDict):
+    """``eval.json``: a curriculum stage's scores and the settings they were computed under
+    (``train/curriculum.py``), reused while a later run's settings are the same."""
+
+    settings: StageEvaluation
+    scores: SplitScores
+
+
+def read_stage_eval_file(folder: Path) -> StageEvalRecord:
+    """The `StageEvalRecord` in the stage folder ``folder`` (`read_record`)."""
+    return read_record(folder / STAGE_EVAL_FILE, StageEvalRecord, "delete it to score the stage again")
+
+
+class StageSummary(TypedDict):
+    """One stage of a `finer curriculum` run, as the summary (and its table) tells it."""
+
+    stage: int
+    name: str
+    trainer: str
+    #: "trained", "resumed" or "skipped" (finished earlier).
+    status: str
+    hash: str
+    #: The weights it started from; ``model`` the merged ones it ended with.
+    started_from: str
+    model: str
+    #: Per part (vision, projector, llm): its training policy.
+    parts: dict[str, str]
+    global_step: int
+    final_loss: float | None
+    final_reward: float | None
+    train_duration_s: float | None
+    #: None when the curriculum evaluates nothing (``eval_split: null``).
+    eval: SplitScores | None
+    duration_s: float
+
+
+class CurriculumRecord(TypedDict):
+    """``curriculum.json``: the summary of the last `finer curriculum` invocation (``train/curriculum.py``),
+    written last; the command prints it as a table."""
+
+    model: str
+    output_dir: str
+    final_model: str
+    eval: StageEvaluation | None
+    stages: list[StageSummary]
+    duration_s: float
+    versions: dict[str, str]
 
 
 class GridRecord(TypedDict):

@@ -20,7 +20,20 @@ from transformers import AutoModelForImageTextToText
 from finer.cli import main
 from finer.data.build import BuildConfig, build
 from finer.errors import FinerError
-from finer.records import STAGE_FILE, StageRecord, read_stage_file
+from finer.records import (
+    CURRICULUM_FILE,
+    STAGE_EVAL_FILE,
+    STAGE_FILE,
+    CurriculumRecord,
+    SplitScores,
+    StageEvalRecord,
+    StageEvaluation,
+    StageRecord,
+    StageSummary,
+    read_record,
+    read_stage_eval_file,
+    read_stage_file,
+)
 from finer.run_folder import OutputLock
 from finer.testing import tiny_vlm_path, unavailable_reason
 from finer.train import curriculum, evaluate, rewards
@@ -127,13 +140,18 @@ def test_two_stages_carry_weights_forward_freeze_evaluate_and_resume(
     first, second = (out / "01-perception", out / "02-reasoning")
     assert [s["status"] for s in summary["stages"]] == ["trained", "trained"]
     assert [s["global_step"] for s in summary["stages"]] == [2, 2]
-    assert summary == json.loads((out / "curriculum.json").read_text())
+    assert summary == read_record(out / CURRICULUM_FILE, CurriculumRecord, "")
+    declared(summary, CurriculumRecord)
+    declared(summary["eval"], StageEvaluation)
     assert summary["final_model"] == str(second / "model")
     for folder, row in zip((first, second), summary["stages"], strict=True):  # stage.json, as declared
         stage = read_stage_file(folder)
         declared(stage, StageRecord)
         assert (stage["name"], stage["trainer"], stage["hash"]) == (row["name"], row["trainer"], row["hash"])
         assert stage["config"]["output_dir"] == str(folder / "train")
+        declared(row, StageSummary)
+        declared(row["eval"], SplitScores)
+        assert read_stage_eval_file(folder) == {"settings": summary["eval"], "scores": row["eval"]}
     for stage in summary["stages"]:  # an evaluation after every stage, fine and coarse
         assert stage["eval"]["images"] == 8 and stage["eval"]["split"] == "test"
         assert 0 <= stage["eval"]["fine_accuracy"] <= 1 and 0 <= stage["eval"]["coarse_accuracy"] <= 1
@@ -185,7 +203,7 @@ def test_two_stages_carry_weights_forward_freeze_evaluate_and_resume(
     assert [s["eval"] for s in again["stages"]] == [s["eval"] for s in summary["stages"]]
 
     # Stage 2 killed after its first checkpoint: it resumes from there, stage 1 is left alone.
-    for path in (second / "train" / RUN_FILE, second / "eval.json"):
+    for path in (second / "train" / RUN_FILE, second / STAGE_EVAL_FILE):
         path.unlink()
     shutil.rmtree(second / "model")
     shutil.rmtree(second / "train" / "checkpoint-2")
@@ -240,7 +258,7 @@ def test_cli_prints_the_table(demo: Path, tmp_path: Path, capsys: pytest.Capture
     stdout = capsys.readouterr().out
     assert "| stage | trainer | trained parts |" in stdout
     assert "| 1 perception | sft | vision lora, projector full, llm lora | trained | 2 |" in stdout
-    assert f"wrote {out / 'curriculum.json'}" in stdout and not (tmp_path / "unused").exists()
+    assert f"wrote {out / CURRICULUM_FILE}" in stdout and not (tmp_path / "unused").exists()
 
 
 def test_shipped_curricula_are_perception_then_reasoning(demo: Path, tmp_path: Path) -> None:
@@ -273,7 +291,7 @@ def test_each_stage_is_scored_with_its_own_prompts(
 
     def scored(model: object, processor: object, rows: object, fmt: str, **options: object) -> dict:
         asked.append(options.get("prompts_dir"))
-        return {"fine_accuracy": 0.5, "images": 8, "chance": 0.125}
+        return {"images": 8, "fine_accuracy": 0.5, "chance": 0.125, "failed": 0, "samples": []}
 
     monkeypatch.setattr(evaluate, "evaluate_fine", scored)
     settings = {
@@ -288,8 +306,54 @@ def test_each_stage_is_scored_with_its_own_prompts(
         stage.folder.mkdir(parents=True)
         curriculum._evaluate(stage, settings, object(), None)
     assert asked == [None, prompts]
-    stored = [json.loads((stage.folder / "eval.json").read_text())["settings"] for stage in stages]
-    assert stored == [settings, {**settings, "prompts_dir": prompts}]
+    stored = [read_stage_eval_file(stage.folder) for stage in stages]  # eval.json, as declared
+    for record in stored:
+        declared(record, StageEvalRecord)
+        declared(record["settings"], StageEvaluation)
+        declared(record["scores"], SplitScores)
+    assert [record["settings"] for record in stored] == [settings, {**settings, "prompts_dir": prompts}]
+
+
+_SETTINGS = {
+    "split": "test",
+    "datasets": ["d"],
+    "format": "finer",
+    "crop_to_bbox": False,
+    "batch_size": 8,
+    "max_new_tokens": 8,
+}
+
+
+@pytest.mark.parametrize(
+    ("stored", "problem"),
+    [
+        ('{"settings": ', "not valid JSON"),
+        (json.dumps({"settings": _SETTINGS}), "lacks `scores`"),
+        (json.dumps({"scores": {}}), "lacks `settings`"),
+        (
+            json.dumps({"settings": _SETTINGS, "scores": {"split": "test", "images": 8}}),
+            "lacks `scores.fine_accuracy`, `scores.chance`, `scores.samples`",
+        ),
+    ],
+)
+def test_a_damaged_stage_eval_file_is_one_line_naming_it_and_the_fix(
+    stored: str, problem: str, demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage's eval.json that is not JSON or lacks a key is refused, neither a KeyError nor scored again."""
+
+    def unasked(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("the stage was scored again")
+
+    monkeypatch.setattr(evaluate, "evaluate_fine", unasked)
+    stage = plan_stages(CurriculumConfig.from_sources(_recipe(demo, tmp_path / "o")))[0]
+    stage.folder.mkdir(parents=True)
+    path = stage.folder / STAGE_EVAL_FILE
+    path.write_text(stored)
+    with pytest.raises(FinerError) as err:
+        curriculum._evaluate(stage, _SETTINGS, object(), None)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {problem}") and "\n" not in message
+    assert message.endswith("; delete it to score the stage again")
 
 
 GOOD_STAGE = {"trainer": "sft", "max_steps": 1}

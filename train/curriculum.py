@@ -9,11 +9,11 @@ Both trainers train a PEFT adapter (LoRA and parts in full) on the model they st
 forward means merging: after a stage its adapter is folded into its starting weights (`merge_and_unload`) and
 saved as a plain transformers model, which the next stage's trainer loads and applies its own policy to.
 
-    OUT/curriculum.json             the summary of the last invocation
+    OUT/curriculum.json             the summary of the last invocation (`CurriculumRecord`)
     OUT/01-perception/stage.json    trainer, resolved config and hash (`StageRecord`, written before training)
     OUT/01-perception/train/        the trainer's output folder: adapter, checkpoints, finer_run.json last
     OUT/01-perception/model/        the merged model: what the next stage starts from
-    OUT/01-perception/eval.json     its scores on the evaluation split
+    OUT/01-perception/eval.json     its scores on the evaluation split (`StageEvalRecord`)
 
 A stage whose train/ holds the run file is finished and never re-run; an unfinished one resumes from its last
 checkpoint. The hash covers the trainer, the stage's config (but its logging and checkpointing cadence) and
@@ -36,7 +36,20 @@ from pathlib import Path
 from typing import Any
 
 from finer.errors import FinerError
-from finer.records import STAGE_FILE, StageRecord, read_run_file, read_stage_file
+from finer.records import (
+    CURRICULUM_FILE,
+    STAGE_EVAL_FILE,
+    STAGE_FILE,
+    CurriculumRecord,
+    SplitScores,
+    StageEvalRecord,
+    StageEvaluation,
+    StageRecord,
+    StageSummary,
+    read_run_file,
+    read_stage_eval_file,
+    read_stage_file,
+)
 from finer.run_folder import OutputLock, staged_subfolder, write_json
 
 from .config import SourcedConfig
@@ -49,7 +62,6 @@ from .sft import FinetuneConfig, eval_rows, run_finetune
 __all__ = [
     "CURRICULA",
     "MANAGED",
-    "SUMMARY_FILE",
     "CurriculumConfig",
     "Stage",
     "format_table",
@@ -61,7 +73,6 @@ logger = logging.getLogger(__name__)
 
 #: Where shipped curriculum recipes live (`load_recipe(name, CURRICULA)`), apart from single-run recipes.
 CURRICULA = "recipes/curricula"
-SUMMARY_FILE = "curriculum.json"
 TRAINERS: dict[str, tuple[type[FinetuneConfig] | type[GrpoConfig], Callable[[Any], dict[str, Any]]]] = {
     "sft": (FinetuneConfig, run_finetune),
     "grpo": (GrpoConfig, run_grpo),
@@ -214,8 +225,8 @@ def _eval_datasets(config: CurriculumConfig, stages: list[Stage]) -> list[str]:
     return config.eval_datasets or config.datasets or stages[0].config.datasets
 
 
-def run_curriculum(config: CurriculumConfig, where: str = "curriculum") -> dict[str, Any]:
-    """Run (or resume) every stage in order, evaluate after each, write `curriculum.json`; returns it."""
+def run_curriculum(config: CurriculumConfig, where: str = "curriculum") -> CurriculumRecord:
+    """Run (or resume) every stage in order, evaluate after each, write `CURRICULUM_FILE`; returns it."""
     started = time.perf_counter()
     stages = plan_stages(config, where)
     for stage in stages:
@@ -226,7 +237,7 @@ def run_curriculum(config: CurriculumConfig, where: str = "curriculum") -> dict[
                 f"{stage.label} changed since it ran in {stage.folder} (settings {stage.recorded_hash()} -> "
                 f"{stage.hash}); pass --overwrite to re-run it and the stages after it"
             )
-    evaluation = None
+    evaluation: StageEvaluation | None = None
     if config.eval_split:
         evaluation = {
             "split": config.eval_split,
@@ -239,7 +250,7 @@ def run_curriculum(config: CurriculumConfig, where: str = "curriculum") -> dict[
     out = Path(config.output_dir or "")
     with OutputLock(out):  # a second curriculum into the same folder is refused, not interleaved
         results = [_run_stage(stage, evaluation, out) for stage in stages]
-        summary = {
+        summary: CurriculumRecord = {
             "model": config.model,
             "output_dir": str(out),
             "final_model": str(stages[-1].model_dir),
@@ -248,11 +259,11 @@ def run_curriculum(config: CurriculumConfig, where: str = "curriculum") -> dict[
             "duration_s": round(time.perf_counter() - started, 2),
             "versions": versions(),
         }
-        write_json(out / SUMMARY_FILE, summary)
+        write_json(out / CURRICULUM_FILE, summary)
     return summary
 
 
-def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> dict[str, Any]:
+def _run_stage(stage: Stage, evaluation: StageEvaluation | None, out: Path) -> StageSummary:
     """Train the stage unless it is finished, merge its weights forward, evaluate; its summary row."""
     began = time.perf_counter()
     if stage.changed():  # only reached with overwrite: run_curriculum refused otherwise
@@ -296,7 +307,7 @@ def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> di
     release_memory()
     losses, rewards = record.get("losses") or [], record.get("rewards") or []
     config = stage.config
-    return {
+    row: StageSummary = {
         "stage": stage.index,
         "name": stage.name,
         "trainer": stage.trainer,
@@ -316,6 +327,7 @@ def _run_stage(stage: Stage, evaluation: dict[str, Any] | None, out: Path) -> di
         "eval": scores,
         "duration_s": round(time.perf_counter() - began, 2),
     }
+    return row
 
 
 def _merge(stage: Stage) -> tuple[Any, Any]:
@@ -346,17 +358,16 @@ def _merge(stage: Stage) -> tuple[Any, Any]:
     return model, processor
 
 
-def _evaluate(stage: Stage, settings: dict[str, Any], model: Any, processor: Any) -> dict[str, Any]:
+def _evaluate(stage: Stage, settings: StageEvaluation, model: Any, processor: Any) -> SplitScores:
     """Scores of the stage's model on the eval split, asked with the stage's own prompts (as `finer finetune`
-    scores its run); kept in eval.json and reused while settings agree."""
+    scores its run); kept in `STAGE_EVAL_FILE` and reused while settings agree."""
     from .evaluate import evaluate_fine
 
     if stage.config.prompts_dir:  # only when set, so that eval.json files written without it still agree
         settings = {**settings, "prompts_dir": stage.config.prompts_dir}
-    path = stage.folder / "eval.json"
-    if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("settings") == settings:
+    if (stage.folder / STAGE_EVAL_FILE).is_file():
+        stored = read_stage_eval_file(stage.folder)
+        if stored["settings"] == settings:
             return stored["scores"]
     if model is None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -376,7 +387,7 @@ def _evaluate(stage: Stage, settings: dict[str, Any], model: Any, processor: Any
         max_new_tokens=settings["max_new_tokens"],
         prompts_dir=settings.get("prompts_dir"),
     )
-    scores = {"split": settings["split"], **scores}
+    scores: SplitScores = {"split": settings["split"], **scores}
     logger.info(
         "%s: fine accuracy %.3f on %d %s images (chance %.3f)",
         stage.label,
@@ -385,11 +396,12 @@ def _evaluate(stage: Stage, settings: dict[str, Any], model: Any, processor: Any
         settings["split"],
         scores["chance"],
     )
-    write_json(path, {"settings": settings, "scores": scores})
+    record: StageEvalRecord = {"settings": settings, "scores": scores}
+    write_json(stage.folder / STAGE_EVAL_FILE, record)
     return scores
 
 
-def format_table(summary: dict[str, Any]) -> str:
+def format_table(summary: CurriculumRecord) -> str:
     """The summary as a markdown table: one row per stage."""
 
     def number(value: float | None, digits: int = 3) -> str:
