@@ -24,6 +24,7 @@ from finer.eval.distractors import blocked_nearest, mine_neighbours
 from finer.eval.engine import LABEL_COLUMNS, EvalConfig, evaluate, load_split
 from finer.eval.lmms_eval import ExportConfig, LmmsTask, export_lmms_eval
 from finer.eval.tasks import EvalPlan, LabelPool, choice_question
+from finer.records import read_metrics_file
 from finer.testing.fake_openai import FakeOpenAI
 from finer.testing.tiny_parts import tiny_clip_path
 from tests.cli_helpers import run_cli
@@ -337,7 +338,7 @@ def test_three_kinds_from_the_cli_reuse_and_compare(
     assert records["clip"][0]["run"]["distractor_revision"] == "local"
     report = (tmp_path / "clip" / "report.md").read_text()
     assert "## multiple choice: distractors chosen" in report
-    metrics = json.loads((tmp_path / "clip" / "metrics.json").read_text())
+    metrics = read_metrics_file(tmp_path / "clip")
     fine = metrics["runs"][0]["levels"]["fine"]
     chosen_wrong = sum(r["answer"] != "A" for r in records["clip"] if r["level"] == "fine")
     assert fine["distractor_kinds"] == {"clip": {"offered": 3 * fine["count"], "chosen": chosen_wrong}}

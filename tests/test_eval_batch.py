@@ -5,7 +5,6 @@ items are retried; a run killed while its batch is pending re-attaches; a local 
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from test_evaluate import EXPECTED, ROWS, Scripted, demo  # noqa: F401 - fixture
 from finer.eval.engine import BATCH_CACHE, EvalConfig, evaluate
 from finer.models.batch import run_config_batched
 from finer.models.policy import RunPolicy, use_policy
+from finer.records import read_metrics_file
 from finer.testing.fake_batches import FakeBatches
 from finer.testing.fake_openai import FakeOpenAI
 from tests.cli_helpers import run_cli
@@ -32,12 +32,8 @@ def eval_argv(dataset: Path, out: Path, server: FakeOpenAI, *extra: str) -> list
     ]
 
 
-def metrics_of(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
-
-
 def ems(out: Path) -> dict[str, float]:
-    (run,) = metrics_of(out)["runs"]
+    (run,) = read_metrics_file(out)["runs"]
     return {level: values["em"] for level, values in run["levels"].items()}
 
 
@@ -56,7 +52,7 @@ def test_eval_batch_makes_no_call_and_matches_the_synchronous_run(
         assert code == 0 and server.count == before, "a synchronous chat call was made"
     rest = 3 * ROWS - 3 * 4
     assert f"batch: {rest} of {rest} calls answered" in stdout and batches.created == ["batch_0"]
-    synchronous, batched = metrics_of(tmp_path / "sync"), metrics_of(tmp_path / "batch")
+    synchronous, batched = read_metrics_file(tmp_path / "sync"), read_metrics_file(tmp_path / "batch")
     report = batched.pop("batch")
     assert report["requests"] == report["completed"] == rest
     # the final run reads every batch answer from its reply cache: no call of its own
@@ -76,7 +72,7 @@ def test_eval_batch_failed_and_expired_questions_are_asked_synchronously(
     with FakeOpenAI(Scripted(demo), batches=batches) as server:
         code, _, _ = run_cli(eval_argv(demo, tmp_path, server, "--batch", "--batch-retry", "sync"), capsys)
         assert code == 0 and server.count == 2, "only the failed and the expired question go synchronously"
-    report = metrics_of(tmp_path)["batch"]
+    report = read_metrics_file(tmp_path)["batch"]
     assert (report["completed"], report["failed"], report["expired"], report["retried_sync"]) == (
         3 * ROWS - 2,
         1,
@@ -114,7 +110,7 @@ def test_eval_finer_replay_turn_by_turn_in_batches_each_failure_retried_in_a_bat
         code, _, _ = run_cli(argv, capsys)
         assert code == 0 and server.count == 0, "a turn was left to a synchronous call"
     assert len(batches.created) == 6
-    report = metrics_of(tmp_path)["batch"]
+    report = read_metrics_file(tmp_path)["batch"]
     # one first turn per image (shared by its two levels), then the fine level's two later turns
     assert report["completed"] == 3 * ROWS and report["failed"] == 3 and report["retried_sync"] == 0
     assert ems(tmp_path) == {"coarse": 0.5, "fine": 0.125}
@@ -156,9 +152,8 @@ def test_eval_batch_replies_are_reused_only_by_the_run_that_asked(
             extra = ("--temperature", "0.5", "--seed", seed, "--cache", str(tmp_path / "c"), "--batch")
             assert run_cli(eval_argv(demo, tmp_path / "e", server, *extra), capsys)[0] == 0
         assert server.count == 0
-    assert (
-        batches.created == ["batch_0", "batch_1"] and metrics_of(tmp_path / "e")["batch"]["completed"] == 48
-    )
+    assert batches.created == ["batch_0", "batch_1"]
+    assert read_metrics_file(tmp_path / "e")["batch"]["completed"] == 48
     assert len(list((tmp_path / "c").glob("eval-*"))) == 2 and not (tmp_path / "e" / BATCH_CACHE).exists()
     assert len(checked_predictions(tmp_path / "e")) == 2 * 3 * ROWS
 
