@@ -37,7 +37,7 @@ __all__ = [
     "CURRICULUM_FILE",
     "GRID_FILE",
     "METRICS_FILE",
-    "RESULTS_FILE",
+    "GRID_RESULTS_FILE",
     "SOURCE_FILE",
     "STAGE_EVAL_FILE",
     "STAGE_FILE",
@@ -88,7 +88,7 @@ STAGE_FILE = "stage.json"
 #: `CellRecord`, in grid order.
 GRID_FILE = "grid.json"
 SOURCE_FILE = "source.json"
-RESULTS_FILE = "results.json"
+GRID_RESULTS_FILE = "results.json"
 #: Beside a composed model's weights (`finer compose`).
 COMPOSE_FILE = "compose.json"
 #: `finer curriculum`: a stage's scores, the whole run's summary.

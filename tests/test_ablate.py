@@ -18,7 +18,7 @@ from finer.errors import FinerError
 from finer.models.backends import HFBackend
 from finer.records import (
     COMPOSE_FILE,
-    RESULTS_FILE,
+    GRID_RESULTS_FILE,
     CellRecord,
     ComposeRecord,
     GridRecord,
@@ -99,7 +99,7 @@ def test_a_two_by_two_grid_completes_and_writes_its_table_and_chart(
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [row["status"] for row in rows].count("done") == 4 and {"coarse", "fine"} <= set(rows[0])
-    assert read_record(out / RESULTS_FILE, list[CellRecord], "") == result["cells"]
+    assert read_record(out / GRID_RESULTS_FILE, list[CellRecord], "") == result["cells"]
     for record in result["cells"]:  # cell.json holds the record, as `finer.records` declares it
         declared(record, CellRecord)
         assert read_cell_file(out / "cells" / record["name"]) == record

@@ -46,7 +46,7 @@ from finer.records import (
     CELL_FILE,
     COMPOSE_FILE,
     GRID_FILE,
-    RESULTS_FILE,
+    GRID_RESULTS_FILE,
     SOURCE_FILE,
     CellRecord,
     GridRecord,
@@ -68,7 +68,7 @@ __all__ = ["CELL_FILE", "GRID_FILE", "Cell", "GridConfig", "load_grid", "run_gri
 
 logger = logging.getLogger(__name__)
 
-RESULTS = Path(RESULTS_FILE).stem  # .md, .csv, .json, .png
+RESULTS = Path(GRID_RESULTS_FILE).stem  # .md, .csv, .json, .png
 PretrainPolicy = Literal["none", "frozen", "lora", "full"]
 CellFormat = Literal["direct", "finer"]
 #: Pretraining learning rate per language-model policy (the projector alone takes LLaVA's 1e-3; a language
@@ -483,7 +483,7 @@ def _plot(records: list[CellRecord], path: Path) -> None:
 
 
 def write_results(out: Path, records: list[CellRecord]) -> dict[str, Path]:
-    """The table (markdown, CSV, JSON: `RESULTS_FILE`) and the chart of `records` in `out`; returns the
+    """The table (markdown, CSV, JSON: `GRID_RESULTS_FILE`) and the chart of `records` in `out`; returns the
     paths."""
     files = {ext: out / f"{RESULTS}.{ext}" for ext in ("md", "csv", "json", "png")}
     files["md"].write_text(_markdown(records), encoding="utf-8")
