@@ -7,18 +7,21 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# It prints its URL, serves until stdin closes, then prints its peak load.
+# It prints its URL, answers each line on stdin with the CPU seconds it used so far, serves until stdin
+# closes, then prints its peak load.
 _SERVE = """
 import sys
+import time
 from finer.testing.fake_openai import FakeOpenAI
 
 {answer}
 
 with FakeOpenAI(answer, delay=float(sys.argv[1])) as server:
     print(server.url, flush=True)
-    sys.stdin.read()
+    for _ in sys.stdin:
+        print(time.process_time(), flush=True)
 print(server.max_in_flight, flush=True)
 """
 
@@ -26,8 +29,15 @@ print(server.max_in_flight, flush=True)
 @dataclass
 class Endpoint:
     url: str
+    server: subprocess.Popen[str] = field(repr=False)
     #: The most requests it had in flight at once; known once the `with` block is left.
     peak: int | None = None
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process used so far (all its threads): what it costs the machine."""
+        self.server.stdin.write("\n")  # type: ignore[union-attr]
+        self.server.stdin.flush()  # type: ignore[union-attr]
+        return float(self.server.stdout.readline())  # type: ignore[union-attr]
 
 
 @contextmanager
@@ -39,7 +49,7 @@ def fake_endpoint(answer: str, delay_s: float) -> Iterator[Endpoint]:
     server = subprocess.Popen(
         [sys.executable, "-c", script, str(delay_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    endpoint = Endpoint(server.stdout.readline().strip())  # type: ignore[union-attr]
+    endpoint = Endpoint(server.stdout.readline().strip(), server)  # type: ignore[union-attr]
     if not endpoint.url.startswith("http://"):
         server.kill()
         server.wait()
