@@ -32,6 +32,7 @@ from finer.run_folder import RUN_FILE
 
 __all__ = [
     "BUILD_FILE",
+    "GROUNDING_FILE",
     "CELL_FILE",
     "COMPOSE_FILE",
     "CURRICULUM_FILE",
@@ -81,6 +82,7 @@ __all__ = [
 ]
 
 BUILD_FILE = "build.json"
+GROUNDING_FILE = "grounding.json"
 METRICS_FILE = "metrics.json"
 CELL_FILE = "cell.json"
 STAGE_FILE = "stage.json"

@@ -67,12 +67,11 @@ from finer.models.images import (
 )
 from finer.models.vlm import HFChat
 from finer.prompts import render, template_sha256
-from finer.records import GroundingRecord, read_grounding_results
+from finer.records import GROUNDING_FILE, GroundingRecord, read_grounding_results
 from finer.run_folder import check_out, staged_output, write_split_state
 
 __all__ = [
     "COLUMN",
-    "GROUNDING_FILE",
     "RESULTS_FILE",
     "VERDICTS",
     "GroundConfig",
@@ -83,7 +82,6 @@ __all__ = [
 ]
 
 COLUMN = "attributes_visible"
-GROUNDING_FILE = "grounding.json"
 RESULTS_FILE = "grounding.jsonl"
 REPORT_FILE = "report.md"
 BACKENDS = ("openai", "hf")

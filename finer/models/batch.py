@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from finer.cache import Cache, cache_key
 from finer.errors import FinerError
 from finer.models.client import NO_KEY
+from finer.records import BUILD_FILE, GROUNDING_FILE, METRICS_FILE
 from finer.run_folder import carry_progress, write_json
 
 __all__ = [
@@ -279,7 +280,7 @@ def _within_budget(collector: Collector, budget: Any) -> float:
 
 
 #: The run summaries a batched run records its batches in (under "batch").
-SUMMARY_FILES = ("build.json", "grounding.json", "metrics.json")
+SUMMARY_FILES = (BUILD_FILE, GROUNDING_FILE, METRICS_FILE)
 
 
 def run_config_batched(
