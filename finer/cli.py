@@ -23,9 +23,9 @@ import typer
 
 import finer
 from finer.builders.imagefolder import DEFAULT_TEST_FRACTION
-from finer.data.build import BuildConfig
-from finer.data.grounding import GroundConfig
-from finer.data.knowledge import EXTRACTORS, KnowledgeOptions
+from finer.data.build_config import BuildConfig
+from finer.data.grounding_config import GroundConfig
+from finer.data.knowledge_config import EXTRACTORS, KnowledgeOptions
 from finer.errors import FinerError
 from finer.eval.distractors import SPACES
 from finer.eval.engine import BACKENDS, BATCH_CACHE, EvalConfig
@@ -33,7 +33,7 @@ from finer.eval.lmms_eval import ExportConfig
 from finer.eval.predict import PredictConfig
 from finer.eval.probes import ProbeConfig
 from finer.eval.tasks import DISTRACTOR_KINDS, MODES
-from finer.models.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
+from finer.models.client_config import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 from finer.models.images import DEFAULT_MAX_IMAGE_SIDE
 from finer.schema import LEVELS
 from finer.train.compose import DTYPES, ComposeConfig

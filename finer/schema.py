@@ -9,9 +9,10 @@ comes from its source builder.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
 
 LEVELS: tuple[str, ...] = ("superordinate", "coarse", "fine")
 Level = Literal["superordinate", "coarse", "fine"]
@@ -80,6 +81,8 @@ class Concept:
 
 def image_features(class_names: list[str]) -> datasets.Features:
     """Features of the image rows; `label` indexes the sorted canonical fine names."""
+    import datasets  # here, not above: every module reads this one, `finer --help` too
+
     strings = datasets.List(datasets.Value("string"))
     return datasets.Features(
         {

@@ -5,6 +5,8 @@ imports itself back through others (function-level imports count: a cycle hidden
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"finer": ROOT / "finer", "finer.builders": ROOT / "builders", "finer.train": ROOT / "train"}
 #: The command line wires every layer together; it alone may import the trainers.
 ENTRY_POINTS = {"finer.cli", "finer.__main__"}
+#: Libraries only the engines need: `finer --help` and a mistyped option must not wait seconds for them.
+HEAVY = ("datasets", "openai", "torch", "transformers", "trl", "peft", "pandas", "pyarrow")
 
 
 def _modules() -> dict[str, Path]:
@@ -108,3 +112,11 @@ def test_no_import_cycles() -> None:
         if name not in index:
             visit(name)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_command_line_loads_no_engine_library() -> None:
+    """`import finer.cli` (every `finer --help`, every CLI mistake) imports none of `HEAVY`: the CLI takes
+    its defaults from the light config modules, and the engines import the libraries when they run."""
+    code = f"import sys, finer.cli; print(*[m for m in {HEAVY!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert not result.stdout.split(), f"import finer.cli loads {result.stdout.split()}"

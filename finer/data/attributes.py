@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from finer.cache import Cache
 from finer.data.coarse import NO_RULE, CoarseRule
+from finer.data.knowledge_config import EXTRACTORS, default_extractor
 from finer.data.untrusted import content_words, strip_instructions, supported, vocabulary_stems
 from finer.errors import FinerError
 from finer.models.client import (
@@ -48,7 +49,6 @@ from finer.models.client import (
     MalformedJSON,
     Usage,
     ask_parsed,
-    endpoint_configured,
     openai_messages,
     parse_json_object,
     refuses_images,
@@ -75,7 +75,6 @@ __all__ = [
     "rule_attributes",
 ]
 
-EXTRACTORS = ("llm", "vlm", "rules", "cub-annotations")
 MAX_WORDS = 6
 MAX_CHARS = 60
 MAX_PER_LIST = 12
@@ -491,14 +490,6 @@ class ExtractionStats(Usage):
             "unsupported_phrases": self.unsupported,
             "failures": self.failures,
         }
-
-
-def default_extractor(base_url: str | None) -> str:
-    """Pick "llm" when an endpoint is configured (argument, OPENAI_BASE_URL, OPENAI_API_KEY), else "rules".
-
-    The caller says loudly when this falls back to "rules" and records it in build.json.
-    """
-    return "llm" if endpoint_configured(base_url) else "rules"
 
 
 def _text(concept: Concept) -> str:

@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 import finer
 from finer.builders import ImageRecord, Source, get_source
+from finer.data.build_config import BuildConfig
 from finer.data.coarse import CoarseLabeller
-from finer.data.knowledge import KnowledgeOptions, add_coarse_report, add_knowledge
+from finer.data.knowledge import add_coarse_report, add_knowledge
 from finer.data.knowledge import coarse_labeller as knowledge_coarse_labeller
 from finer.errors import FinerError
 from finer.models.client import public_url
@@ -43,26 +44,6 @@ CONCEPTS_FILE = "concepts.jsonl"
 #: Rows are written in Arrow batches (per-row writes cost ~10x more); bytes cap the batch for embedded images.
 WRITE_BATCH_ROWS = 2000
 WRITE_BATCH_BYTES = 64 * 2**20
-
-
-@dataclass
-class BuildConfig:
-    """Everything `finer build` was asked to do; recorded in build.json."""
-
-    source: str
-    out: Path
-    root: Path | None = None
-    splits: list[str] | None = None
-    limit_classes: int | None = None
-    limit_per_class: int | None = None
-    knowledge: bool | None = None  # None: on when the source has no bundled knowledge
-    embed_images: bool = False
-    crop_to_bbox: bool = False
-    check_images: bool = True
-    overwrite: bool = False
-    export_finer: Path | None = None
-    knowledge_options: KnowledgeOptions = field(default_factory=KnowledgeOptions)
-    test_fraction: float | None = None  # imagefolder's <root>/<class>/* layout: the test share per class
 
 
 @dataclass

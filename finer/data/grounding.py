@@ -40,10 +40,9 @@ from finer.appendlog import AppendLog
 from finer.cache import Cache, cache_key
 from finer.data.attributes import cub_phrase
 from finer.data.datasets_io import load_built, pick_split
+from finer.data.grounding_config import GroundConfig
 from finer.errors import FinerError
 from finer.models.client import (
-    DEFAULT_MAX_RETRIES,
-    DEFAULT_TIMEOUT_S,
     CallFailed,
     ChatClient,
     ImagesRefused,
@@ -59,7 +58,6 @@ from finer.models.client import (
     run_workers,
 )
 from finer.models.images import (
-    DEFAULT_MAX_IMAGE_SIDE,
     UNREADABLE,
     encode_image,
     open_image,
@@ -98,30 +96,6 @@ REPLY_FORM = 'each listed trait as a key and "visible", "not visible" or "unsure
 #: the image would not open; `attributes_visible` is null (unknown) unless "ok".
 STATUS_COLUMN = "grounding_status"
 OK, FAILED, UNREADABLE_STATUS = "ok", "failed", "unreadable"
-
-
-@dataclass
-class GroundConfig:
-    """Everything `finer ground` was asked to do (docs/design.md §4); recorded in grounding.json."""
-
-    dataset: str
-    out: Path
-    model: str
-    backend: str = "openai"
-    base_url: str | None = None
-    #: Calls in flight (openai) or the batch size (hf).
-    concurrency: int = 16
-    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
-    limit: int | None = None
-    splits: list[str] | None = None
-    check_cub: Path | None = None
-    cache: Path | None = None
-    prompts_dir: Path | None = None
-    overwrite: bool = False
-    max_new_tokens: int = 256
-    progress: bool = True
-    timeout: float = DEFAULT_TIMEOUT_S
-    max_retries: int = DEFAULT_MAX_RETRIES
 
 
 # --- replies ----------------------------------------------------------------------------------------

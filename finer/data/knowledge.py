@@ -2,7 +2,8 @@
 
 Order per docs/design.md §1: each concept's description comes from Wikipedia (or is bundled with the source),
 then an extractor reads the visible attributes from it. Which extractor runs, and which coarse labeller
-fills the concepts the taxonomy leaves unlabelled, is decided here and nowhere else.
+fills the concepts the taxonomy leaves unlabelled, is decided here and in `KnowledgeOptions.chosen_extractor`
+(`finer.data.knowledge_config`: the options, which the CLI imports without this module), nowhere else.
 
 `--extractor vlm` also shows the model up to `--exemplars` train images per concept, which only the source
 can supply before any row is written: `Exemplars` finds them in one pass over the train records.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,59 +23,15 @@ from tqdm.auto import tqdm
 
 from finer.builders import ImageRecord, Source
 from finer.cache import Cache
-from finer.data.attributes import ExtractionStats, LlmCoarseLabeller, default_extractor, extract_attributes
+from finer.data.attributes import ExtractionStats, LlmCoarseLabeller, extract_attributes
 from finer.data.coarse import CoarseLabeller, RuleCoarseLabeller
+from finer.data.knowledge_config import KnowledgeOptions
 from finer.data.wiki import fetch_knowledge
 from finer.errors import FinerError
-from finer.models.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ImagesRefused, endpoint_configured
-from finer.models.images import DEFAULT_MAX_IMAGE_SIDE, UNREADABLE, encode_image, open_image
+from finer.models.client import ImagesRefused, endpoint_configured
+from finer.models.images import UNREADABLE, encode_image, open_image
 from finer.models.vlm import HFChat
 from finer.schema import Concept, Knowledge
-
-EXTRACTORS = ("llm", "vlm", "rules", "cub-annotations")
-BACKENDS = ("openai", "hf")
-
-
-@dataclass
-class KnowledgeOptions:
-    """Where knowledge and attributes come from (the `finer build` options of docs/design.md §4)."""
-
-    extractor: str | None = None  # None: "llm" when an endpoint is configured, else "rules"
-    model: str | None = None
-    base_url: str | None = None
-    concurrency: int = 16
-    wiki_api: str | None = None
-    wiki_lang: str = "en"
-    wiki_words: int = 256
-    wiki_concurrency: int = 4
-    cache: Path | None = None
-    prompts_dir: Path | None = None
-    #: --extractor vlm: train images shown per concept, their longer side, and who answers: an endpoint
-    #: ("openai") or a local model ("hf", `model` an id or path, `concurrency` its batch size).
-    exemplars: int = 3
-    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
-    backend: str = "openai"
-    #: Fetch Wikipedia text for concepts without bundled knowledge; off for `cub-annotations` offline.
-    wikipedia: bool = True
-    #: Per endpoint request: seconds before it is abandoned, and retries after the first try.
-    timeout: float = DEFAULT_TIMEOUT_S
-    max_retries: int = DEFAULT_MAX_RETRIES
-    #: Your own description per concept (JSONL of {"fine": NAME, "text": ...}), read instead of Wikipedia.
-    knowledge_file: Path | None = None
-
-    def chosen_extractor(self) -> str:
-        extractor = self.extractor or default_extractor(self.base_url)
-        if extractor not in EXTRACTORS:
-            raise FinerError(f"unknown extractor {extractor!r}; choose one of: {', '.join(EXTRACTORS)}")
-        if self.backend not in BACKENDS:
-            raise FinerError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
-        if self.backend == "hf" and extractor != "vlm":
-            raise FinerError("--backend hf runs a local VLM for --extractor vlm only")
-        if self.backend == "hf" and not self.model:
-            raise FinerError("--backend hf needs --model ID|PATH (a local or cached vision-language model)")
-        if self.exemplars < 0:
-            raise FinerError("--exemplars must be 0 or more")
-        return extractor
 
 
 def resolve_knowledge(

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from finer.appendlog import AppendLog
 from finer.cache import cache_key
-from finer.data.datasets_io import load_built, load_concepts, pick_split
 from finer.errors import FinerError
 from finer.eval.distractors import DEFAULT_MODEL, Neighbours, check_distractors, distractor_setup
 from finer.eval.report import PREDICTIONS_FILE, REPORT_FILES, write_report
@@ -118,6 +117,8 @@ def _open_split(dataset: str, split: str, columns: list[str]) -> tuple[Any, list
     """`load_split` plus the dataset's fingerprint: the content of every split of a local folder (its
     Arrow files: a rebuild with the same rows, or a copy, is the same dataset; other rows or pixels are
     not), or of the one split of a Hub repo."""
+    from finer.data.datasets_io import load_built, load_concepts, pick_split  # `datasets`: not for --help
+
     loaded = load_built(dataset, "--dataset", split=split)
     rows = pick_split(loaded, split, "--dataset", dataset, columns)
     concepts = load_concepts(dataset, LABEL_COLUMNS[1:])

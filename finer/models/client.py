@@ -30,6 +30,13 @@ from openai.types.chat import ChatCompletion
 
 from finer.cache import Cache, cache_key
 from finer.errors import FinerError
+from finer.models.client_config import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_MODEL,
+    DEFAULT_TIMEOUT_S,
+    endpoint_configured,
+)
 from finer.models.endpoints import Endpoint, EndpointPool, split_urls
 from finer.models.policy import DEFAULT_OUTPUT_TOKENS, Budget, RunPolicy, active_policy
 from finer.models.ratelimit import pause_seconds
@@ -60,15 +67,8 @@ __all__ = [
 ]
 
 CACHE_NAMESPACE = "llm"
-DEFAULT_MODEL = "gpt-4o-mini"
-#: Seconds one request may take before it is abandoned (and retried): long enough for a slow local VLM
-#: reading images, short enough that a hanging endpoint shows within minutes (`--timeout`).
-DEFAULT_TIMEOUT_S = 120.0
-#: Retries after the first try (`--max-retries`): the client's backoff rides out a hosted API's rate limits.
-DEFAULT_MAX_RETRIES = 3
 #: `max_tokens` of a repair turn after a reply cut at the endpoint's own limit (none was sent).
 REPAIR_MAX_TOKENS = 4096
-DEFAULT_CONCURRENCY = 16
 #: Stands in for a key at endpoints that need none (a local vLLM or Ollama); the client insists on one.
 NO_KEY = "no-key"
 
@@ -175,11 +175,6 @@ class Usage:
             "estimated_cost_usd": "unknown" if cost is None else round(cost, 6),
             **({"calls_per_endpoint": dict(self.endpoints)} if len(self.endpoints) > 1 else {}),
         }
-
-
-def endpoint_configured(base_url: str | None) -> bool:
-    """Whether the user pointed us at an LLM endpoint (argument, OPENAI_BASE_URL or OPENAI_API_KEY)."""
-    return bool(base_url or os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_KEY"))
 
 
 def public_url(url: str) -> str:
