@@ -25,6 +25,13 @@ def build_argv(root: Path, out: Path, wiki: FakeMediaWiki, llm: FakeOpenAI, cach
     ]
 
 
+def eval_argv(dataset: Path, out: Path, base_url: str, *extra: str) -> list[str]:
+    return [
+        *("eval", "--dataset", str(dataset), "--out", str(out), "--backend", "openai"),
+        *("--model", "gpt-4o-mini", "--base-url", base_url, *extra),
+    ]
+
+
 def projected(printed: str, template: str) -> tuple[int, int]:
     """Calls and input tokens (text + image) of one step's dry-run line."""
     line = next(line for line in printed.splitlines() if f"{template} @" in line)
@@ -73,10 +80,7 @@ def test_eval_dry_run_counts_the_questions_the_real_run_asks(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with FakeOpenAI(Scripted(demo)) as server:
-        argv = [
-            *("eval", "--dataset", str(demo), "--out", str(tmp_path / "e"), "--backend", "openai"),
-            *("--model", "gpt-4o-mini", "--base-url", server.url),
-        ]
+        argv = eval_argv(demo, tmp_path / "e", server.url)
         assert run_main([*argv, "--dry-run"]) == 0
         assert server.count == 0
         calls, _ = projected(capsys.readouterr().out, "direct")
@@ -87,10 +91,7 @@ def test_eval_dry_run_counts_the_questions_the_real_run_asks(
 def test_eval_over_two_endpoints_records_its_calls_per_endpoint(demo: Path, tmp_path: Path) -> None:  # noqa: F811
     """metrics.json holds the eval's endpoint usage: calls, tokens, cost, and calls per endpoint."""
     with FakeOpenAI(Scripted(demo)) as a, FakeOpenAI(Scripted(demo)) as b:
-        argv = [
-            *("eval", "--dataset", str(demo), "--out", str(tmp_path / "e"), "--backend", "openai"),
-            *("--model", "gpt-4o-mini", "--base-url", f"{a.url},{b.url}", "--concurrency", "2"),
-        ]
+        argv = eval_argv(demo, tmp_path / "e", f"{a.url},{b.url}", "--concurrency", "2")
         assert run_main(argv) == 0
         served = {a.url + "/": a.count, b.url + "/": b.count}
     usage = read_metrics_file(tmp_path / "e")["usage"]
@@ -105,10 +106,7 @@ def test_eval_dry_run_of_a_resumed_run_projects_only_the_unanswered(
 ) -> None:
     """The answers already in --out's predictions.jsonl are neither projected nor asked again."""
     with FakeOpenAI(Scripted(demo)) as server:
-        argv = [
-            *("eval", "--dataset", str(demo), "--out", str(tmp_path / "e"), "--backend", "openai"),
-            *("--model", "gpt-4o-mini", "--base-url", server.url),
-        ]
+        argv = eval_argv(demo, tmp_path / "e", server.url)
         assert run_main([*argv, "--limit", "4"]) == 0
         asked = server.count
         capsys.readouterr()
