@@ -82,7 +82,8 @@ def cached_costs(cache: Path) -> list[float]:
 
 
 def test_dry_run_projects_the_tokens_the_real_run_is_billed(built: Path, tmp_path: Path) -> None:  # noqa: F811
-    """Text within 10 % of a tokenizer-like count, image tokens exactly by the tile rule, calls equal."""
+    """Text within 10 % of what the server bills with gpt-4o's tokenizer, image tokens exactly by the
+    tile rule, calls equal."""
     policy = RunPolicy(projection=Projection())
     with FakeOpenAI(grounder, count_tokens=billed_tokens, bill_images=True) as server:
         with use_policy(policy):
