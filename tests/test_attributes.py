@@ -40,6 +40,7 @@ from finer.models.client import (
     openai_messages,
     repair_request,
 )
+from finer.models.images import image_data_url
 from finer.prompts import template_sha256, template_source
 from finer.schema import Concept, Knowledge
 from finer.testing.fake_openai import FakeOpenAI, Fault
@@ -89,9 +90,8 @@ def birds(n: int, text: str = "A warbler with a black throat.") -> list[Concept]
 
 def run(concepts: list[Concept], server: FakeOpenAI, cache_dir: Path, **options: Any):
     options = {"model": "gpt-4o-mini", "progress": False, **options}
-    return extract_attributes(
-        concepts, extractor="llm", base_url=server.url, cache=Cache(cache_dir), **options
-    )
+    options = {"extractor": "llm", **options}
+    return extract_attributes(concepts, base_url=server.url, cache=Cache(cache_dir), **options)
 
 
 def user_text(request: dict[str, Any]) -> str:
@@ -386,6 +386,43 @@ def test_concurrency_is_bounded(tmp_path: Path) -> None:
     with FakeOpenAI(lambda request: GOOD, delay=0.05) as server:
         run(birds(4), server, tmp_path / "serial", concurrency=1)
     assert server.max_in_flight == 1
+
+
+def test_vlm_extractor_prepares_the_next_exemplars_while_a_call_is_in_flight(tmp_path: Path) -> None:
+    """As `ground` and `eval` (two workers per endpoint slot): at --concurrency 1 the next concept's
+    exemplars (0.3 s to read here) are read while a call is in flight, and the calls never overlap."""
+    from PIL import Image
+    from test_scale import assert_back_to_back
+
+    url = image_data_url(Image.new("RGB", (8, 8), "blue"))
+
+    def exemplars(concept_id: str) -> list[str]:
+        time.sleep(0.3)
+        return [url]
+
+    with FakeOpenAI(lambda request: GOOD, delay=0.4) as server:
+        stats = run(birds(5), server, tmp_path, extractor="vlm", exemplars=exemplars, concurrency=1)
+    assert stats.calls == 5 and not stats.failures
+    assert_back_to_back(server, 5, call_s=0.4, prepare_s=0.3)
+
+
+def test_concurrency_holds_at_each_of_two_endpoints(tmp_path: Path) -> None:
+    """--concurrency is per endpoint: two endpoints take two calls each at once, never more."""
+    with (
+        FakeOpenAI(lambda request: GOOD, delay=0.15) as a,
+        FakeOpenAI(lambda request: GOOD, delay=0.15) as b,
+    ):
+        stats = extract_attributes(
+            birds(12),
+            extractor="llm",
+            model="gpt-4o-mini",
+            base_url=f"{a.url},{b.url}",
+            cache=Cache(tmp_path),
+            concurrency=2,
+            progress=False,
+        )
+    assert stats.calls == a.count + b.count == 12
+    assert a.max_in_flight == b.max_in_flight == 2
 
 
 def test_api_key_never_leaves_the_wire(

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from test_evaluate import ROWS, Scripted, demo  # noqa: F401 - fixtures used by name
 from test_knowledge_build import PAGES, SPECIES, birds, coarse_answer  # noqa: F401
-from test_scale import run_main
+from test_scale import assert_back_to_back, run_main, slowed
 
 from finer.records import read_metrics_file
 from finer.testing.fake_batches import FakeBatches
 from finer.testing.fake_mediawiki import FakeMediaWiki
 from finer.testing.fake_openai import FakeOpenAI, billed_tokens
+from tests.records_check import checked_predictions
 
 
 def build_argv(root: Path, out: Path, wiki: FakeMediaWiki, llm: FakeOpenAI, cache: Path) -> list[str]:
@@ -90,13 +91,34 @@ def test_eval_dry_run_counts_the_questions_the_real_run_asks(
 
 def test_eval_over_two_endpoints_records_its_calls_per_endpoint(demo: Path, tmp_path: Path) -> None:  # noqa: F811
     """metrics.json holds the eval's endpoint usage: calls, tokens, cost, and calls per endpoint."""
-    with FakeOpenAI(Scripted(demo)) as a, FakeOpenAI(Scripted(demo)) as b:
+    with FakeOpenAI(Scripted(demo), delay=0.05) as a, FakeOpenAI(Scripted(demo), delay=0.05) as b:
         argv = eval_argv(demo, tmp_path / "e", f"{a.url},{b.url}", "--concurrency", "2")
         assert run_main(argv) == 0
         served = {a.url + "/": a.count, b.url + "/": b.count}
+    # two workers per slot, yet never more than --concurrency calls at an endpoint; each kept full
+    assert a.max_in_flight == b.max_in_flight == 2
+    keys = [record["key"] for record in checked_predictions(tmp_path / "e")]
+    assert len(keys) == len(set(keys)) == 3 * ROWS
     usage = read_metrics_file(tmp_path / "e")["usage"]
     assert usage["calls"] == 3 * ROWS == sum(served.values()) and min(served.values()) > 0
     assert usage["calls_per_endpoint"] == served and usage["prompt_tokens"] > 0
+
+
+def test_eval_keeps_its_endpoint_slot_busy_while_workers_prepare_images(
+    demo: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`eval --backend openai` as `ground` (two workers per slot): at --concurrency 1 the next question's
+    image (0.3 s to encode here) is prepared while a call is in flight, and the calls never overlap."""
+    from finer.models import backends
+
+    slowed(monkeypatch, backends, "_data_url", 0.3)
+    with FakeOpenAI(Scripted(demo), delay=0.4) as server:
+        argv = eval_argv(demo, tmp_path / "e", server.url, "--concurrency", "1", "--level", "fine")
+        assert run_main([*argv, "--limit", "6"]) == 0
+    assert_back_to_back(server, 6, call_s=0.4, prepare_s=0.3)
+    assert len(checked_predictions(tmp_path / "e")) == 6
 
 
 def test_eval_dry_run_of_a_resumed_run_projects_only_the_unanswered(

@@ -53,6 +53,7 @@ from finer.models.client import (
     parse_json_object,
     refuses_images,
     run_sync,
+    workers_for,
 )
 from finer.prompts import render, template_sha256
 from finer.schema import Attributes, Concept
@@ -515,10 +516,11 @@ def extract_attributes(
     """Fill `attributes` of every concept with the named extractor; returns what it cost and what failed.
 
     `annotations` (concept id -> CUB attribute name -> %) feeds `cub-annotations`. For `vlm`, `exemplars`
-    gives a concept id's images as data URLs (called in a worker thread, for at most `concurrency`
-    concepts at a time, so only their images are in memory) and `connect` makes the chat client from the
-    stats to fill (a local model; default: the endpoint). Raises `FinerError` only for problems no concept
-    can get past (unknown extractor, no endpoint, endpoint refusing us, `ImagesRefused`).
+    gives a concept id's images as data URLs (called in a worker thread, for at most two concepts per
+    endpoint slot at a time, `workers_for`, so only their images are in memory) and `connect` makes the
+    chat client from the stats to fill (a local model; default: the endpoint). Raises `FinerError` only
+    for problems no concept can get past (unknown extractor, no endpoint, endpoint refusing us,
+    `ImagesRefused`).
     """
     if extractor == "rules":
         stats = ExtractionStats(extractor="rules", concepts=len(concepts))
@@ -559,8 +561,8 @@ def extract_attributes(
                 max_retries=max_retries,
             )
         )
-        slots = asyncio.Semaphore(concurrency)
         async with chat_client as chat:
+            slots = asyncio.Semaphore(workers_for(chat, len(concepts), batch=concurrency))
 
             async def one(concept: Concept) -> None:
                 concept.attributes = Attributes(extractor=stats.extractor, prompt_sha256=sha)

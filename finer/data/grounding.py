@@ -56,6 +56,7 @@ from finer.models.client import (
     refuses_images,
     run_sync,
     run_workers,
+    workers_for,
 )
 from finer.models.images import (
     UNREADABLE,
@@ -433,13 +434,8 @@ async def _ask_all(
                     bar.update()
 
             ticker = asyncio.create_task(_tick(bar, usage))
-            # Two workers per endpoint slot (--base-url a,b: --concurrency slots each): while one prepares
-            # its image or writes its result, its slot serves another that is ready, so the endpoints
-            # are kept busy; the slots still hold the calls in flight to --concurrency. A local model
-            # batches --concurrency at a time.
-            slots = getattr(chat, "capacity", None)
             try:
-                await run_workers(worker, min(2 * slots if slots else config.concurrency, len(pending)))
+                await run_workers(worker, workers_for(chat, len(pending), batch=config.concurrency))
             finally:
                 ticker.cancel()
             run.structured_output = chat.structured_output

@@ -12,7 +12,8 @@ several levels) ask it once, so every level sees the same first answer.
   (greedy by default, so batch size never changes an answer), bf16 on a GPU and fp32 on a CPU.
 - `OpenAIBackend`: the shared `finer.models.client.ChatClient` (its retries honour `Retry-After`), images as
 base64
-  JPEG data URLs, a fixed pool of workers so at most `concurrency` images are encoded and in flight.
+  JPEG data URLs, two workers per endpoint slot (`workers_for`), so the next image is encoded while a call
+  is in flight; at most `concurrency` calls per endpoint are.
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ def _data_url(task: Task) -> str:
     return image_data_url(_picture(task))  # type: ignore[arg-type]
 
 
-#: Finished shared results (encoded images, first turns) kept per unit of concurrency.
+#: Finished shared results (encoded images, first turns) kept per worker.
 _RECENT = 4
 
 
@@ -398,7 +399,7 @@ class OpenAIBackend:
         run_sync(self._run(iter(tasks), sink))
 
     async def _run(self, tasks: Iterator[Task], sink: Sink) -> None:
-        from finer.models.client import ChatClient, run_workers
+        from finer.models.client import ChatClient, run_workers, workers_for
 
         async with ChatClient(
             self.model,
@@ -410,9 +411,9 @@ class OpenAIBackend:
             max_retries=self.max_retries,
             timeout=self.timeout,
         ) as chat:
-            shared = _Shared(_RECENT * self.concurrency)
-            # --concurrency at each endpoint
-            await run_workers(partial(self._worker, chat, tasks, shared, sink), chat.capacity)
+            workers = workers_for(chat, batch=self.concurrency)
+            shared = _Shared(_RECENT * workers)
+            await run_workers(partial(self._worker, chat, tasks, shared, sink), workers)
 
     async def _worker(self, chat: ChatClient, tasks: Iterator[Task], shared: _Shared, sink: Sink) -> None:
         """Take the next task until none is left (the iterator is shared; the event loop is one thread).

@@ -64,6 +64,7 @@ __all__ = [
     "repair_request",
     "run_sync",
     "run_workers",
+    "workers_for",
 ]
 
 CACHE_NAMESPACE = "llm"
@@ -260,6 +261,21 @@ async def run_workers(worker: Callable[[], Coroutine[Any, Any, None]], count: in
         if fatal is None:
             raise
         raise fatal from None
+
+
+#: Workers per endpoint slot: while one worker prepares its next request (reads and encodes an image) or
+#: writes its result, the slot it left serves another worker that is ready, so the endpoints stay busy.
+#: The slots (`EndpointPool`) still hold the calls in flight to --concurrency per endpoint.
+WORKERS_PER_SLOT = 2
+
+
+def workers_for(chat: object, pending: int | None = None, *, batch: int) -> int:
+    """How many workers keep `chat` busy: `WORKERS_PER_SLOT` per slot of its endpoints (`capacity`), or
+    `batch` for a local model (`HFChat`, which answers `batch` requests at a time); never more than the
+    `pending` items there are to ask about."""
+    slots = getattr(chat, "capacity", None)
+    workers = WORKERS_PER_SLOT * slots if slots else batch
+    return workers if pending is None else min(workers, pending)
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -579,12 +595,9 @@ class ChatClient:
         """One chat completion (the client retries inside). A 400 that names an optional parameter
         drops it for the rest of the run, and the request goes again without it."""
         while True:
-            sent = {name: value for name, value in request.items() if name not in self.refused}
-            limits = self.refused & {"max_tokens", "max_completion_tokens"}
-            if "max_tokens" in request and limits == {"max_tokens"}:  # the newer name, once
-                sent["max_completion_tokens"] = request["max_tokens"]
+            sent: dict[str, Any] = {}
             try:
-                response = await self._call(sent, hold)
+                response = await self._call(request, sent, hold)
             except OverBudget:
                 raise  # not started: not a failed call
             except (CallFailed, EndpointError):
@@ -604,15 +617,27 @@ class ChatClient:
             self._schema_accepted |= "response_format" in sent
             return response
 
-    async def _call(self, request: dict[str, Any], hold: _Hold) -> Any:
+    def _without_refused(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`request` less the optional parameters the endpoint refused so far in this run."""
+        sent = {name: value for name, value in request.items() if name not in self.refused}
+        limits = self.refused & {"max_tokens", "max_completion_tokens"}
+        if "max_tokens" in request and limits == {"max_tokens"}:  # the newer name, once
+            sent["max_completion_tokens"] = request["max_tokens"]
+        return sent
+
+    async def _call(self, request: dict[str, Any], sent: dict[str, Any], hold: _Hold) -> Any:
         """The call at the next free endpoint, its cost held in the budget once it has one. One that does
         not answer after its retries is taken out of rotation (`EndpointPool`) and the call goes to
-        another; the run stops only when none is left."""
+        another; the run stops only when none is left. `sent` becomes what went out: `request` less the
+        parameters refused by the time the call got its slot (a worker waits for one while another
+        learns of a refusal)."""
         while True:
             endpoint = await self._pool.acquire(admit=hold.take)
+            sent.clear()
+            sent.update(self._without_refused(request))
             answered = True
             try:
-                return await self._call_at(endpoint, request)
+                return await self._call_at(endpoint, sent)
             except _Unanswered as err:
                 answered = False
                 if len(self._pool.endpoints) == 1:
