@@ -265,9 +265,11 @@ def _print_projection(projected: dict[str, Any]) -> None:
 def _endpoint_only(options: dict[str, Any]) -> None:
     """`--dry-run`, `--max-cost` and `--batch` are about endpoint calls: a local model (--backend hf) makes
     none."""
-    if options["backend"] != BackendName.openai and (options["dry_run"] or options["max_cost"] is not None):
+    if options["backend"] == BackendName.openai:
+        return
+    if options["dry_run"] or options["max_cost"] is not None:
         raise FinerError("--dry-run and --max-cost price endpoint calls; they need --backend openai")
-    if options["backend"] != BackendName.openai and options.get("batch"):
+    if options.get("batch"):
         raise FinerError("--batch sends endpoint calls to the OpenAI Batch API; it needs --backend openai")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from finer.cli import main
@@ -13,3 +15,12 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         main(argv)
     captured = capsys.readouterr()
     return exit_info.value.code or 0, captured.out, captured.err
+
+
+def eval_argv(dataset: Path, out: Path, base_url: str, *extra: str, model: str = "gpt-4o-mini") -> list[str]:
+    """`finer eval` of `dataset` into `out` at an OpenAI-compatible endpoint (a priced model by default,
+    so costs and batch prices are numbers)."""
+    return [
+        *("eval", "--dataset", str(dataset), "--out", str(out), "--backend", "openai"),
+        *("--model", model, "--base-url", base_url, *extra),
+    ]

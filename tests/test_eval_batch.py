@@ -19,17 +19,10 @@ from finer.models.policy import RunPolicy, use_policy
 from finer.records import read_metrics_file
 from finer.testing.fake_batches import FakeBatches
 from finer.testing.fake_openai import FakeOpenAI
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import eval_argv, run_cli
 from tests.records_check import checked_predictions
 
 MODEL = "gpt-4o-mini"  # priced, so the batch price is a number
-
-
-def eval_argv(dataset: Path, out: Path, server: FakeOpenAI, *extra: str) -> list[str]:
-    return [
-        *("eval", "--dataset", str(dataset), "--out", str(out), "--backend", "openai"),
-        *("--model", MODEL, "--base-url", server.url, *extra),
-    ]
 
 
 def ems(out: Path) -> dict[str, float]:
@@ -45,10 +38,10 @@ def test_eval_batch_makes_no_call_and_matches_the_synchronous_run(
     """The batch asks only what the folder still lacks (12 answers kept from a synchronous --limit 4 run)."""
     batches = FakeBatches()
     with FakeOpenAI(Scripted(demo), batches=batches) as server:
-        assert run_cli(eval_argv(demo, tmp_path / "sync", server), capsys)[0] == 0
-        assert run_cli(eval_argv(demo, tmp_path / "batch", server, "--limit", "4"), capsys)[0] == 0
+        assert run_cli(eval_argv(demo, tmp_path / "sync", server.url), capsys)[0] == 0
+        assert run_cli(eval_argv(demo, tmp_path / "batch", server.url, "--limit", "4"), capsys)[0] == 0
         before = server.count
-        code, stdout, _ = run_cli(eval_argv(demo, tmp_path / "batch", server, "--batch"), capsys)
+        code, stdout, _ = run_cli(eval_argv(demo, tmp_path / "batch", server.url, "--batch"), capsys)
         assert code == 0 and server.count == before, "a synchronous chat call was made"
     rest = 3 * ROWS - 3 * 4
     assert f"batch: {rest} of {rest} calls answered" in stdout and batches.created == ["batch_0"]
@@ -70,7 +63,8 @@ def test_eval_batch_failed_and_expired_questions_are_asked_synchronously(
 ) -> None:
     batches = FakeBatches(fate=fates("failed", "expired"))
     with FakeOpenAI(Scripted(demo), batches=batches) as server:
-        code, _, _ = run_cli(eval_argv(demo, tmp_path, server, "--batch", "--batch-retry", "sync"), capsys)
+        argv = eval_argv(demo, tmp_path, server.url, "--batch", "--batch-retry", "sync")
+        code, _, _ = run_cli(argv, capsys)
         assert code == 0 and server.count == 2, "only the failed and the expired question go synchronously"
     report = read_metrics_file(tmp_path)["batch"]
     assert (report["completed"], report["failed"], report["expired"], report["retried_sync"]) == (
@@ -106,7 +100,7 @@ def test_eval_finer_replay_turn_by_turn_in_batches_each_failure_retried_in_a_bat
     unlucky = next(iter(scripted.rows.values()))["image_id"]
     batches = FakeBatches(fate=first_try_fails(scripted, unlucky))
     with FakeOpenAI(scripted, batches=batches) as server:
-        argv = eval_argv(demo, tmp_path, server, "--mode", "finer", "--batch", "--batch-retry", "batch")
+        argv = eval_argv(demo, tmp_path, server.url, "--mode", "finer", "--batch", "--batch-retry", "batch")
         code, _, _ = run_cli(argv, capsys)
         assert code == 0 and server.count == 0, "a turn was left to a synchronous call"
     assert len(batches.created) == 6
@@ -122,7 +116,7 @@ def test_eval_killed_while_its_batch_is_pending_reattaches(demo: Path, tmp_path:
     batches = FakeBatches(delay=3.0)
     out = tmp_path / "e"
     with FakeOpenAI(Scripted(demo), batches=batches) as server:
-        kill_once_pending([sys.executable, "-m", "finer", *eval_argv(demo, out, server, "--batch")], out)
+        kill_once_pending([sys.executable, "-m", "finer", *eval_argv(demo, out, server.url, "--batch")], out)
         assert batches.created == ["batch_0"] and not (out / "predictions.jsonl").exists()
         config = EvalConfig(
             dataset=str(demo),
@@ -150,7 +144,7 @@ def test_eval_batch_replies_are_reused_only_by_the_run_that_asked(
     with FakeOpenAI(Scripted(demo), batches=batches) as server:
         for seed in ("1", "2"):
             extra = ("--temperature", "0.5", "--seed", seed, "--cache", str(tmp_path / "c"), "--batch")
-            assert run_cli(eval_argv(demo, tmp_path / "e", server, *extra), capsys)[0] == 0
+            assert run_cli(eval_argv(demo, tmp_path / "e", server.url, *extra), capsys)[0] == 0
         assert server.count == 0
     assert batches.created == ["batch_0", "batch_1"]
     assert read_metrics_file(tmp_path / "e")["batch"]["completed"] == 48

@@ -15,6 +15,7 @@ from finer.records import read_metrics_file
 from finer.testing.fake_batches import FakeBatches
 from finer.testing.fake_mediawiki import FakeMediaWiki
 from finer.testing.fake_openai import FakeOpenAI, billed_tokens
+from tests.cli_helpers import eval_argv
 from tests.records_check import checked_predictions
 
 
@@ -23,13 +24,6 @@ def build_argv(root: Path, out: Path, wiki: FakeMediaWiki, llm: FakeOpenAI, cach
         *("build", "imagefolder", "--root", str(root), "--out", str(out), "--knowledge"),
         *("--extractor", "llm", "--model", "gpt-4o-mini", "--base-url", llm.url),
         *("--wiki-api", wiki.url, "--cache", str(cache)),
-    ]
-
-
-def eval_argv(dataset: Path, out: Path, base_url: str, *extra: str) -> list[str]:
-    return [
-        *("eval", "--dataset", str(dataset), "--out", str(out), "--backend", "openai"),
-        *("--model", "gpt-4o-mini", "--base-url", base_url, *extra),
     ]
 
 

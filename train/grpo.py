@@ -32,7 +32,7 @@ from finer.errors import FinerError
 from finer.eval.distractors import DEFAULT_MODEL, distractor_setup
 from finer.eval.scoring import LEVELS
 from finer.eval.tasks import LabelPool, choice_question, closed_list
-from finer.models.families import check_trainable
+from finer.models.families import Family, check_trainable
 from finer.prompts import render
 from finer.records import RunRecord
 
@@ -197,24 +197,24 @@ def run_grpo(config: GrpoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     # the cheap checks before torch and TRL load: a mistake is told in seconds
     require_output_dir(config)
-    check_reward_weights(config.reward_weights)
+    weights = check_reward_weights(config.reward_weights)
     if config.batch_size * config.grad_accum % config.num_generations:
         raise FinerError(
             f"--batch-size × --grad-accum ({config.batch_size * config.grad_accum}) must be a multiple of "
             f"--num-generations ({config.num_generations})"
         )
-    base_model(config)
+    model_id, family = base_model(config)
     with training_folder(config):
-        return _run_grpo(config, started)
+        return _run_grpo(config, started, weights, model_id, family)
 
 
-def _run_grpo(config: GrpoConfig, started: float) -> dict[str, Any]:
+def _run_grpo(
+    config: GrpoConfig, started: float, weights: dict[str, float], model_id: str, family: Family
+) -> dict[str, Any]:
     from transformers import AutoProcessor
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig, GRPOTrainer
 
-    weights = check_reward_weights(config.reward_weights)
-    model_id, family = base_model(config)
     dataset, samples = grpo_dataset(
         config.datasets,
         fmt=config.format,
